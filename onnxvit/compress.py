@@ -1,0 +1,224 @@
+"""`onnxvit compress`: config -> model -> export -> passes -> evaluation -> benchmark -> report.
+
+Each stage's result is cached by content (see engine.py), so a repeated run only re-reads files;
+images are decoded only when something that needs them has to run.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from onnxvit import __version__
+from onnxvit.benchmark import measure_latency, onnx_runner, torch_runner
+from onnxvit.config import EXPORT_VARIANT, TORCH_VARIANT, Config, load_config
+from onnxvit.data import Dataset, batches, load_dataset, load_images, timm_transform
+from onnxvit.engine import Cache, StepRecord, cache_key, model_sha256, run_passes
+from onnxvit.errors import UserError
+from onnxvit.evaluate import onnx_eval_logits, score, torch_eval_logits
+from onnxvit.export import check_export, export_onnx
+from onnxvit.fileio import atomic_write_bytes, atomic_write_json, sha256_file
+from onnxvit.metrics import compare_logits
+from onnxvit.models import create_model, parameter_bytes
+from onnxvit.progress import Reporter
+from onnxvit.report import machine_info, write_report
+from onnxvit.runtime import model_logits
+from passes import PassContext
+from passes.simplify import SimplifyConfig, SimplifyPass
+
+RUN_MARKER = ".onnxvit-run"
+CACHE_DIR = "cache"
+
+
+def prepare_output(folder: Path) -> None:
+    """Use ``folder`` only if it is new, empty, or a previous onnxvit run: never clobber user files."""
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"output.dir: {folder} is a file; choose a folder")
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / RUN_MARKER).is_file():
+        raise UserError(f"output.dir: {folder} holds files that are not an onnxvit run; "
+                        "choose an empty or new folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(folder / RUN_MARKER, {"onnxvit_version": __version__})
+
+
+@dataclass
+class Run:
+    """One compress run: the config, and what its stages share (lazily: images only when needed)."""
+
+    config: Config
+    pass_configs: list[Any]
+    reporter: Reporter
+    cache: Cache
+    config_sha256: str
+    records: list[StepRecord] = field(default_factory=list)
+
+    @cached_property
+    def model(self):
+        return create_model(self.config.model)
+
+    @cached_property
+    def dataset(self) -> Dataset:
+        d = self.config.data
+        return load_dataset(d.root, d.manifest, d.calibrate_images, d.search_images, d.max_eval_images)
+
+    @cached_property
+    def preprocessing(self) -> tuple[Any, dict[str, Any]]:
+        return timm_transform(self.model)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.preprocessing[1]["input_size"])
+
+    def _images(self, split: str) -> np.ndarray:
+        files = self.dataset.splits[split]
+        with self.reporter.task(f"reading {split} images", len(files)) as advance:
+            return load_images(self.dataset.folder, files, self.preprocessing[0], advance)
+
+    @cached_property
+    def calibration_images(self) -> np.ndarray:
+        return self._images("calibrate")
+
+    @cached_property
+    def evaluation_images(self) -> np.ndarray:
+        return self._images("evaluate")
+
+    @property
+    def check_batches(self) -> list[np.ndarray]:
+        return [self.calibration_images[: self.config.data.check_images]]
+
+    def fingerprint(self, split: str) -> str:
+        return cache_key(split=self.dataset.fingerprint(split), preprocessing=self.preprocessing[1])
+
+    def context(self) -> PassContext:
+        return PassContext(calibration=batches(self.calibration_images, 8),
+                           threads=self.config.benchmark.threads, log=self.reporter.log)
+
+    @cached_property
+    def weights_id(self) -> str:
+        m = self.config.model
+        return cache_key(model=m.model_dump(mode="json"),
+                         checkpoint=sha256_file(m.checkpoint) if m.checkpoint else None)
+
+    def check(self, before: onnx.ModelProto, after: onnx.ModelProto) -> dict[str, float]:
+        threads = self.config.benchmark.threads
+        return compare_logits(model_logits(before, self.check_batches, threads),
+                              model_logits(after, self.check_batches, threads))
+
+    def export(self) -> tuple[onnx.ModelProto, StepRecord]:
+        import torch
+
+        cfg = self.config.export
+        record = StepRecord(name=EXPORT_VARIANT, kind="export", input=None, config=cfg.model_dump(mode="json"),
+                            key=cache_key(weights=self.weights_id, export=cfg.model_dump(mode="json"),
+                                          torch=torch.__version__, calibration=self.fingerprint("calibrate")))
+
+        def produce() -> onnx.ModelProto:
+            proto = export_onnx(self.model, self.calibration_images, cfg)
+            threads = self.config.benchmark.threads
+            record.check = {"max_abs_vs_torch": check_export(self.model, proto, self.check_batches, cfg.atol, threads)}
+            if cfg.simplify:
+                ctx = self.context()
+                proto = SimplifyPass(SimplifyConfig(atol=cfg.atol)).run(proto, ctx)
+                record.notes = dict(ctx.notes)
+            return proto
+
+        model = self.cache.step(record, produce)
+        self.reporter.log(f"fp32: export{' (cached)' if record.cached else f' in {record.seconds:.1f} s'}")
+        return model, record
+
+
+def _variant(name: str, runtime: str, path: Path | None, size: int, latency: dict[str, float],
+             scores: dict[str, float]) -> dict[str, Any]:
+    return {"name": name, "runtime": runtime, "path": path.name if path else None, "size_bytes": size,
+            "latency_ms": latency, **scores}
+
+
+def compress(config_path: Path, force: bool = False, quiet: bool = False,
+             output: Path | None = None) -> dict[str, Any]:
+    """Run the whole pipeline; return the report (also written to the output folder)."""
+    config, pass_configs = load_config(config_path)
+    if output is not None:
+        config.output.dir = output.resolve()
+    reporter = Reporter(quiet)
+    folder = config.output.dir
+    prepare_output(folder)
+    started = time.perf_counter()
+    run = Run(config, pass_configs, reporter, Cache(folder / CACHE_DIR, force), config.sha256())
+    run.dataset  # fail early on a bad image folder or manifest
+
+    fp32, export_record = run.export()
+    models, records = run_passes(fp32, export_record, config.passes, pass_configs, run.cache, run.context,
+                                 run.fingerprint("calibrate"), run.check, reporter.log)
+    reported = [EXPORT_VARIANT] + [s.output for s in config.passes if s.report]
+    paths = {}
+    for name in reported:
+        paths[name] = folder / f"model.{name}.onnx"
+        atomic_write_bytes(paths[name], models[name].SerializeToString())
+
+    bench = config.benchmark
+    labels = run.dataset.labels("evaluate")
+    eval_key = run.fingerprint("evaluate")
+
+    def logits_for(name: str) -> np.ndarray:
+        if name == TORCH_VARIANT:
+            key = cache_key(weights=run.weights_id, evaluate=eval_key)
+        else:
+            key = cache_key(model=model_sha256(models[name]), evaluate=eval_key)
+
+        def produce() -> np.ndarray:
+            images = run.evaluation_images
+            with reporter.task(f"evaluating {name}", len(images)) as advance:
+                if name == TORCH_VARIANT:
+                    return torch_eval_logits(run.model, images, config.data.batch_size, bench.threads, advance)
+                return onnx_eval_logits(paths[name], images, config.data.batch_size, bench.threads, advance)
+
+        return run.cache.array(f"logits-{name}", key, produce)
+
+    names = ([TORCH_VARIANT] if bench.torch else []) + reported
+
+    def identity(name: str) -> str:
+        return run.weights_id if name == TORCH_VARIANT else model_sha256(models[name])
+
+    def measure() -> dict[str, dict[str, float]]:
+        runners = {name: torch_runner(run.model, run.input_shape, bench) if name == TORCH_VARIANT
+                   else onnx_runner(paths[name], run.input_shape, bench) for name in names}
+        with reporter.task(f"timing {len(names)} variants", bench.rounds, live=False) as advance:
+            return measure_latency(runners, bench.warmup, bench.runs, bench.rounds, lambda: advance(1))
+
+    latency_key = cache_key(models={name: identity(name) for name in names}, benchmark=bench.model_dump(mode="json"),
+                            machine=machine_info(bench.threads), shape=run.input_shape)
+    reference = logits_for(EXPORT_VARIANT)
+    all_scores = {name: score(logits_for(name), labels, reference) for name in names}
+    latency = run.cache.json("latency", latency_key, measure)
+    variants = []
+    for name in names:
+        if name == TORCH_VARIANT:
+            variants.append(_variant(name, "torch", None, parameter_bytes(run.model), latency[name], all_scores[name]))
+        else:
+            variants.append(_variant(name, "onnxruntime", paths[name], paths[name].stat().st_size,
+                                     latency[name], all_scores[name]))
+
+    report = {
+        "model": config.model.name,
+        "onnxvit_version": __version__,
+        "config_sha256": run.config_sha256,
+        "machine": machine_info(bench.threads),
+        "weights": "checkpoint" if config.model.checkpoint else
+                   ("pretrained" if config.model.pretrained else "random_init"),
+        "batch_size": bench.batch_size,
+        "data": {"root": str(config.data.root), "manifest": str(config.data.manifest) if config.data.manifest else None,
+                 **{f"{s}_images": len(f) for s, f in run.dataset.splits.items()}},
+        "variants": variants,
+        "steps": [r.to_json() for r in records],
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    write_report(report, folder)
+    reporter.log(f"report: {folder / 'report.md'}")
+    return report

@@ -1,0 +1,211 @@
+"""The YAML schema, as pydantic models: every option has a type, a default and a description.
+
+Unknown keys are errors with a did-you-mean; relative paths are read against the YAML file's
+folder, so a config means the same whatever the working directory.
+"""
+
+from __future__ import annotations
+
+import difflib
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from onnxvit.errors import UserError
+from onnxvit.fileio import sha256_json
+
+EXPORT_VARIANT = "fp32"  # the name of the exported (and simplified) model
+TORCH_VARIANT = "torch-fp32"
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class ModelConfig(StrictModel):
+    name: str = Field(description="timm model name, e.g. deit_tiny_patch16_224.")
+    checkpoint: Path | None = Field(None, description="Local weights: a state_dict, or one wrapped in 'model' / 'state_dict'.")
+    pretrained: bool = Field(False, description="Download timm's pretrained weights from the hub.")
+    random_init: bool = Field(False, description="Random weights, for speed and mechanics only.")
+    num_classes: int | None = Field(None, gt=0, description="Classifier size when not the model's default.")
+    kwargs: dict[str, Any] = Field({}, description="Extra timm.create_model arguments, e.g. {depth: 2}.")
+
+    @model_validator(mode="after")
+    def _one_weight_source(self) -> "ModelConfig":
+        chosen = [flag for flag, on in (("checkpoint", self.checkpoint is not None),
+                                        ("pretrained", self.pretrained), ("random_init", self.random_init)) if on]
+        if len(chosen) != 1:
+            raise ValueError(
+                "say where the weights come from with exactly one of checkpoint: PATH, pretrained: true "
+                f"or random_init: true (got {', '.join(chosen) or 'none'})"
+            )
+        return self
+
+
+class DataConfig(StrictModel):
+    root: Path = Field(description="An ImageFolder: one sub-folder of images per class, sorted = class index.")
+    manifest: Path | None = Field(None, description="Split manifest (see calib_data/README.md); default: a fixed hash split.")
+    calibrate_images: int = Field(32, gt=0, description="Calibration split size when no manifest is given.")
+    search_images: int = Field(31, ge=0, description="Search split size when no manifest is given.")
+    max_eval_images: int | None = Field(None, gt=0, description="Evaluate on the first N images of the evaluation split.")
+    batch_size: int = Field(32, gt=0, description="Batch size for evaluation.")
+    check_images: int = Field(8, gt=0, description="Calibration images for the numeric check after every step.")
+
+
+class ExportConfig(StrictModel):
+    opset: int = Field(17, ge=13, le=21, description="ONNX opset.")
+    simplify: bool = Field(True, description="Run the simplify pass (onnxsim, checked) on the export.")
+    exporter: Literal["torchscript", "dynamo"] = Field("torchscript", description="torch.onnx exporter.")
+    atol: float = Field(1e-4, gt=0, description="Largest logit difference accepted between PyTorch and ONNX.")
+
+
+class StepConfig(StrictModel):
+    pass_: str = Field(alias="pass", description="Pass name (see `onnxvit passes`).")
+    name: str | None = Field(None, description="Name of the output model (a report variant); default: the pass name.")
+    input: str | None = Field(None, description="Name of the model this step reads; default: the previous step's output.")
+    report: bool = Field(True, description="Evaluate and benchmark this step's output as a variant.")
+    options: dict[str, Any] = Field({}, description="The pass's own options.")
+
+    @property
+    def output(self) -> str:
+        return self.name or self.pass_
+
+
+class BenchmarkConfig(StrictModel):
+    threads: int = Field(2, gt=0, description="Intra-op threads for ONNX Runtime and PyTorch.")
+    warmup: int = Field(10, ge=0, description="Untimed runs first.")
+    runs: int = Field(50, gt=0, description="Timed runs per variant.")
+    rounds: int = Field(5, gt=0, description="Runs are interleaved across variants in this many rounds.")
+    batch_size: int = Field(1, gt=0, description="Batch size for latency.")
+    torch: bool = Field(True, description="Also time PyTorch eager FP32.")
+
+
+class OutputConfig(StrictModel):
+    dir: Path = Field(description="Folder for models, cache and report.")
+
+
+class Config(StrictModel):
+    model: ModelConfig
+    data: DataConfig
+    export: ExportConfig = ExportConfig()
+    passes: list[StepConfig] = Field([], description="Graph passes in order.")
+    benchmark: BenchmarkConfig = BenchmarkConfig()
+    output: OutputConfig
+
+    def sha256(self) -> str:
+        return sha256_json(self.model_dump(mode="json", by_alias=True))
+
+
+def _model_class(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside an annotation such as ``X``, ``X | None`` or ``list[X]``."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_class(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _field_names(cls: type[BaseModel]) -> list[str]:
+    return [info.alias or name for name, info in cls.model_fields.items()]
+
+
+def _lookup(cls: type[BaseModel], key: str) -> Any:
+    for name, info in cls.model_fields.items():
+        if key in (name, info.alias):
+            return info.annotation
+    return None
+
+
+def describe_error(error: dict[str, Any], root: type[BaseModel], prefix: tuple[Any, ...] = ()) -> str:
+    """One pydantic error as ``field.path: what is wrong`` with a did-you-mean for unknown keys."""
+    loc = tuple(error["loc"])
+    cls: type[BaseModel] | None = root
+    for part in loc[:-1]:
+        if cls is not None and isinstance(part, str):
+            cls = _model_class(_lookup(cls, part))
+    path = ""
+    for part in prefix + loc:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    if error["type"] == "extra_forbidden":
+        choices = _field_names(cls) if cls is not None else []
+        close = difflib.get_close_matches(str(loc[-1]), choices, n=1, cutoff=0.5)
+        hint = f"did you mean '{close[0]}'?" if close else f"allowed keys: {', '.join(choices)}"
+        return f"{path}: unknown key; {hint}"
+    if error["type"] == "missing":
+        return f"{path}: required key is missing"
+    message = error["msg"].removeprefix("Value error, ")
+    value = repr(error.get("input"))
+    got = f" (got {value[:60]})" if error["type"] not in ("value_error", "model_type") else ""
+    return f"{path}: {message}{got}" if path else f"{message}{got}"
+
+
+def _raise_for(exc: ValidationError, source: Path, root: type[BaseModel], prefix: tuple[Any, ...] = ()) -> None:
+    lines = [describe_error(e, root, prefix) for e in exc.errors()]
+    raise UserError(f"{source}: {'; '.join(lines)}") from None
+
+
+def _validate_steps(config: Config, source: Path) -> list[Any]:
+    """Check pass names, their options and the step graph; return each step's parsed pass config."""
+    from passes import get_pass, pass_names
+
+    parsed = []
+    known = {EXPORT_VARIANT}
+    previous = EXPORT_VARIANT
+    for index, step in enumerate(config.passes):
+        where = f"{source}: passes[{index}]"
+        try:
+            pass_cls = get_pass(step.pass_)
+        except KeyError:
+            close = difflib.get_close_matches(step.pass_, pass_names(), n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"known passes: {', '.join(pass_names())}"
+            raise UserError(f"{where}.pass: unknown pass '{step.pass_}'; {hint}") from None
+        try:
+            parsed.append(pass_cls.Config.model_validate(step.options))
+        except ValidationError as exc:
+            _raise_for(exc, source, pass_cls.Config, ("passes", index, "options"))
+        source_name = step.input or previous
+        if source_name not in known:
+            raise UserError(f"{where}.input: no model named '{source_name}' before this step; "
+                            f"known: {', '.join(sorted(known))}")
+        if step.output in known or step.output == TORCH_VARIANT:
+            raise UserError(f"{where}.name: '{step.output}' is already taken; give this step its own name")
+        known.add(step.output)
+        previous = step.output
+    return parsed
+
+
+def _resolve(path: Path | None, base: Path) -> Path | None:
+    if path is None:
+        return None
+    path = path.expanduser()
+    return path if path.is_absolute() else (base / path).resolve()
+
+
+def load_config(path: Path) -> tuple[Config, list[Any]]:
+    """Read and validate a YAML config; return it with each step's parsed pass config."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such config file; create one with `onnxvit init NAME`")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping with keys model, data, output (see `onnxvit init`)")
+    try:
+        config = Config.model_validate(raw)
+    except ValidationError as exc:
+        _raise_for(exc, path, Config)
+    base = path.resolve().parent
+    config.model.checkpoint = _resolve(config.model.checkpoint, base)
+    config.data.root = _resolve(config.data.root, base)
+    config.data.manifest = _resolve(config.data.manifest, base)
+    config.output.dir = _resolve(config.output.dir, base)
+    return config, _validate_steps(config, path)

@@ -1,0 +1,160 @@
+"""Runs steps in order and caches each one's output, keyed by what it was made from.
+
+A key is the hash of (input model, step name and config, onnxvit version, and the data it read),
+so changing one pass redoes that pass and the ones after it, and nothing else. Every artifact is
+written atomically; a record beside each cached model keeps what the step did and its numeric
+check, so a cache hit reports the same as a fresh run.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import onnx
+
+from onnxvit import __version__
+from onnxvit.fileio import atomic_write_bytes, atomic_write_json, sha256_bytes, sha256_json
+
+
+def model_sha256(model: onnx.ModelProto) -> str:
+    return sha256_bytes(model.SerializeToString(deterministic=True))
+
+
+def cache_key(**parts: Any) -> str:
+    return sha256_json({"onnxvit": __version__, **parts})
+
+
+@dataclass
+class StepRecord:
+    """What one step did; goes into report.json as is."""
+
+    name: str
+    kind: str
+    input: str | None
+    config: dict[str, Any]
+    key: str
+    sha256: str = ""
+    cached: bool = False
+    seconds: float = 0.0
+    check: dict[str, float] = field(default_factory=dict)
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Cache:
+    """Content-keyed files under one folder: ONNX models with their records, arrays, JSON."""
+
+    def __init__(self, folder: Path, force: bool = False) -> None:
+        self.folder = folder
+        self.force = force
+        self._fresh: set[str] = set()  # written in this run, so valid even with --force
+
+    def _path(self, name: str, key: str, suffix: str) -> Path:
+        return self.folder / f"{name}-{key[:20]}{suffix}"
+
+    def _usable(self, path: Path) -> bool:
+        return path.is_file() and (not self.force or str(path) in self._fresh)
+
+    def _wrote(self, path: Path) -> None:
+        self._fresh.add(str(path))
+
+    def step(self, record: StepRecord, produce: Callable[[], onnx.ModelProto]) -> onnx.ModelProto:
+        """The step's model from the cache, or from ``produce``; ``record`` is filled either way."""
+        model_path = self._path(record.name, record.key, ".onnx")
+        record_path = self._path(record.name, record.key, ".json")
+        if self._usable(model_path) and self._usable(record_path):
+            saved = json.loads(record_path.read_text())
+            record.sha256, record.seconds = saved["sha256"], saved["seconds"]
+            record.check, record.notes = saved["check"], saved["notes"]
+            record.cached = True
+            return onnx.load(model_path)
+        start = time.perf_counter()
+        model = produce()
+        record.seconds = round(time.perf_counter() - start, 3)
+        record.sha256 = model_sha256(model)
+        atomic_write_bytes(model_path, model.SerializeToString())
+        atomic_write_json(record_path, record.to_json())
+        self._wrote(model_path)
+        self._wrote(record_path)
+        return model
+
+    def array(self, name: str, key: str, produce: Callable[[], np.ndarray]) -> np.ndarray:
+        path = self._path(name, key, ".npy")
+        if self._usable(path):
+            return np.load(path)
+        value = produce()
+        import io
+
+        buffer = io.BytesIO()
+        np.save(buffer, value)
+        atomic_write_bytes(path, buffer.getvalue())
+        self._wrote(path)
+        return value
+
+    def json(self, name: str, key: str, produce: Callable[[], Any]) -> Any:
+        path = self._path(name, key, ".json")
+        if self._usable(path):
+            return json.loads(path.read_text())
+        value = produce()
+        atomic_write_json(path, value)
+        self._wrote(path)
+        return value
+
+
+def run_passes(
+    start: onnx.ModelProto,
+    start_record: StepRecord,
+    steps: list[Any],
+    pass_configs: list[Any],
+    cache: Cache,
+    make_context: Callable[[], Any],
+    calibration_fingerprint: str,
+    check: Callable[[onnx.ModelProto, onnx.ModelProto], dict[str, float]],
+    log: Callable[[str], None] = lambda message: None,
+) -> tuple[dict[str, onnx.ModelProto], list[StepRecord]]:
+    """Apply ``steps`` (config.StepConfig) in order, each to its input model, through the cache.
+
+    ``make_context`` is called only when some step really runs (it loads calibration images);
+    ``calibration_fingerprint`` names those images in the keys of passes that read them;
+    ``check(before, after)`` is the numeric check recorded for every step that runs.
+    """
+    from passes import get_pass
+
+    models = {start_record.name: start}
+    records = {start_record.name: start_record}
+    previous = start_record.name
+    context = None
+    for step, pass_config in zip(steps, pass_configs):
+        pass_cls = get_pass(step.pass_)
+        source = step.input or previous
+        record = StepRecord(
+            name=step.output, kind=step.pass_, input=source,
+            config=pass_config.model_dump(mode="json"),
+            key="",
+        )
+        key_parts: dict[str, Any] = {"input": records[source].sha256, "pass": step.pass_, "config": record.config}
+        if pass_cls.uses_calibration:
+            key_parts["calibration"] = calibration_fingerprint
+        record.key = cache_key(**key_parts)
+
+        def produce(pass_cls=pass_cls, pass_config=pass_config, source=source, record=record) -> onnx.ModelProto:
+            nonlocal context
+            context = context or make_context()
+            context.notes = {}
+            output = pass_cls(pass_config).run(models[source], context)
+            record.notes = dict(context.notes)
+            record.check = check(models[source], output)
+            return output
+
+        models[record.name] = cache.step(record, produce)
+        records[record.name] = record
+        log(f"{record.name}: {step.pass_}{' (cached)' if record.cached else f' in {record.seconds:.1f} s'}")
+        previous = record.name
+    return models, list(records.values())

@@ -1,0 +1,48 @@
+"""Fidelity and accuracy measures, one definition each, used by checks, evaluation and reports."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def sqnr_db(reference: np.ndarray, test: np.ndarray) -> float:
+    """Signal-to-quantization-noise ratio of ``test`` against ``reference`` in dB (inf when equal)."""
+    reference = reference.astype(np.float64)
+    noise = float(np.sum((reference - test.astype(np.float64)) ** 2))
+    signal = float(np.sum(reference**2))
+    if noise == 0.0:
+        return float("inf")
+    return 10.0 * np.log10(max(signal, 1e-30) / noise)
+
+
+def mean_cosine(reference: np.ndarray, test: np.ndarray) -> float:
+    """Mean over rows of the cosine similarity between logit vectors."""
+    ref = reference.reshape(len(reference), -1).astype(np.float64)
+    tst = test.reshape(len(test), -1).astype(np.float64)
+    denom = np.linalg.norm(ref, axis=1) * np.linalg.norm(tst, axis=1)
+    return float(np.mean(np.sum(ref * tst, axis=1) / np.maximum(denom, 1e-30)))
+
+
+def max_abs_diff(reference: np.ndarray, test: np.ndarray) -> float:
+    return float(np.max(np.abs(reference.astype(np.float64) - test.astype(np.float64))))
+
+
+def topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
+    """Percent of rows whose label is among the ``k`` highest logits."""
+    topk = np.argsort(-logits, axis=1)[:, :k]
+    return float(100.0 * np.mean(np.any(topk == labels[:, None], axis=1)))
+
+
+def top1_agreement(reference: np.ndarray, test: np.ndarray) -> float:
+    """Percent of rows whose argmax matches the reference's."""
+    return float(100.0 * np.mean(reference.argmax(axis=1) == test.argmax(axis=1)))
+
+
+def compare_logits(reference: np.ndarray, test: np.ndarray) -> dict[str, float]:
+    """The numeric check recorded after every step."""
+    return {
+        "cosine": mean_cosine(reference, test),
+        "sqnr_db": sqnr_db(reference, test),
+        "max_abs": max_abs_diff(reference, test),
+        "agree_top1": top1_agreement(reference, test),
+    }

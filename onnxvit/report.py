@@ -1,0 +1,144 @@
+"""The only writer of report.json, report.md and the plot. The JSON schema only grows."""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+from pathlib import Path
+from typing import Any
+
+from onnxvit.errors import UserError
+from onnxvit.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
+
+SCHEMA_VERSION = 1
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+PLOT_PNG = "accuracy_vs_latency.png"
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(threads: int) -> dict[str, Any]:
+    import onnxruntime
+    import torch
+
+    return {"cpu": cpu_name(), "threads": threads, "onnxruntime": onnxruntime.__version__,
+            "torch": torch.__version__}
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return "inf" if math.isinf(value) else f"{value:.{digits}f}"
+    return str(value)
+
+
+def variant_table(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per variant with its ratios to ``fp32``: speed-up (>1 is faster) and size."""
+    base = next((v for v in report["variants"] if v["name"] == "fp32"), None)
+    rows = []
+    for v in report["variants"]:
+        row = {"name": v["name"], "runtime": v["runtime"], "top1": v["top1"], "top5": v["top5"],
+               "agree_top1": v["agree_top1"], "sqnr_db": v["sqnr_db"],
+               "median_ms": v["latency_ms"]["median"], "p90_ms": v["latency_ms"]["p90"],
+               "size_mb": v["size_bytes"] / 1e6}
+        if base is not None:
+            row["speedup_vs_fp32"] = base["latency_ms"]["median"] / v["latency_ms"]["median"]
+            row["size_vs_fp32"] = v["size_bytes"] / base["size_bytes"]
+            row["top1_delta_vs_fp32"] = v["top1"] - base["top1"]
+        rows.append(row)
+    return rows
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    columns = [("name", "variant"), ("runtime", "runtime"), ("top1", "top-1 %"), ("top5", "top-5 %"),
+               ("top1_delta_vs_fp32", "Δ top-1"), ("agree_top1", "agree %"), ("sqnr_db", "SQNR dB"),
+               ("median_ms", "median ms"), ("p90_ms", "p90 ms"), ("speedup_vs_fp32", "speed-up"),
+               ("size_mb", "size MB"), ("size_vs_fp32", "size ratio")]
+    lines = ["| " + " | ".join(title for _, title in columns) + " |",
+             "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(_fmt(row.get(key)) for key, _ in columns) + " |")
+    return "\n".join(lines)
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    machine = report["machine"]
+    data = report.get("data", {})
+    parts = [
+        f"# onnxvit report: {report['model']}",
+        "",
+        f"onnxvit {report['onnxvit_version']}, {machine['cpu']}, {machine['threads']} threads, "
+        f"ONNX Runtime {machine['onnxruntime']}, torch {machine['torch']}.",
+        f"Accuracy on the evaluation split ({data.get('evaluate_images', '?')} images of {data.get('root', '?')}); "
+        f"agreement and SQNR against the `fp32` ONNX model. Latency: batch {report.get('batch_size', 1)}, "
+        "median of timed runs after warm-up.",
+    ]
+    if report.get("weights") == "random_init":
+        parts.append("\n**Random weights**: top-1 / top-5 mean nothing here; judge agreement and SQNR.")
+    parts += ["", markdown_table(variant_table(report)), "", "## Steps", "",
+              "| step | pass | input | cached | seconds | check vs input |", "|---|---|---|---|---|---|"]
+    for step in report.get("steps", []):
+        check = step.get("check", {})
+        text = ", ".join(f"{k} {_fmt(v, 4)}" for k, v in check.items())
+        parts.append(f"| {step['name']} | {step['kind']} | {step['input'] or '-'} | {step['cached']} | "
+                     f"{step['seconds']:.1f} | {text} |")
+    notes = [f"- `{s['name']}`: {json.dumps(s['notes'])}" for s in report.get("steps", []) if s.get("notes")]
+    if notes:
+        parts += ["", "## What each step did", "", *notes]
+    parts += ["", f"![top-1 against latency]({PLOT_PNG})", ""]
+    return "\n".join(parts)
+
+
+def render_plot(report: dict[str, Any], path: Path) -> None:
+    """Top-1 (or agreement, for random weights) against median latency, one point per variant."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = "agree_top1" if report.get("weights") == "random_init" else "top1"
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for v in report["variants"]:
+        x, y = v["latency_ms"]["median"], v[metric]
+        ax.scatter([x], [y], s=30 + v["size_bytes"] / 2e5, alpha=0.7)
+        ax.annotate(v["name"], (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.set_xlabel(f"median latency, ms (batch {report.get('batch_size', 1)}, "
+                  f"{report['machine']['threads']} threads)")
+    ax.set_ylabel("top-1 agreement with fp32, %" if metric == "agree_top1" else "top-1, % (evaluation split)")
+    ax.set_title(f"{report['model']}: accuracy vs latency (marker area ~ size)", fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def write_report(report: dict[str, Any], folder: Path) -> None:
+    report = {"schema_version": SCHEMA_VERSION, **report}
+    render_plot(report, folder / PLOT_PNG)
+    atomic_write_text(folder / REPORT_MD, render_markdown(report))
+    atomic_write_json(folder / REPORT_JSON, report)
+
+
+def read_report(folder: Path) -> dict[str, Any]:
+    path = folder / REPORT_JSON if folder.is_dir() else folder
+    if not path.is_file():
+        raise UserError(f"{path}: no report.json here; run `onnxvit compress CONFIG` first")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: not valid JSON ({exc.msg})") from None

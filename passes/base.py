@@ -1,0 +1,56 @@
+"""What every graph pass is: a typed config, a pure ``ModelProto -> ModelProto`` step, and a context.
+
+A pass never reads files or the YAML. What it needs from outside (calibration images, a way to
+open an ONNX Runtime session, somewhere to say what it did) comes through ``PassContext``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Iterator
+
+import numpy as np
+import onnx
+from pydantic import BaseModel, ConfigDict
+
+
+class PassConfig(BaseModel):
+    """Base of every pass's options: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass
+class PassContext:
+    """What a pass may use besides its input model.
+
+    ``calibration`` is a list of preprocessed NCHW float32 batches from the calibration split;
+    ``notes`` collects what the pass wants in the report (what it changed, what it fell back from).
+    """
+
+    calibration: list[np.ndarray] = field(default_factory=list)
+    input_name: str = "input"
+    threads: int = 2
+    log: Callable[[str], None] = lambda message: None
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    def calibration_samples(self) -> Iterator[dict[str, np.ndarray]]:
+        """Calibration data one image at a time, as ONNX Runtime feeds."""
+        for batch in self.calibration:
+            for image in batch:
+                yield {self.input_name: image[None]}
+
+
+class Pass:
+    """A graph pass. Subclasses set ``name``, ``Config`` and ``run``; ``uses_calibration`` adds the
+    calibration data to the pass's cache key."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type[PassConfig]] = PassConfig
+    uses_calibration: ClassVar[bool] = False
+
+    def __init__(self, config: PassConfig | None = None) -> None:
+        self.config = config if config is not None else self.Config()
+
+    def run(self, model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
+        raise NotImplementedError
