@@ -19,6 +19,27 @@ class Fp16Config(PassConfig):
     node_block_list: list[str] = Field([], description="Node names kept in float32.")
 
 
+def drop_repeated_nodes(model: onnx.ModelProto) -> int:
+    """Remove nodes that repeat an earlier node exactly (same op, inputs, outputs, attributes).
+
+    The converter emits one float32 Cast per (blocked node, float16 initializer) pair, named after the
+    initializer; when onnxsim has merged equal initializers (random-init LayerNorms all share ones and
+    zeros), the same Cast comes out twice and ONNX Runtime rejects the graph.
+    """
+    seen: set[bytes] = set()
+    kept = []
+    for node in model.graph.node:
+        key = node.SerializeToString(deterministic=True)
+        if key not in seen:
+            seen.add(key)
+            kept.append(node)
+    dropped = len(model.graph.node) - len(kept)
+    if dropped:
+        del model.graph.node[:]
+        model.graph.node.extend(kept)
+    return dropped
+
+
 @register_pass
 class Fp16Pass(Pass):
     name = "fp16"
@@ -34,6 +55,7 @@ class Fp16Pass(Pass):
             op_block_list=sorted(set(DEFAULT_OP_BLOCK_LIST) | set(cfg.op_block_list)),
             node_block_list=cfg.node_block_list or None,
         )
+        drop_repeated_nodes(converted)
         ctx.notes["kept_float32_ops"] = sorted(
             {n.op_type for n in converted.graph.node if n.op_type in cfg.op_block_list}
         )

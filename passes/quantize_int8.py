@@ -3,12 +3,16 @@
 Measured on this project's CPU (AVX2, no VNNI; DeiT-tiny, 2 threads): quantizing every op, as
 ONNX Runtime's defaults do, is slower than FP32 and loses accuracy; quantizing only the MatMul /
 Gemm nodes that multiply by a constant weight, with uint8 activations and int8 per-channel
-weights, is the static recipe that is faster than FP32. Hence these defaults. Which ops are
+weights, and their outputs left in float, is the static recipe that is faster than FP32
+(20.2 vs 24.9 ms; quantizing the outputs too: 23.8 ms and 1.4 dB less SQNR). Hence these defaults. Which ops are
 quantized, the calibrator and the types stay options, so other recipes are one YAML edit away.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Literal
@@ -34,6 +38,9 @@ class QuantizeInt8Config(PassConfig):
     op_types: list[str] = Field(["MatMul", "Gemm"], min_length=1, description="Op types to quantize.")
     weighted_only: bool = Field(
         True, description="Quantize only nodes with a constant (initializer) input, i.e. linear layers."
+    )
+    quantize_outputs: bool = Field(
+        False, description="Also quantize the outputs of the quantized ops (QDQ after Gemm / MatMul)."
     )
     exclude_nodes: list[str] = Field([], description="Node names kept in float.")
     reduce_range: bool = Field(False, description="7-bit weights, for CPUs where u8s8 saturates.")
@@ -72,6 +79,20 @@ def _ensure_node_names(model: onnx.ModelProto) -> None:
             node.name = f"{node.op_type}_{index}"
 
 
+@contextlib.contextmanager
+def _quiet_onnxruntime_quantizer():
+    """The quantizer prints calibration chatter and a pre-processing hint to stdout / the root logger;
+    onnxvit's progress and report say what happened instead."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        root.setLevel(level)
+
+
 @register_pass
 class QuantizeInt8Pass(Pass):
     name = "quantize_int8"
@@ -97,9 +118,11 @@ class QuantizeInt8Pass(Pass):
             "percentile": CalibrationMethod.Percentile,
         }
         extra = dict(cfg.extra_options)
+        if not cfg.quantize_outputs:
+            extra.setdefault("OpTypesToExcludeOutputQuantization", list(cfg.op_types))
         if cfg.calibrate_method == "percentile":
             extra.setdefault("CalibPercentile", cfg.percentile)
-        with tempfile.TemporaryDirectory(prefix="onnxvit-q-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="onnxvit-q-") as tmp, _quiet_onnxruntime_quantizer():
             output = Path(tmp) / "quantized.onnx"
             quantize_static(
                 model,

@@ -1,0 +1,66 @@
+"""The spine's acceptance figures in one run: every variant's ratios to fp32, and the cache's speed.
+
+Runs `onnxvit compress` on a config (default: the real DeiT-tiny example) twice: once from scratch
+(--force) and once more, served from the cache. Prints the variant table; with --json PATH also
+writes it with a `headline` object.
+
+    python bench/compress_ratios.py [--config examples/deit_tiny.yaml] [--output DIR] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from onnxvit.compress import compress  # noqa: E402
+from onnxvit.fileio import atomic_write_json  # noqa: E402
+from onnxvit.report import markdown_table, variant_table  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, default=REPO / "examples" / "deit_tiny.yaml")
+    parser.add_argument("--output", type=Path, default=REPO / "out" / "bench-compress")
+    parser.add_argument("--json", type=Path, help="write the table and headline here")
+    args = parser.parse_args()
+
+    start = time.perf_counter()
+    compress(args.config, force=True, output=args.output)
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    report = compress(args.config, quiet=True, output=args.output)
+    second = time.perf_counter() - start
+
+    rows = variant_table(report)
+    by_name = {row["name"]: row for row in rows}
+    print(markdown_table(rows))
+    headline = {
+        "model": report["model"],
+        "evaluate_images": report["data"]["evaluate_images"],
+        "fp32_top1": by_name["fp32"]["top1"],
+        "fp32_minus_torch_top1": by_name["fp32"]["top1"] - by_name["torch-fp32"]["top1"]
+        if "torch-fp32" in by_name else None,
+        "int8_top1_drop": -by_name["int8"]["top1_delta_vs_fp32"],
+        "int8_agree_top1": by_name["int8"]["agree_top1"],
+        "int8_sqnr_db": by_name["int8"]["sqnr_db"],
+        "int8_speedup_vs_fp32": by_name["int8"]["speedup_vs_fp32"],
+        "int8_size_ratio": by_name["int8"]["size_vs_fp32"],
+        "fp16_speedup_vs_fp32": by_name["fp16"]["speedup_vs_fp32"],
+        "fp16_size_ratio": by_name["fp16"]["size_vs_fp32"],
+        "first_run_seconds": round(first, 1),
+        "cached_run_seconds": round(second, 1),
+        "cached_over_first": round(second / first, 3),
+    }
+    print(json.dumps(headline, indent=2))
+    if args.json:
+        atomic_write_json(args.json, {"table": rows, "headline": headline, "machine": report["machine"]})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""The command line as a user meets it: a tiny end-to-end run, its cache, and every bad input."""
+
+import json
+import time
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+from onnxvit.cli import main
+from onnxvit.config import load_config
+from tests.conftest import TINY_MODEL, write_config
+
+REPORT_KEYS = {"model", "onnxvit_version", "config_sha256", "machine", "variants"}
+VARIANT_KEYS = {"name", "runtime", "path", "size_bytes", "latency_ms", "top1", "top5", "agree_top1", "sqnr_db"}
+
+
+def _invoke(*args: str):
+    return CliRunner().invoke(main, list(args), catch_exceptions=True)
+
+
+def _user_error(result) -> str:
+    """Exit 2, one line on stderr, no traceback."""
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert isinstance(result.exception, SystemExit)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.output
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory, image_folder):
+    folder = tmp_path_factory.mktemp("run")
+    config = write_config(folder, image_folder)
+    start = time.perf_counter()
+    result = _invoke("compress", str(config), "--quiet")
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return config, folder / "out", time.perf_counter() - start
+
+
+def test_compress_writes_models_report_and_plot(first_run):
+    _, out, _ = first_run
+    for name in ("model.fp32.onnx", "model.int8.onnx", "model.fp16.onnx", "report.json", "report.md",
+                 "accuracy_vs_latency.png"):
+        assert (out / name).is_file(), name
+    report = json.loads((out / "report.json").read_text())
+    assert REPORT_KEYS <= set(report) and set(report["machine"]) >= {"cpu", "threads", "onnxruntime", "torch"}
+    variants = {v["name"]: v for v in report["variants"]}
+    assert list(variants) == ["torch-fp32", "fp32", "int8", "fp16"]
+    for v in variants.values():
+        assert VARIANT_KEYS <= set(v)
+        assert v["latency_ms"]["median"] > 0 and v["size_bytes"] > 0
+    assert variants["torch-fp32"]["runtime"] == "torch" and variants["torch-fp32"]["path"] is None
+    assert variants["torch-fp32"]["agree_top1"] == 100.0 and variants["torch-fp32"]["sqnr_db"] > 60
+    assert variants["int8"]["size_bytes"] < 0.5 * variants["fp32"]["size_bytes"]
+    assert variants["fp16"]["size_bytes"] < 0.6 * variants["fp32"]["size_bytes"]
+    assert report["data"]["evaluate_images"] == 12 and report["weights"] == "random_init"
+    steps = {s["name"]: s for s in report["steps"]}
+    assert steps["int8"]["check"]["sqnr_db"] > 10 and steps["fp32"]["notes"]["simplified"]
+    assert "| int8 |" in (out / "report.md").read_text()
+
+
+def test_second_run_comes_from_the_cache(first_run):
+    config, out, first_seconds = first_run
+    before = json.loads((out / "report.json").read_text())
+    start = time.perf_counter()
+    assert _invoke("compress", str(config), "--quiet").exit_code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert all(step["cached"] for step in report["steps"])
+    assert report["variants"] == before["variants"]  # latency and logits too came from the cache
+    assert time.perf_counter() - start < first_seconds
+
+
+def test_force_redoes_everything(first_run):
+    config, out, _ = first_run
+    assert _invoke("compress", str(config), "--quiet", "--force").exit_code == 0
+    assert not any(step["cached"] for step in json.loads((out / "report.json").read_text())["steps"])
+
+
+def test_bench_prints_ratios(first_run):
+    _, out, _ = first_run
+    result = _invoke("bench", str(out))
+    assert result.exit_code == 0 and "speed-up" in result.output and "| fp16 |" in result.output
+
+
+def _config(tmp_path, image_folder, **changes):
+    path = write_config(tmp_path, image_folder)
+    doc = yaml.safe_load(path.read_text())
+    for section, values in changes.items():
+        doc[section] = {**doc.get(section, {}), **values} if isinstance(values, dict) else values
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def test_bad_inputs_exit_2_with_one_line(tmp_path, image_folder):
+    def fails(path, needle):
+        line = _user_error(_invoke("compress", str(path), "--quiet"))
+        assert needle in line, line
+
+    fails(tmp_path / "absent.yaml", "no such config file")
+    fails(_config(tmp_path, image_folder, benchmark={"thread": 2}), "did you mean 'threads'")
+    fails(_config(tmp_path, image_folder, benchmark={"runs": "many"}), "benchmark.runs")
+    fails(_config(tmp_path, image_folder, model={"name": "deit_tiny_patch16_22"}), "unknown timm model")
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"junk")
+    fails(_config(tmp_path, image_folder, model={"random_init": False, "checkpoint": str(junk)}),
+          "not a loadable PyTorch checkpoint")
+    other = tmp_path / "other.pth"
+    from onnxvit.config import ModelConfig
+    from onnxvit.models import create_model
+
+    torch.save(create_model(ModelConfig(**{**TINY_MODEL, "num_classes": 7})).state_dict(), other)
+    fails(_config(tmp_path, image_folder, model={"random_init": False, "checkpoint": str(other)}),
+          "num_classes differs: the checkpoint has 7, the model 4")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    fails(_config(tmp_path, image_folder, data={"root": str(empty)}), "no class sub-folders")
+    flat = tmp_path / "flat" / "only"
+    flat.mkdir(parents=True)
+    fails(_config(tmp_path, image_folder, data={"root": str(flat.parent)}), "holds no images")
+    manifest = tmp_path / "split.json"
+    manifest.write_text(json.dumps({"format": "onnxvit-split/1", "splits": {
+        "calibrate": ["class0/img0.jpg"], "search": [], "evaluate": ["class9/missing.jpg"]}}))
+    fails(_config(tmp_path, image_folder, data={"manifest": str(manifest)}), "class9/missing.jpg")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("mine")
+    fails(_config(tmp_path, image_folder, output={"dir": str(foreign)}), "not an onnxvit run")
+    assert (foreign / "thesis.tex").read_text() == "mine" and len(list(foreign.iterdir())) == 1
+
+
+def test_offline_hub_says_use_a_checkpoint(tmp_path, image_folder, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    path = _config(tmp_path, image_folder, model={"random_init": False, "pretrained": True})
+    assert "set model.checkpoint" in _user_error(_invoke("compress", str(path), "--quiet"))
+
+
+def test_init_writes_a_loadable_example_and_never_overwrites(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert _invoke("init", "mine").exit_code == 0
+    config, parsed = load_config(tmp_path / "mine.yaml")
+    assert config.model.name == "deit_tiny_patch16_224" and [s.output for s in config.passes] == ["int8", "fp16"]
+    before = (tmp_path / "mine.yaml").read_text()
+    assert "already exists" in _user_error(_invoke("init", "mine"))
+    assert (tmp_path / "mine.yaml").read_text() == before
+
+
+def test_split_command_writes_a_manifest_once(tmp_path, image_folder):
+    out = tmp_path / "split.json"
+    assert _invoke("split", str(image_folder), "-o", str(out), "--calibrate", "8", "--search", "4").exit_code == 0
+    doc = json.loads(out.read_text())
+    assert {k: len(v) for k, v in doc["splits"].items()} == {"calibrate": 8, "search": 4, "evaluate": 12}
+    assert "already exists" in _user_error(_invoke("split", str(image_folder), "-o", str(out)))

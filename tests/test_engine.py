@@ -1,0 +1,73 @@
+from collections import Counter
+
+import pytest
+
+from onnxvit.config import StepConfig
+from onnxvit.engine import Cache, StepRecord, model_sha256, run_passes
+from passes import get_pass
+from passes.base import PassContext
+
+
+@pytest.fixture()
+def counted(monkeypatch):
+    """Counts how often each pass really runs."""
+    calls: Counter = Counter()
+    for name in ("quantize_int8", "fp16"):
+        cls = get_pass(name)
+        original = cls.run
+
+        def run(self, model, ctx, _original=original, _name=name):
+            calls[_name] += 1
+            return _original(self, model, ctx)
+
+        monkeypatch.setattr(cls, "run", run)
+    return calls
+
+
+def _run(tmp_path, tiny_onnx, tiny_images, steps, force=False, fingerprint="calib-A"):
+    start = StepRecord(name="fp32", kind="export", input=None, config={}, key="k", sha256=model_sha256(tiny_onnx))
+    configs = [get_pass(s.pass_).Config.model_validate(s.options) for s in steps]
+    return run_passes(tiny_onnx, start, steps, configs, Cache(tmp_path / "cache", force),
+                      lambda: PassContext(calibration=[tiny_images[:4]]), fingerprint,
+                      lambda a, b: {"checked": 1.0})
+
+
+def _steps(method="percentile"):
+    return [StepConfig(**{"pass": "quantize_int8", "name": "int8", "options": {"calibrate_method": method}}),
+            StepConfig(**{"pass": "fp16", "name": "int8-fp16-io"})]
+
+
+def test_second_run_is_served_from_cache(tmp_path, tiny_onnx, tiny_images, counted):
+    models, records = _run(tmp_path, tiny_onnx, tiny_images, _steps())
+    assert counted == {"quantize_int8": 1, "fp16": 1}
+    again, records2 = _run(tmp_path, tiny_onnx, tiny_images, _steps())
+    assert counted == {"quantize_int8": 1, "fp16": 1}
+    assert [r.cached for r in records2[1:]] == [True, True]
+    assert [r.sha256 for r in records2] == [r.sha256 for r in records]
+    assert records2[1].check == {"checked": 1.0} and records2[2].input == "int8"
+
+
+def test_changing_one_pass_redoes_it_and_what_follows(tmp_path, tiny_onnx, tiny_images, counted):
+    steps = [StepConfig(**{"pass": "fp16", "name": "half"}),
+             StepConfig(**{"pass": "quantize_int8", "name": "int8", "input": "fp32"})]
+    _run(tmp_path, tiny_onnx, tiny_images, steps)
+    steps[1].options = {"calibrate_method": "minmax"}
+    _, records = _run(tmp_path, tiny_onnx, tiny_images, steps)
+    assert counted == {"fp16": 1, "quantize_int8": 2}
+    assert [r.cached for r in records[1:]] == [True, False]
+    # A chained step after a changed one is redone because its input changed; both int8 models
+    # (percentile, minmax) are already cached from above, keyed by content, not by step position.
+    _, chained = _run(tmp_path, tiny_onnx, tiny_images, _steps("minmax"))
+    assert [r.cached for r in chained[1:]] == [True, False]
+    _, chained = _run(tmp_path, tiny_onnx, tiny_images, _steps("percentile"))
+    assert [r.cached for r in chained[1:]] == [True, False]
+    assert counted == {"fp16": 3, "quantize_int8": 2}
+
+
+def test_new_calibration_data_and_force_redo_steps(tmp_path, tiny_onnx, tiny_images, counted):
+    _run(tmp_path, tiny_onnx, tiny_images, _steps())
+    _run(tmp_path, tiny_onnx, tiny_images, _steps(), fingerprint="calib-B")
+    assert counted["quantize_int8"] == 2
+    _, records = _run(tmp_path, tiny_onnx, tiny_images, _steps(), force=True)
+    assert counted["quantize_int8"] == 3
+    assert not any(r.cached for r in records[1:])

@@ -1,0 +1,56 @@
+import pytest
+import torch
+
+from onnxvit.config import ModelConfig
+from onnxvit.errors import UserError
+from onnxvit.models import create_model
+
+SMALL = {"name": "deit_tiny_patch16_224", "num_classes": 4, "kwargs": {"depth": 1}}
+
+
+@pytest.fixture(scope="module")
+def source():
+    torch.manual_seed(1)
+    return create_model(ModelConfig(random_init=True, **SMALL))
+
+
+@pytest.mark.parametrize("wrap", [
+    lambda sd: sd,
+    lambda sd: {"model": sd, "epoch": 3},
+    lambda sd: {"state_dict": {f"module.{k}": v for k, v in sd.items()}},
+])
+def test_checkpoint_wrappers_load_the_same_weights(tmp_path, source, wrap):
+    path = tmp_path / "ckpt.pth"
+    torch.save(wrap(source.state_dict()), path)
+    loaded = create_model(ModelConfig(checkpoint=path, **SMALL))
+    x = torch.randn(1, 3, 224, 224)
+    with torch.inference_mode():
+        assert torch.equal(loaded(x), source(x))
+
+
+def test_checkpoint_that_does_not_fit_names_keys(tmp_path, source):
+    sd = source.state_dict()
+    sd.pop("cls_token")
+    sd["extra.weight"] = torch.zeros(1)
+    path = tmp_path / "ckpt.pth"
+    torch.save(sd, path)
+    with pytest.raises(UserError, match="missing keys: cls_token; unexpected keys: extra.weight"):
+        create_model(ModelConfig(checkpoint=path, **SMALL))
+
+
+def test_num_classes_mismatch_is_explained(tmp_path, source):
+    path = tmp_path / "ckpt.pth"
+    torch.save(source.state_dict(), path)
+    with pytest.raises(UserError, match="num_classes differs: the checkpoint has 4, the model 10"):
+        create_model(ModelConfig(checkpoint=path, **{**SMALL, "num_classes": 10}))
+
+
+def test_unknown_model_and_bad_files(tmp_path):
+    with pytest.raises(UserError, match="unknown timm model 'deit_tiny_patch16'; did you mean"):
+        create_model(ModelConfig(name="deit_tiny_patch16", random_init=True))
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="not a loadable PyTorch checkpoint"):
+        create_model(ModelConfig(checkpoint=junk, **SMALL))
+    with pytest.raises(UserError, match="not found"):
+        create_model(ModelConfig(checkpoint=tmp_path / "absent.pth", **SMALL))

@@ -1,0 +1,90 @@
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from onnxvit.metrics import sqnr_db
+from onnxvit.runtime import model_logits
+from passes.base import PassContext
+from passes.fp16 import Fp16Config, Fp16Pass
+from passes.quantize_int8 import QuantizeInt8Config, QuantizeInt8Pass
+from passes.simplify import SimplifyPass
+
+
+@pytest.fixture()
+def ctx(tiny_images):
+    return PassContext(calibration=[tiny_images[:8]])
+
+
+def _ops(model: onnx.ModelProto, op: str) -> list[onnx.NodeProto]:
+    return [n for n in model.graph.node if n.op_type == op]
+
+
+def test_simplify_shrinks_the_graph_without_changing_logits(tiny_model, tiny_images, ctx):
+    from onnxvit.config import ExportConfig
+    from onnxvit.export import export_onnx
+
+    exported = export_onnx(tiny_model, tiny_images, ExportConfig())
+    simplified = SimplifyPass().run(exported, ctx)
+    assert ctx.notes["simplified"] and len(simplified.graph.node) < len(exported.graph.node)
+    np.testing.assert_allclose(model_logits(simplified, [tiny_images]), model_logits(exported, [tiny_images]),
+                               atol=1e-4)
+
+
+def test_simplify_falls_back_when_onnxsim_fails_or_miscompiles(tiny_onnx, ctx, monkeypatch):
+    import onnxsim
+
+    def broken(model, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(onnxsim, "simplify", broken)
+    assert SimplifyPass().run(tiny_onnx, ctx) is tiny_onnx
+    assert "onnxsim failed" in ctx.notes["fallback_reason"]
+
+    def miscompiles(model, **kwargs):
+        wrong = onnx.ModelProto.FromString(model.SerializeToString())
+        head = max(wrong.graph.initializer, key=lambda t: t.name.startswith("head"))
+        head.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(head) * 2 + 1, head.name))
+        return wrong, True
+
+    monkeypatch.setattr(onnxsim, "simplify", miscompiles)
+    assert SimplifyPass().run(tiny_onnx, ctx) is tiny_onnx
+    assert "differ" in ctx.notes["fallback_reason"]
+
+
+@pytest.mark.parametrize("method", ["minmax", "entropy", "percentile"])
+def test_quantize_int8_stores_int8_weights_and_stays_close(tiny_onnx, tiny_images, ctx, method):
+    quantized = QuantizeInt8Pass(QuantizeInt8Config(calibrate_method=method)).run(tiny_onnx, ctx)
+    int8_weights = [t for t in quantized.graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2]
+    linear_count = len(_ops(tiny_onnx, "Gemm")) + len(_ops(tiny_onnx, "MatMul"))
+    assert len(int8_weights) == ctx.notes["quantized_nodes"] > 0
+    assert ctx.notes["quantized_nodes"] < linear_count  # attention's activation x activation MatMuls stay float
+    # Default: inputs quantized, outputs not: one QuantizeLinear per quantized node.
+    assert ctx.notes["QuantizeLinear"] == ctx.notes["quantized_nodes"]
+    size = sum(len(t.raw_data) for t in quantized.graph.initializer)
+    assert size < 0.5 * sum(len(t.raw_data) for t in tiny_onnx.graph.initializer)
+    ref, test = model_logits(tiny_onnx, [tiny_images]), model_logits(quantized, [tiny_images])
+    assert sqnr_db(ref, test) > 15.0
+
+
+def test_quantize_int8_options_change_the_graph(tiny_onnx, ctx):
+    default = QuantizeInt8Pass().run(tiny_onnx, ctx)
+    per_channel_scales = [t for t in default.graph.initializer if t.name.endswith("_scale") and len(t.dims) == 1]
+    assert per_channel_scales, "per_channel=True should give vector weight scales"
+    QuantizeInt8Pass(QuantizeInt8Config(quantize_outputs=True)).run(tiny_onnx, ctx)
+    assert ctx.notes["QuantizeLinear"] > ctx.notes["quantized_nodes"]
+    QuantizeInt8Pass(QuantizeInt8Config(weighted_only=False)).run(tiny_onnx, ctx)
+    assert ctx.notes["quantized_nodes"] is None
+    assert ctx.notes["QuantizeLinear"] > len(_ops(default, "QuantizeLinear"))
+
+
+def test_fp16_halves_weights_keeps_blocked_ops_and_io(tiny_onnx, tiny_images, ctx):
+    converted = Fp16Pass().run(tiny_onnx, ctx)
+    kinds = {t.data_type for t in converted.graph.initializer if len(t.dims) >= 2}
+    assert kinds == {onnx.TensorProto.FLOAT16}
+    assert converted.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert "LayerNormalization" in ctx.notes["kept_float32_ops"]
+    ref, test = model_logits(tiny_onnx, [tiny_images]), model_logits(converted, [tiny_images])
+    assert sqnr_db(ref, test) > 30.0
+    no_block = Fp16Pass(Fp16Config(op_block_list=[])).run(tiny_onnx, ctx)
+    assert ctx.notes["kept_float32_ops"] == [] and len(no_block.graph.node) < len(converted.graph.node)
