@@ -1,6 +1,9 @@
 """The command line as a user meets it: a tiny end-to-end run, its cache, and every bad input."""
 
 import json
+import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -130,10 +133,15 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, image_folder):
     assert (foreign / "thesis.tex").read_text() == "mine" and len(list(foreign.iterdir())) == 1
 
 
-def test_offline_hub_says_use_a_checkpoint(tmp_path, image_folder, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def test_offline_hub_says_use_a_checkpoint(tmp_path, image_folder):
+    """In a fresh process, as a user runs it (huggingface_hub reads HF_HUB_OFFLINE at import)."""
     path = _config(tmp_path, image_folder, model={"random_init": False, "pretrained": True})
-    assert "set model.checkpoint" in _user_error(_invoke("compress", str(path), "--quiet"))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-m", "onnxvit.cli", "compress", str(path), "--quiet"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert "model.pretrained: could not fetch" in done.stderr and "set model.checkpoint" in done.stderr
 
 
 def test_init_writes_a_loadable_example_and_never_overwrites(tmp_path, monkeypatch):
