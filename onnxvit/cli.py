@@ -145,7 +145,8 @@ def passes() -> None:
 
     for name in pass_names():
         cls = get_pass(name)
-        click.echo(f"{name}: {(cls.__doc__ or sys.modules[cls.__module__].__doc__ or '').strip().splitlines()[0]}")
+        doc = " ".join((cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").split())
+        click.echo(f"{name}: {doc.split('. ')[0].rstrip('.')}.")
         for field, info in cls.Config.model_fields.items():
             click.echo(f"  {field} (default {info.default!r}): {info.description or ''}")
 

@@ -148,10 +148,10 @@ def compress(config_path: Path, force: bool = False, quiet: bool = False,
         config.output.dir = output.resolve()
     reporter = Reporter(quiet)
     folder = config.output.dir
-    prepare_output(folder)
     started = time.perf_counter()
     run = Run(config, pass_configs, reporter, Cache(folder / CACHE_DIR, force), config.sha256())
-    run.dataset  # fail early on a bad image folder or manifest
+    run.dataset, run.model  # a bad image folder, manifest or checkpoint fails before anything is written
+    prepare_output(folder)
 
     fp32, export_record = run.export()
     models, records = run_passes(fp32, export_record, config.passes, pass_configs, run.cache, run.context,

@@ -57,9 +57,6 @@ class _Reader:
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self._samples, None)
 
-    def rewind(self) -> None:  # not needed by the calibrators we use
-        raise NotImplementedError
-
 
 def weighted_nodes(model: onnx.ModelProto, op_types: list[str]) -> list[str]:
     """Names of the nodes of ``op_types`` that have an initializer input (a weight)."""

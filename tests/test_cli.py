@@ -81,6 +81,13 @@ def test_force_redoes_everything(first_run):
     assert not any(step["cached"] for step in json.loads((out / "report.json").read_text())["steps"])
 
 
+def test_passes_lists_every_pass_with_options():
+    result = _invoke("passes")
+    assert result.exit_code == 0
+    for name in ("simplify:", "quantize_int8:", "fp16:", "calibrate_method", "keep_io_types"):
+        assert name in result.output
+
+
 def test_bench_prints_ratios(first_run):
     _, out, _ = first_run
     result = _invoke("bench", str(out))
@@ -119,6 +126,7 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, image_folder):
     empty = tmp_path / "empty"
     empty.mkdir()
     fails(_config(tmp_path, image_folder, data={"root": str(empty)}), "no class sub-folders")
+    assert not (tmp_path / "out").exists()  # a bad input writes nothing
     flat = tmp_path / "flat" / "only"
     flat.mkdir(parents=True)
     fails(_config(tmp_path, image_folder, data={"root": str(flat.parent)}), "holds no images")
