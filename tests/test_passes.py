@@ -88,3 +88,17 @@ def test_fp16_halves_weights_keeps_blocked_ops_and_io(tiny_onnx, tiny_images, ct
     assert sqnr_db(ref, test) > 30.0
     no_block = Fp16Pass(Fp16Config(op_block_list=[])).run(tiny_onnx, ctx)
     assert ctx.notes["kept_float32_ops"] == [] and len(no_block.graph.node) < len(converted.graph.node)
+
+
+def test_ort_baselines_quantize_as_onnxruntime_documents(tiny_onnx, tiny_images, ctx):
+    from passes.ort_baselines import OrtDefaultPass, OrtDynamicPass
+
+    ref = model_logits(tiny_onnx, [tiny_images])
+    default = OrtDefaultPass().run(tiny_onnx, ctx)
+    ours = QuantizeInt8Pass().run(tiny_onnx, ctx)
+    # The documented default quantizes far more than the linear layers (every op it knows).
+    assert len(_ops(default, "QuantizeLinear")) > 2 * len(_ops(ours, "QuantizeLinear"))
+    dynamic = OrtDynamicPass().run(tiny_onnx, ctx)
+    assert ctx.notes["DynamicQuantizeLinear"] > 0 and not _ops(dynamic, "QuantizeLinear")
+    for quantized in (default, dynamic):
+        assert 5.0 < sqnr_db(ref, model_logits(quantized, [tiny_images])) < 200

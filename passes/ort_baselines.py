@@ -1,0 +1,72 @@
+"""The two recipes a user gets from ONNX Runtime's documentation, kept as passes so a report can
+always show what onnxvit's own int8 gains over them.
+
+- ``ort_default``: ``quant_pre_process``, then ``quantize_static`` with its defaults (QDQ, int8
+  activations and weights, per-tensor, min-max, every op it knows), on our calibration images.
+- ``ort_dynamic``: ``quantize_dynamic`` with per-channel int8 weights; activation ranges are
+  computed at run time, so it needs no calibration.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import onnx
+from pydantic import Field
+
+from passes import register_pass
+from passes.base import Pass, PassConfig, PassContext
+from passes.quantize_int8 import _quiet_onnxruntime_quantizer, _Reader
+
+
+class OrtDefaultConfig(PassConfig):
+    preprocess: bool = Field(True, description="Run quant_pre_process first, as the documentation says.")
+
+
+@register_pass
+class OrtDefaultPass(Pass):
+    name = "ort_default"
+    Config = OrtDefaultConfig
+    uses_calibration = True
+
+    def run(self, model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
+        from onnxruntime.quantization import quantize_static
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+
+        if not ctx.calibration:
+            raise ValueError("ort_default needs calibration images")
+        with tempfile.TemporaryDirectory(prefix="onnxvit-ort-") as tmp, _quiet_onnxruntime_quantizer():
+            source, output = Path(tmp) / "input.onnx", Path(tmp) / "quantized.onnx"
+            onnx.save(model, source)
+            if self.config.preprocess:
+                prepared = Path(tmp) / "prepared.onnx"
+                quant_pre_process(str(source), str(prepared))
+                source = prepared
+            quantize_static(source, output, _Reader(ctx.calibration_samples()))
+            quantized = onnx.load(output)
+        ctx.notes["QuantizeLinear"] = sum(n.op_type == "QuantizeLinear" for n in quantized.graph.node)
+        return quantized
+
+
+class OrtDynamicConfig(PassConfig):
+    per_channel: bool = Field(True, description="One weight scale per output channel.")
+    op_types: list[str] = Field(["MatMul", "Gemm"], min_length=1, description="Op types to quantize.")
+
+
+@register_pass
+class OrtDynamicPass(Pass):
+    name = "ort_dynamic"
+    Config = OrtDynamicConfig
+
+    def run(self, model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        with tempfile.TemporaryDirectory(prefix="onnxvit-dyn-") as tmp, _quiet_onnxruntime_quantizer():
+            source, output = Path(tmp) / "input.onnx", Path(tmp) / "quantized.onnx"
+            onnx.save(model, source)
+            quantize_dynamic(source, output, per_channel=self.config.per_channel, weight_type=QuantType.QInt8,
+                             op_types_to_quantize=self.config.op_types)
+            quantized = onnx.load(output)
+        ctx.notes["DynamicQuantizeLinear"] = sum(n.op_type == "DynamicQuantizeLinear" for n in quantized.graph.node)
+        return quantized
