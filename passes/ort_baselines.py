@@ -9,7 +9,6 @@ always show what onnxvit's own int8 gains over them.
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import onnx
@@ -17,7 +16,7 @@ from pydantic import Field
 
 from passes import register_pass
 from passes.base import Pass, PassConfig, PassContext
-from passes.quantize_int8 import _quiet_onnxruntime_quantizer, _Reader
+from passes.quantize_int8 import CalibrationReader, run_ort_quantizer
 
 
 class OrtDefaultConfig(PassConfig):
@@ -36,15 +35,14 @@ class OrtDefaultPass(Pass):
 
         if not ctx.calibration:
             raise ValueError("ort_default needs calibration images")
-        with tempfile.TemporaryDirectory(prefix="onnxvit-ort-") as tmp, _quiet_onnxruntime_quantizer():
-            source, output = Path(tmp) / "input.onnx", Path(tmp) / "quantized.onnx"
-            onnx.save(model, source)
+        def quantize(source: Path, output: Path) -> None:
             if self.config.preprocess:
-                prepared = Path(tmp) / "prepared.onnx"
+                prepared = source.with_name("prepared.onnx")
                 quant_pre_process(str(source), str(prepared))
                 source = prepared
-            quantize_static(source, output, _Reader(ctx.calibration_samples()))
-            quantized = onnx.load(output)
+            quantize_static(source, output, CalibrationReader(ctx.calibration_samples()))
+
+        quantized = run_ort_quantizer(model, quantize)
         ctx.notes["QuantizeLinear"] = sum(n.op_type == "QuantizeLinear" for n in quantized.graph.node)
         return quantized
 
@@ -62,11 +60,8 @@ class OrtDynamicPass(Pass):
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        with tempfile.TemporaryDirectory(prefix="onnxvit-dyn-") as tmp, _quiet_onnxruntime_quantizer():
-            source, output = Path(tmp) / "input.onnx", Path(tmp) / "quantized.onnx"
-            onnx.save(model, source)
-            quantize_dynamic(source, output, per_channel=self.config.per_channel, weight_type=QuantType.QInt8,
-                             op_types_to_quantize=self.config.op_types)
-            quantized = onnx.load(output)
+        quantized = run_ort_quantizer(model, lambda source, output: quantize_dynamic(
+            source, output, per_channel=self.config.per_channel, weight_type=QuantType.QInt8,
+            op_types_to_quantize=self.config.op_types))
         ctx.notes["DynamicQuantizeLinear"] = sum(n.op_type == "DynamicQuantizeLinear" for n in quantized.graph.node)
         return quantized

@@ -15,7 +15,7 @@ import io
 import logging
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal
 
 import numpy as np
 import onnx
@@ -48,7 +48,7 @@ class QuantizeInt8Config(PassConfig):
     extra_options: dict[str, Any] = Field({}, description="Passed to quantize_static's extra_options as is.")
 
 
-class _Reader:
+class CalibrationReader:
     """ONNX Runtime's CalibrationDataReader protocol over our calibration images."""
 
     def __init__(self, samples: Iterator[dict[str, np.ndarray]]) -> None:
@@ -77,7 +77,7 @@ def _ensure_node_names(model: onnx.ModelProto) -> None:
 
 
 @contextlib.contextmanager
-def _quiet_onnxruntime_quantizer():
+def _quiet_onnxruntime_quantizer() -> Iterator[None]:
     """The quantizer prints calibration chatter and a pre-processing hint to stdout / the root logger;
     onnxvit's progress and report say what happened instead."""
     root = logging.getLogger()
@@ -88,6 +88,16 @@ def _quiet_onnxruntime_quantizer():
             yield
     finally:
         root.setLevel(level)
+
+
+def run_ort_quantizer(model: onnx.ModelProto, quantize: Callable[[Path, Path], None]) -> onnx.ModelProto:
+    """Run one of ONNX Runtime's file-to-file quantizers, ``quantize(input_path, output_path)``, on
+    ``model`` in a temporary folder, quietly, and return its output."""
+    with tempfile.TemporaryDirectory(prefix="onnxvit-q-") as tmp, _quiet_onnxruntime_quantizer():
+        source, output = Path(tmp) / "input.onnx", Path(tmp) / "quantized.onnx"
+        onnx.save(model, source)
+        quantize(source, output)
+        return onnx.load(output)
 
 
 @register_pass
@@ -119,24 +129,21 @@ class QuantizeInt8Pass(Pass):
             extra.setdefault("OpTypesToExcludeOutputQuantization", list(cfg.op_types))
         if cfg.calibrate_method == "percentile":
             extra.setdefault("CalibPercentile", cfg.percentile)
-        with tempfile.TemporaryDirectory(prefix="onnxvit-q-") as tmp, _quiet_onnxruntime_quantizer():
-            output = Path(tmp) / "quantized.onnx"
-            quantize_static(
-                model,
-                output,
-                _Reader(samples),
-                quant_format=QuantFormat.QDQ,
-                op_types_to_quantize=cfg.op_types,
-                per_channel=cfg.per_channel,
-                reduce_range=cfg.reduce_range,
-                activation_type=types[cfg.activation_type],
-                weight_type=types[cfg.weight_type],
-                nodes_to_quantize=nodes,
-                nodes_to_exclude=cfg.exclude_nodes or None,
-                calibrate_method=methods[cfg.calibrate_method],
-                extra_options=extra,
-            )
-            quantized = onnx.load(output)
+        quantized = run_ort_quantizer(model, lambda source, output: quantize_static(
+            source,
+            output,
+            CalibrationReader(samples),
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=cfg.op_types,
+            per_channel=cfg.per_channel,
+            reduce_range=cfg.reduce_range,
+            activation_type=types[cfg.activation_type],
+            weight_type=types[cfg.weight_type],
+            nodes_to_quantize=nodes,
+            nodes_to_exclude=cfg.exclude_nodes or None,
+            calibrate_method=methods[cfg.calibrate_method],
+            extra_options=extra,
+        ))
         counts = {op: sum(n.op_type == op for n in quantized.graph.node) for op in ("QuantizeLinear", "DequantizeLinear")}
         ctx.notes["quantized_nodes"] = len(nodes) if nodes is not None else None
         ctx.notes.update(counts)
