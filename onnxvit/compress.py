@@ -6,7 +6,6 @@ images are decoded only when something that needs them has to run.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from functools import cached_property

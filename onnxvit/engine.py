@@ -8,6 +8,7 @@ check, so a cache hit reports the same as a fresh run.
 
 from __future__ import annotations
 
+import io
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -90,8 +91,6 @@ class Cache:
         if self._usable(path):
             return np.load(path)
         value = produce()
-        import io
-
         buffer = io.BytesIO()
         np.save(buffer, value)
         atomic_write_bytes(path, buffer.getvalue())
