@@ -41,6 +41,11 @@ class PassContext:
                 yield {self.input_name: image[None]}
 
 
+def count_ops(model: onnx.ModelProto, *op_types: str) -> dict[str, int]:
+    """How many nodes of each op type the graph has: what a pass reports it inserted."""
+    return {op: sum(node.op_type == op for node in model.graph.node) for op in op_types}
+
+
 class Pass:
     """A graph pass. Subclasses set ``name``, ``Config`` and ``run``; ``uses_calibration`` adds the
     calibration data to the pass's cache key."""

@@ -15,7 +15,7 @@ import onnx
 from pydantic import Field
 
 from passes import register_pass
-from passes.base import Pass, PassConfig, PassContext
+from passes.base import Pass, PassConfig, PassContext, count_ops
 from passes.quantize_int8 import CalibrationReader, run_ort_quantizer
 
 
@@ -35,6 +35,7 @@ class OrtDefaultPass(Pass):
 
         if not ctx.calibration:
             raise ValueError("ort_default needs calibration images")
+
         def quantize(source: Path, output: Path) -> None:
             if self.config.preprocess:
                 prepared = source.with_name("prepared.onnx")
@@ -43,7 +44,7 @@ class OrtDefaultPass(Pass):
             quantize_static(source, output, CalibrationReader(ctx.calibration_samples()))
 
         quantized = run_ort_quantizer(model, quantize)
-        ctx.notes["QuantizeLinear"] = sum(n.op_type == "QuantizeLinear" for n in quantized.graph.node)
+        ctx.notes.update(count_ops(quantized, "QuantizeLinear"))
         return quantized
 
 
@@ -63,5 +64,5 @@ class OrtDynamicPass(Pass):
         quantized = run_ort_quantizer(model, lambda source, output: quantize_dynamic(
             source, output, per_channel=self.config.per_channel, weight_type=QuantType.QInt8,
             op_types_to_quantize=self.config.op_types))
-        ctx.notes["DynamicQuantizeLinear"] = sum(n.op_type == "DynamicQuantizeLinear" for n in quantized.graph.node)
+        ctx.notes.update(count_ops(quantized, "DynamicQuantizeLinear"))
         return quantized

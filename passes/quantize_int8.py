@@ -22,7 +22,7 @@ import onnx
 from pydantic import Field
 
 from passes import register_pass
-from passes.base import Pass, PassConfig, PassContext
+from passes.base import Pass, PassConfig, PassContext, count_ops
 
 QuantTypeName = Literal["int8", "uint8"]
 
@@ -144,7 +144,6 @@ class QuantizeInt8Pass(Pass):
             calibrate_method=methods[cfg.calibrate_method],
             extra_options=extra,
         ))
-        counts = {op: sum(n.op_type == op for n in quantized.graph.node) for op in ("QuantizeLinear", "DequantizeLinear")}
         ctx.notes["quantized_nodes"] = len(nodes) if nodes is not None else None
-        ctx.notes.update(counts)
+        ctx.notes.update(count_ops(quantized, "QuantizeLinear", "DequantizeLinear"))
         return quantized
