@@ -57,9 +57,12 @@ def write_config(folder: Path, image_root: Path, **overrides) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model():
+    import torch
+
     from onnxvit.config import ModelConfig
     from onnxvit.models import create_model
 
+    torch.manual_seed(0)  # the same random weights whichever test builds it first
     return create_model(ModelConfig(**TINY_MODEL))
 
 
