@@ -77,6 +77,8 @@ class Run:
 
     def _images(self, split: str) -> np.ndarray:
         files = self.dataset.splits[split]
+        if not files:
+            return np.zeros((0, *self.input_shape), np.float32)
         with self.reporter.task(f"reading {split} images", len(files)) as advance:
             return load_images(self.dataset.folder, files, self.preprocessing[0], advance)
 
@@ -88,6 +90,10 @@ class Run:
     def evaluation_images(self) -> np.ndarray:
         return self._images("evaluate")
 
+    @cached_property
+    def search_images(self) -> np.ndarray:
+        return self._images("search")
+
     @property
     def check_batches(self) -> list[np.ndarray]:
         return [self.calibration_images[: self.config.data.check_images]]
@@ -96,7 +102,7 @@ class Run:
         return cache_key(split=self.dataset.fingerprint(split), preprocessing=self.preprocessing[1])
 
     def context(self) -> PassContext:
-        return PassContext(calibration=batches(self.calibration_images, 8),
+        return PassContext(calibration=batches(self.calibration_images, 8), search=batches(self.search_images, 16),
                            threads=self.config.benchmark.threads, log=self.reporter.log)
 
     @cached_property
@@ -154,7 +160,8 @@ def compress(config_path: Path, force: bool = False, quiet: bool = False,
 
     fp32, export_record = run.export()
     models, records = run_passes(fp32, export_record, config.passes, pass_configs, run.cache, run.context,
-                                 run.fingerprint("calibrate"), run.check, reporter.log)
+                                 {split: run.fingerprint(split) for split in ("calibrate", "search")},
+                                 run.check, reporter.log)
     reported = [EXPORT_VARIANT] + [s.output for s in config.passes if s.report]
     paths = {}
     for name in reported:

@@ -114,14 +114,14 @@ def run_passes(
     pass_configs: list[Any],
     cache: Cache,
     make_context: Callable[[], Any],
-    calibration_fingerprint: str,
+    data_fingerprints: dict[str, str],
     check: Callable[[onnx.ModelProto, onnx.ModelProto], dict[str, float]],
     log: Callable[[str], None] = lambda message: None,
 ) -> tuple[dict[str, onnx.ModelProto], list[StepRecord]]:
     """Apply ``steps`` (config.StepConfig) in order, each to its input model, through the cache.
 
     ``make_context`` is called only when some step really runs (it loads calibration images);
-    ``calibration_fingerprint`` names those images in the keys of passes that read them;
+    ``data_fingerprints`` names the calibrate / search images in the keys of passes that read them;
     ``check(before, after)`` is the numeric check recorded for every step that runs.
     """
     from passes import get_pass
@@ -140,7 +140,9 @@ def run_passes(
         )
         key_parts: dict[str, Any] = {"input": records[source].sha256, "pass": step.pass_, "config": record.config}
         if pass_cls.uses_calibration:
-            key_parts["calibration"] = calibration_fingerprint
+            key_parts["calibration"] = data_fingerprints["calibrate"]
+        if pass_cls.uses_search:
+            key_parts["search"] = data_fingerprints["search"]
         record.key = cache_key(**key_parts)
 
         def produce(pass_cls=pass_cls, pass_config=pass_config, source=source, record=record) -> onnx.ModelProto:

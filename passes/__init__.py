@@ -25,6 +25,6 @@ def get_pass(name: str) -> type[Pass]:
 
 
 # Importing the modules registers their passes.
-from passes import fp16, ort_baselines, quantize_int8, simplify  # noqa: E402,F401
+from passes import fp16, fuse_vit, ort_baselines, quantize_int8, reparam_layernorm, simplify  # noqa: E402,F401
 
 __all__ = ["Pass", "PassConfig", "PassContext", "get_pass", "pass_names", "register_pass"]

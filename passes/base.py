@@ -25,10 +25,12 @@ class PassContext:
     """What a pass may use besides its input model.
 
     ``calibration`` is a list of preprocessed NCHW float32 batches from the calibration split;
+    ``search`` the same from the search split, for passes that choose by measured fidelity;
     ``notes`` collects what the pass wants in the report (what it changed, what it fell back from).
     """
 
     calibration: list[np.ndarray] = field(default_factory=list)
+    search: list[np.ndarray] = field(default_factory=list)
     input_name: str = "input"
     threads: int = 2
     log: Callable[[str], None] = lambda message: None
@@ -47,12 +49,13 @@ def count_ops(model: onnx.ModelProto, *op_types: str) -> dict[str, int]:
 
 
 class Pass:
-    """A graph pass. Subclasses set ``name``, ``Config`` and ``run``; ``uses_calibration`` adds the
-    calibration data to the pass's cache key."""
+    """A graph pass. Subclasses set ``name``, ``Config`` and ``run``; ``uses_calibration`` and
+    ``uses_search`` add those splits' images to the pass's cache key."""
 
     name: ClassVar[str]
     Config: ClassVar[type[PassConfig]] = PassConfig
     uses_calibration: ClassVar[bool] = False
+    uses_search: ClassVar[bool] = False
 
     def __init__(self, config: PassConfig | None = None) -> None:
         self.config = config if config is not None else self.Config()

@@ -16,7 +16,7 @@ from pydantic import Field
 
 from passes import register_pass
 from passes.base import Pass, PassConfig, PassContext, count_ops
-from passes.quantize_int8 import CalibrationReader, run_ort_quantizer
+from passes.ort_quant import CalibrationReader, run_ort_quantizer
 
 
 class OrtDefaultConfig(PassConfig):

@@ -7,6 +7,7 @@ from onnxvit.metrics import sqnr_db
 from onnxvit.runtime import model_logits
 from passes.base import PassContext
 from passes.fp16 import Fp16Config, Fp16Pass
+from passes.ort_quant import weighted_nodes
 from passes.quantize_int8 import QuantizeInt8Config, QuantizeInt8Pass
 from passes.simplify import SimplifyPass
 
@@ -54,7 +55,7 @@ def test_simplify_falls_back_when_onnxsim_fails_or_miscompiles(tiny_onnx, ctx, m
 
 @pytest.mark.parametrize("method", ["minmax", "entropy", "percentile"])
 def test_quantize_int8_stores_int8_weights_and_stays_close(tiny_onnx, tiny_images, ctx, method):
-    quantized = QuantizeInt8Pass(QuantizeInt8Config(calibrate_method=method)).run(tiny_onnx, ctx)
+    quantized = QuantizeInt8Pass(QuantizeInt8Config(mode="static", calibrate_method=method)).run(tiny_onnx, ctx)
     int8_weights = [t for t in quantized.graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2]
     linear_count = len(_ops(tiny_onnx, "Gemm")) + len(_ops(tiny_onnx, "MatMul"))
     assert len(int8_weights) == ctx.notes["quantized_nodes"] > 0
@@ -67,15 +68,56 @@ def test_quantize_int8_stores_int8_weights_and_stays_close(tiny_onnx, tiny_image
     assert sqnr_db(ref, test) > 15.0
 
 
-def test_quantize_int8_options_change_the_graph(tiny_onnx, ctx):
-    default = QuantizeInt8Pass().run(tiny_onnx, ctx)
+def test_quantize_int8_static_options_change_the_graph(tiny_onnx, ctx):
+    default = QuantizeInt8Pass(QuantizeInt8Config(mode="static")).run(tiny_onnx, ctx)
     per_channel_scales = [t for t in default.graph.initializer if t.name.endswith("_scale") and len(t.dims) == 1]
     assert per_channel_scales, "per_channel=True should give vector weight scales"
-    QuantizeInt8Pass(QuantizeInt8Config(quantize_outputs=True)).run(tiny_onnx, ctx)
+    QuantizeInt8Pass(QuantizeInt8Config(mode="static", quantize_outputs=True)).run(tiny_onnx, ctx)
     assert ctx.notes["QuantizeLinear"] > ctx.notes["quantized_nodes"]
-    QuantizeInt8Pass(QuantizeInt8Config(weighted_only=False)).run(tiny_onnx, ctx)
+    QuantizeInt8Pass(QuantizeInt8Config(mode="static", weighted_only=False)).run(tiny_onnx, ctx)
     assert ctx.notes["quantized_nodes"] is None
     assert ctx.notes["QuantizeLinear"] > len(_ops(default, "QuantizeLinear"))
+
+
+def _int8_weights(model: onnx.ModelProto) -> list[np.ndarray]:
+    return [numpy_helper.to_array(t) for t in model.graph.initializer
+            if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2]
+
+
+def test_quantize_int8_dynamic_quantizes_every_linear_layer(tiny_onnx, tiny_images, ctx):
+    quantized = QuantizeInt8Pass(QuantizeInt8Config(reduce_range=False)).run(tiny_onnx, ctx)
+    weights = _int8_weights(quantized)
+    # Every Gemm / MatMul with a weight, the classifier Gemm included; activation x activation MatMuls stay float.
+    linear = weighted_nodes(tiny_onnx, ["Gemm", "MatMul"])
+    assert len(weights) == ctx.notes["quantized_nodes"] == ctx.notes["DynamicQuantizeLinear"] == len(linear) > 0
+    assert not _ops(quantized, "Gemm") and max(int(np.abs(w).max()) for w in weights) == 127
+    assert sqnr_db(model_logits(tiny_onnx, [tiny_images]), model_logits(quantized, [tiny_images])) > 15.0
+    seven_bit = QuantizeInt8Pass(QuantizeInt8Config(reduce_range=True)).run(tiny_onnx, ctx)
+    assert max(int(np.abs(w).max()) for w in _int8_weights(seven_bit)) <= 64 and ctx.notes["reduce_range"] is True
+
+
+def test_accuracy_budget_keeps_the_most_harmful_layers_in_float(tiny_onnx, tiny_images):
+    ctx = PassContext(calibration=[tiny_images[:8]], search=[tiny_images[8:]])
+    loose = QuantizeInt8Pass(QuantizeInt8Config(min_sqnr_db=0.0)).run(tiny_onnx, ctx)
+    assert ctx.notes["kept_float"] == [] and ctx.notes["budget_met"] and "sensitivity" not in ctx.notes
+    all_int8 = ctx.notes["search_fidelity"]["sqnr_db"]
+    strict = QuantizeInt8Pass(QuantizeInt8Config(min_sqnr_db=all_int8 + 3, max_float_layers=9)).run(tiny_onnx, ctx)
+    notes = ctx.notes
+    assert len(notes["sensitivity"]) == 9  # every linear layer ranked, most harmful first
+    ranked = [entry["sqnr_db"] for entry in notes["sensitivity"]]
+    assert ranked == sorted(ranked)
+    kept = notes["kept_float"]
+    assert notes["budget_met"] and 1 <= len(kept) <= 9
+    assert kept == [entry["layer"] for entry in notes["sensitivity"][:len(kept)]]
+    assert notes["search_fidelity"]["sqnr_db"] >= all_int8 + 3
+    assert len(_int8_weights(strict)) == len(_int8_weights(loose)) - len(kept)
+    QuantizeInt8Pass(QuantizeInt8Config(min_sqnr_db=300.0, max_float_layers=2)).run(tiny_onnx, ctx)
+    assert not ctx.notes["budget_met"] and len(ctx.notes["kept_float"]) <= 2
+
+
+def test_accuracy_budget_without_search_images_is_a_clear_error(tiny_onnx, ctx):
+    with pytest.raises(ValueError, match="search_images"):
+        QuantizeInt8Pass(QuantizeInt8Config(min_agreement=99.0)).run(tiny_onnx, ctx)
 
 
 def test_fp16_halves_weights_keeps_blocked_ops_and_io(tiny_onnx, tiny_images, ctx):
@@ -95,7 +137,7 @@ def test_ort_baselines_quantize_as_onnxruntime_documents(tiny_onnx, tiny_images,
 
     ref = model_logits(tiny_onnx, [tiny_images])
     default = OrtDefaultPass().run(tiny_onnx, ctx)
-    ours = QuantizeInt8Pass().run(tiny_onnx, ctx)
+    ours = QuantizeInt8Pass(QuantizeInt8Config(mode="static")).run(tiny_onnx, ctx)
     # The documented default quantizes far more than the linear layers (every op it knows).
     assert len(_ops(default, "QuantizeLinear")) > 2 * len(_ops(ours, "QuantizeLinear"))
     dynamic = OrtDynamicPass().run(tiny_onnx, ctx)

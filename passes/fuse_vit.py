@@ -1,0 +1,235 @@
+"""Rewrites a timm ViT export into the ops ONNX Runtime's CPU kernels run fastest, before quantization.
+
+ONNX Runtime's own transformer optimizer finds no attention in a timm export (its patterns are
+BERT's), so this pass matches timm's shapes itself:
+
+- ``attention``: the ~15 nodes of timm attention (qkv projection, 5-D reshape, transpose, split,
+  squeezes, the scaled ``q @ k^T``, softmax, ``@ v``, transpose back) become one qkv ``MatMul`` +
+  ``Add``, a ``Split`` and ONNX Runtime's ``com.microsoft.MultiHeadAttention``. The qkv MatMul
+  stays a plain MatMul, so int8 quantization still reaches it.
+- ``matmul_3d``: ``Reshape(x, [-1, K]) -> Gemm -> Reshape(back)`` around every linear layer
+  becomes ``MatMul(x, W) + Add(b)`` on the 3-D tensor, dropping two Reshapes per layer and letting
+  the int8 kernels absorb the bias.
+
+Measured on DeiT-tiny (2 threads, this project's AVX2 CPU): attention core 3.3 ms in
+MultiHeadAttention against ~5 ms in the exported ops; FP32 1.05x, int8 (dynamic) 1.43x against
+1.34x without the rewrite. ONNX Runtime's generic fusions (Gelu, LayerNorm) still run at session
+start. The numeric check of every step compares logits before and after.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+from pydantic import Field
+
+from passes import register_pass
+from passes.base import Pass, PassConfig, PassContext
+from passes.graph import MS_DOMAIN, GraphIndex, attribute, copy_model, rebuild, tensor_shapes, use_domain
+
+
+class FuseVitConfig(PassConfig):
+    attention: bool = Field(True, description="Fuse timm attention into com.microsoft.MultiHeadAttention.")
+    matmul_3d: bool = Field(True, description="Reshape -> Gemm -> Reshape becomes MatMul + Add on the 3-D tensor.")
+
+
+@dataclass
+class Linear:
+    """A linear layer ``x @ weight + bias`` found in the graph, and the nodes that compute it."""
+
+    x: str
+    weight: np.ndarray
+    bias: np.ndarray | None
+    nodes: list[onnx.NodeProto]
+
+
+def _linear_before(index: GraphIndex, name: str) -> Linear | None:
+    """The linear layer producing ``name`` from a 3-D input: ``Reshape(x,[-1,K]) -> Gemm`` or
+    ``MatMul(x, W) [-> Add(b)]``."""
+    gemm = index.produced_by(name, "Gemm")
+    if gemm is not None:
+        if attribute(gemm, "transA", 0) or attribute(gemm, "alpha", 1.0) != 1.0 or attribute(gemm, "beta", 1.0) != 1.0:
+            return None
+        flatten = index.produced_by(gemm.input[0], "Reshape")
+        weight = index.constant(gemm.input[1])
+        bias = index.constant(gemm.input[2]) if len(gemm.input) > 2 and gemm.input[2] else None
+        if flatten is None or weight is None or weight.ndim != 2:
+            return None
+        if attribute(gemm, "transB", 0):
+            weight = weight.T
+        return Linear(flatten.input[0], weight, bias, [flatten, gemm])
+    add = index.produced_by(name, "Add")
+    matmul = index.produced_by(add.input[0], "MatMul") if add is not None else index.produced_by(name, "MatMul")
+    if matmul is None:
+        return None
+    bias = index.constant(add.input[1]) if add is not None else None
+    weight = index.constant(matmul.input[1])
+    if weight is None or weight.ndim != 2 or (add is not None and bias is None):
+        return None
+    return Linear(matmul.input[0], weight, bias, [matmul] + ([add] if add is not None else []))
+
+
+def _scaled(index: GraphIndex, name: str) -> tuple[str, float]:
+    """``(x, c)`` when ``name`` is ``Mul(x, c)`` with a scalar constant c, else ``(name, 1.0)``."""
+    mul = index.produced_by(name, "Mul")
+    if mul is not None:
+        value = index.constant(mul.input[1])
+        if value is not None and value.size == 1:
+            return mul.input[0], float(value.reshape(()))
+    return name, 1.0
+
+
+@dataclass
+class AttentionMatch:
+    qkv: Linear
+    heads: int
+    head_dim: int
+    tokens: int
+    scale: float
+    nodes: list[onnx.NodeProto]
+    output: onnx.NodeProto  # the last node of the group; its output tensor is kept
+
+
+def match_timm_attention(index: GraphIndex, softmax: onnx.NodeProto) -> AttentionMatch | None:
+    """timm's ``Attention.forward`` as exported (fused SDPA or explicit), found from its Softmax."""
+    if attribute(softmax, "axis", -1) not in (-1, 3):
+        return None
+    nodes: list[onnx.NodeProto] = [softmax]
+    scores_name, post_scale = _scaled(index, softmax.input[0])
+    if post_scale != 1.0:
+        nodes.append(index.producer[softmax.input[0]])
+    scores = index.produced_by(scores_name, "MatMul")
+    if scores is None:
+        return None
+    nodes.append(scores)
+    q_name, q_scale = _scaled(index, scores.input[0])
+    kt_name, k_scale = _scaled(index, scores.input[1])
+    nodes += [index.producer[n] for n, s in ((scores.input[0], q_scale), (scores.input[1], k_scale)) if s != 1.0]
+    k_transpose = index.produced_by(kt_name, "Transpose")
+    q_squeeze = index.produced_by(q_name, "Squeeze")
+    if k_transpose is None or attribute(k_transpose, "perm") != [0, 1, 3, 2] or q_squeeze is None:
+        return None
+    k_squeeze = index.produced_by(k_transpose.input[0], "Squeeze")
+    weighted = index.sole_consumer(softmax.output[0], "MatMul")
+    if k_squeeze is None or weighted is None or weighted.input[0] != softmax.output[0]:
+        return None
+    v_squeeze = index.produced_by(weighted.input[1], "Squeeze")
+    split = index.produced_by(q_squeeze.input[0], "Split")
+    if v_squeeze is None or split is None or attribute(split, "axis", 0) != 0 or len(split.output) != 3:
+        return None
+    if [q_squeeze.input[0], k_squeeze.input[0], v_squeeze.input[0]] != list(split.output):
+        return None
+    permute = index.produced_by(split.input[0], "Transpose")
+    if permute is None or attribute(permute, "perm") != [2, 0, 3, 1, 4]:
+        return None
+    unflatten = index.produced_by(permute.input[0], "Reshape")
+    shape = index.constant(unflatten.input[1]) if unflatten is not None else None
+    if shape is None or shape.shape != (5,) or shape[2] != 3 or min(shape[1:]) <= 0:
+        return None
+    merge = index.sole_consumer(weighted.output[0], "Transpose")
+    if merge is None or attribute(merge, "perm") != [0, 2, 1, 3]:
+        return None
+    qkv = _linear_before(index, unflatten.input[0])
+    heads, head_dim = int(shape[3]), int(shape[4])
+    if qkv is None or qkv.weight.shape[1] != 3 * heads * head_dim:
+        return None
+    nodes += [k_transpose, q_squeeze, k_squeeze, v_squeeze, weighted, split, permute, unflatten, merge]
+    nodes += qkv.nodes
+    if not index.private(nodes, keep=merge):
+        return None
+    return AttentionMatch(qkv, heads, head_dim, int(shape[1]), q_scale * k_scale * post_scale, nodes, merge)
+
+
+def fuse_attention(model: onnx.ModelProto) -> int:
+    """Replace every matched timm attention in place; returns how many."""
+    index = GraphIndex(model)
+    shapes = tensor_shapes(model)
+    matches = []
+    for node in model.graph.node:
+        if node.op_type == "Softmax":
+            found = match_timm_attention(index, node)
+            if found is not None and len(shapes.get(found.qkv.x, [])) == 3:
+                matches.append(found)
+    replacements, removed, initializers = {}, set(), []
+    for number, found in enumerate(matches):
+        prefix = f"attention_{number}"
+        hidden = found.heads * found.head_dim
+        bias = found.qkv.bias if found.qkv.bias is not None else np.zeros(3 * hidden, np.float32)
+        out = found.output.output[0]
+        initializers += [
+            numpy_helper.from_array(np.ascontiguousarray(found.qkv.weight, np.float32), f"{prefix}/qkv/weight"),
+            numpy_helper.from_array(bias.astype(np.float32).reshape(-1), f"{prefix}/qkv/bias"),
+            numpy_helper.from_array(np.array([hidden] * 3, np.int64), f"{prefix}/split"),
+        ]
+        replacements[id(found.output)] = [
+            helper.make_node("MatMul", [found.qkv.x, f"{prefix}/qkv/weight"], [f"{prefix}/qkv/matmul"],
+                             name=f"{prefix}/qkv/MatMul"),
+            helper.make_node("Add", [f"{prefix}/qkv/matmul", f"{prefix}/qkv/bias"], [f"{prefix}/qkv"],
+                             name=f"{prefix}/qkv/Add"),
+            helper.make_node("Split", [f"{prefix}/qkv", f"{prefix}/split"], [f"{prefix}/{t}" for t in "qkv"],
+                             name=f"{prefix}/Split", axis=-1),
+            helper.make_node("MultiHeadAttention", [f"{prefix}/q", f"{prefix}/k", f"{prefix}/v"], [out],
+                             name=f"{prefix}/MultiHeadAttention", domain=MS_DOMAIN,
+                             num_heads=found.heads, scale=found.scale),
+        ]
+        removed.update(id(node) for node in found.nodes)
+    if matches:
+        rebuild(model, replacements, removed, initializers)
+        use_domain(model, MS_DOMAIN)
+        for found in matches:  # so shape inference reaches the layers after the fused op
+            batch = shapes[found.qkv.x][0]
+            model.graph.value_info.append(helper.make_tensor_value_info(
+                found.output.output[0], onnx.TensorProto.FLOAT,
+                [batch if batch is not None else "batch", found.tokens, found.heads * found.head_dim]))
+    return len(matches)
+
+
+def matmul_3d(model: onnx.ModelProto) -> int:
+    """``Reshape(x, [-1, K]) -> Gemm -> Reshape(y, [-1, N, M])`` on a 3-D ``x`` becomes
+    ``MatMul(x, W) + Add(b)``; returns how many layers were rewritten."""
+    index = GraphIndex(model)
+    shapes = tensor_shapes(model)
+    replacements, removed, initializers = {}, set(), []
+    for gemm in [node for node in model.graph.node if node.op_type == "Gemm"]:
+        layer = _linear_before(index, gemm.output[0])
+        if layer is None or layer.nodes[-1] is not gemm or not index.private(layer.nodes, keep=gemm):
+            continue
+        x_shape = shapes.get(layer.x, [])
+        unflatten = index.sole_consumer(gemm.output[0], "Reshape")
+        target = index.constant(unflatten.input[1]) if unflatten is not None else None
+        if len(x_shape) != 3 or x_shape[-1] != layer.weight.shape[0] or target is None:
+            continue
+        wanted = [x_shape[1], layer.weight.shape[1]]
+        if target.shape != (3,) or target[0] not in (-1, x_shape[0]) or list(target[1:]) != wanted:
+            continue
+        prefix = gemm.name or f"linear_{len(replacements)}"
+        initializers.append(numpy_helper.from_array(np.ascontiguousarray(layer.weight, np.float32), f"{prefix}/weight"))
+        out = unflatten.output[0]
+        new = [helper.make_node("MatMul", [layer.x, f"{prefix}/weight"],
+                                [out if layer.bias is None else f"{prefix}/matmul"], name=f"{prefix}/MatMul")]
+        if layer.bias is not None:
+            initializers.append(numpy_helper.from_array(layer.bias.astype(np.float32).reshape(-1), f"{prefix}/bias"))
+            new.append(helper.make_node("Add", [f"{prefix}/matmul", f"{prefix}/bias"], [out], name=f"{prefix}/Add"))
+        replacements[id(gemm)] = new
+        removed.update({id(layer.nodes[0]), id(unflatten)})
+    if replacements:
+        rebuild(model, replacements, removed, initializers)
+    return len(replacements)
+
+
+@register_pass
+class FuseVitPass(Pass):
+    name = "fuse_vit"
+    Config = FuseVitConfig
+
+    def run(self, model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
+        model = copy_model(model)
+        if self.config.attention:
+            ctx.notes["attention_fused"] = fuse_attention(model)
+        if self.config.matmul_3d:
+            ctx.notes["linear_3d"] = matmul_3d(model)
+        onnx.checker.check_model(model)
+        return model

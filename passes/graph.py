@@ -1,0 +1,146 @@
+"""Small helpers for the passes that rewrite ONNX graphs by pattern: who produces and who consumes
+a tensor, constant values, attributes, and swapping a matched group of nodes for new ones."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+MS_DOMAIN = "com.microsoft"
+
+
+def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    return onnx.ModelProto.FromString(model.SerializeToString())
+
+
+def attribute(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
+    for attr in node.attribute:
+        if attr.name == name:
+            return helper.get_attribute_value(attr)
+    return default
+
+
+class GraphIndex:
+    """Producers, consumers and constants of one graph, as they were when the index was built."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.model = model
+        graph = model.graph
+        self.producer = {out: node for node in graph.node for out in node.output}
+        self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        for node in graph.node:
+            for name in node.input:
+                self.consumers.setdefault(name, []).append(node)
+        self.initializers = {init.name: init for init in graph.initializer}
+        self.graph_outputs = {out.name for out in graph.output}
+
+    def produced_by(self, name: str, op_type: str) -> onnx.NodeProto | None:
+        node = self.producer.get(name)
+        return node if node is not None and node.op_type == op_type else None
+
+    def sole_consumer(self, name: str, op_type: str) -> onnx.NodeProto | None:
+        nodes = self.consumers.get(name, [])
+        if len(nodes) == 1 and nodes[0].op_type == op_type and name not in self.graph_outputs:
+            return nodes[0]
+        return None
+
+    def constant(self, name: str) -> np.ndarray | None:
+        """The value of an initializer or a Constant node's output; None for computed tensors."""
+        if name in self.initializers:
+            return numpy_helper.to_array(self.initializers[name])
+        node = self.producer.get(name)
+        if node is not None and node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            return numpy_helper.to_array(node.attribute[0].t)
+        return None
+
+    def is_constant(self, name: str) -> bool:
+        return self.constant(name) is not None
+
+    def private(self, nodes: list[onnx.NodeProto], keep: onnx.NodeProto) -> bool:
+        """Whether every output of ``nodes`` except ``keep``'s is used only inside ``nodes``, so the
+        group can be replaced as a whole."""
+        inside = {id(node) for node in nodes}
+        for node in nodes:
+            if node is keep:
+                continue
+            for out in node.output:
+                if out in self.graph_outputs or any(id(c) not in inside for c in self.consumers.get(out, [])):
+                    return False
+        return True
+
+
+def rebuild(model: onnx.ModelProto, replacements: dict[int, list[onnx.NodeProto]], removed: set[int],
+            initializers: list[onnx.TensorProto]) -> None:
+    """Put each replacement list where the node with that ``id`` was, drop ``removed`` nodes, add
+    ``initializers``, then drop constants nothing reads and shape annotations of tensors that
+    no longer exist or changed meaning (ONNX Runtime trusts stale ones)."""
+    graph = model.graph
+    nodes: list[onnx.NodeProto] = []
+    for node in graph.node:
+        if id(node) in replacements:
+            nodes.extend(replacements[id(node)])
+        elif id(node) not in removed:
+            nodes.append(node)
+    used = {name for node in nodes for name in node.input} | {out.name for out in graph.output}
+    nodes = [node for node in nodes if node.op_type != "Constant" or node.output[0] in used]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(initializers)
+    kept = [init for init in graph.initializer if init.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    rewritten = {out for new in replacements.values() for node in new for out in node.output}
+    produced = {out for node in graph.node for out in node.output}
+    annotations = [vi for vi in graph.value_info if vi.name in produced and vi.name not in rewritten]
+    del graph.value_info[:]
+    graph.value_info.extend(annotations)
+
+
+def use_domain(model: onnx.ModelProto, domain: str, version: int = 1) -> None:
+    if not any(opset.domain == domain for opset in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(domain, version))
+
+
+def tensor_shapes(model: onnx.ModelProto) -> dict[str, list[int | None]]:
+    """Static shapes ONNX shape inference finds (None for symbolic dimensions)."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    graph = inferred.graph
+    shapes = {}
+    for info in list(graph.value_info) + list(graph.input) + list(graph.output):
+        if info.type.tensor_type.HasField("shape"):
+            shapes[info.name] = [d.dim_value if d.HasField("dim_value") else None
+                                 for d in info.type.tensor_type.shape.dim]
+    return shapes
+
+
+def gemms_as_matmul(model: onnx.ModelProto) -> int:
+    """Every plain ``Gemm(x, W, b)`` with constant W becomes ``MatMul`` (keeping the Gemm's name) +
+    ``Add``: the form ONNX Runtime's int8 MatMul kernels fuse, and names that quantizer node lists
+    can still find (ONNX Runtime's dynamic quantizer renames Gemms it converts itself)."""
+    index = GraphIndex(model)
+    replacements, initializers = {}, []
+    for gemm in model.graph.node:
+        if gemm.op_type != "Gemm" or attribute(gemm, "transA", 0) or attribute(gemm, "alpha", 1.0) != 1.0 \
+                or attribute(gemm, "beta", 1.0) != 1.0:
+            continue
+        weight = index.constant(gemm.input[1])
+        bias = index.constant(gemm.input[2]) if len(gemm.input) > 2 and gemm.input[2] else None
+        if weight is None or (len(gemm.input) > 2 and gemm.input[2] and (bias is None or bias.ndim > 1)):
+            continue
+        name = gemm.name
+        if attribute(gemm, "transB", 0):
+            weight = weight.T
+        initializers.append(numpy_helper.from_array(np.ascontiguousarray(weight), f"{name}/weight"))
+        new = [helper.make_node("MatMul", [gemm.input[0], f"{name}/weight"],
+                                [gemm.output[0] if bias is None else f"{name}/matmul"], name=name)]
+        if bias is not None:
+            initializers.append(numpy_helper.from_array(bias.reshape(-1), f"{name}/bias"))
+            new.append(helper.make_node("Add", [f"{name}/matmul", f"{name}/bias"], [gemm.output[0]],
+                                        name=f"{name}/Add"))
+        replacements[id(gemm)] = new
+    if replacements:
+        rebuild(model, replacements, set(), initializers)
+    return len(replacements)

@@ -1,0 +1,68 @@
+"""What the passes built on ``onnxruntime.quantization`` share: our calibration images as its data
+reader, its file-to-file quantizers run quietly on a ModelProto, and how to name the layers it
+may quantize."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import onnx
+
+
+class CalibrationReader:
+    """ONNX Runtime's CalibrationDataReader protocol over our calibration images."""
+
+    def __init__(self, samples: Iterator[dict[str, np.ndarray]]) -> None:
+        self._samples = samples
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._samples, None)
+
+
+def ensure_node_names(model: onnx.ModelProto) -> None:
+    """Node lists (exclusions, sensitivity) need every node named."""
+    for index, node in enumerate(model.graph.node):
+        if not node.name:
+            node.name = f"{node.op_type}_{index}"
+
+
+def weighted_nodes(model: onnx.ModelProto, op_types: list[str]) -> list[str]:
+    """Names of the nodes of ``op_types`` that have an initializer input (a weight)."""
+    initializers = {init.name for init in model.graph.initializer}
+    constants = {out for node in model.graph.node if node.op_type == "Constant" for out in node.output}
+    weights = initializers | constants
+    return [
+        node.name
+        for node in model.graph.node
+        if node.op_type in op_types and any(name in weights for name in node.input)
+    ]
+
+
+@contextlib.contextmanager
+def quiet_onnxruntime_quantizer() -> Iterator[None]:
+    """The quantizer prints calibration chatter and a pre-processing hint to stdout / the root logger;
+    onnxvit's progress and report say what happened instead."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        root.setLevel(level)
+
+
+def run_ort_quantizer(model: onnx.ModelProto, quantize: Callable[[Path, Path], None]) -> onnx.ModelProto:
+    """Run one of ONNX Runtime's file-to-file quantizers, ``quantize(input_path, output_path)``, on
+    ``model`` in a temporary folder, quietly, and return its output."""
+    with tempfile.TemporaryDirectory(prefix="onnxvit-q-") as tmp, quiet_onnxruntime_quantizer():
+        source, output = Path(tmp) / "input.onnx", Path(tmp) / "quantized.onnx"
+        onnx.save(model, source)
+        quantize(source, output)
+        return onnx.load(output)
