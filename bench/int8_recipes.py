@@ -1,0 +1,108 @@
+"""onnxvit's int8 against ONNX Runtime's own recipes, in one table (issue 4).
+
+Runs `onnxvit compress` with the recipe of examples/deit_tiny.yaml (fuse_vit -> reparam_layernorm ->
+quantize_int8 with an accuracy budget; ort-default; ort-dynamic) on:
+- the real DeiT-tiny, evaluated on the whole evaluation split (accuracy and fidelity);
+- random-init deit_small_patch16_224 and vit_small_patch16_224, for speed (and fidelity to their own
+  FP32 outputs on a few images; random weights have no accuracy to report).
+Each model's variants are timed together, interleaved, in one run: compare ratios, not milliseconds
+across models. Prints the table; with --json PATH writes it with the `headline` object of issue 4.
+
+    python bench/int8_recipes.py [--output DIR] [--json PATH] [--models deit_tiny,deit_small,vit_small]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from onnxvit.compress import compress  # noqa: E402
+from onnxvit.fileio import atomic_write_json  # noqa: E402
+from onnxvit.report import markdown_table, variant_table  # noqa: E402
+
+EXAMPLE = REPO / "examples" / "deit_tiny.yaml"
+VARIANTS = ["fp32", "ort-default", "ort-dynamic", "int8"]
+SPEED_ONLY = {"deit_small": "deit_small_patch16_224", "vit_small": "vit_small_patch16_224"}
+
+
+def config_for(key: str, output: Path) -> dict[str, Any]:
+    """The example's recipe, for the real DeiT-tiny or a random-init model; paths made absolute."""
+    doc = yaml.safe_load(EXAMPLE.read_text())
+    for section, field in (("model", "checkpoint"), ("data", "root"), ("data", "manifest")):
+        doc[section][field] = str((EXAMPLE.parent / doc[section][field]).resolve())
+    doc["passes"] = [step for step in doc["passes"] if step.get("name", step["pass"]) != "fp16"]
+    doc["benchmark"]["torch"] = False
+    if key != "deit_tiny":
+        doc["model"] = {"name": SPEED_ONLY[key], "random_init": True}
+        doc["data"]["max_eval_images"] = 64
+    doc["output"] = {"dir": str(output / key)}
+    return doc
+
+
+def run_model(key: str, output: Path) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"{key}.yaml"
+        path.write_text(yaml.safe_dump(config_for(key, output)))
+        report = compress(path)
+    rows = [row for row in variant_table(report) if row["name"] in VARIANTS]
+    random_init = report["weights"] == "random_init"
+    for row in rows:
+        row["model"] = key
+        if random_init:  # no accuracy for random weights: fidelity to their own FP32 only
+            row["top1"] = row["top5"] = row["top1_delta_vs_fp32"] = None
+    int8_step = next(step for step in report["steps"] if step["name"] == "int8")
+    return {"rows": rows, "int8_notes": int8_step["notes"], "machine": report["machine"],
+            "evaluate_images": report["data"]["evaluate_images"]}
+
+
+def headline(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    tiny = {row["name"]: row for row in results["deit_tiny"]["rows"]}
+    head: dict[str, Any] = {"evaluate_images": results["deit_tiny"]["evaluate_images"]}
+    for name, key in (("int8", "int8"), ("ort-default", "ort_default")):
+        head[f"{key}_top1_drop"] = round(-tiny[name]["top1_delta_vs_fp32"], 3)
+    for name, key in (("int8", "int8"), ("ort-default", "ort_default"), ("ort-dynamic", "ort_dynamic")):
+        head[f"{key}_agree_top1"] = round(tiny[name]["agree_top1"], 3)
+        head[f"{key}_sqnr_db"] = round(tiny[name]["sqnr_db"], 2)
+        head[f"{key}_speedup_vs_fp32"] = round(tiny[name]["speedup_vs_fp32"], 3)
+    if "deit_small" in results:
+        small = {row["name"]: row for row in results["deit_small"]["rows"]}
+        head["deit_small_int8_speedup_vs_fp32"] = round(small["int8"]["speedup_vs_fp32"], 3)
+        head["deit_small_ort_dynamic_speedup_vs_fp32"] = round(small["ort-dynamic"]["speedup_vs_fp32"], 3)
+    if "vit_small" in results:
+        vit = {row["name"]: row for row in results["vit_small"]["rows"]}
+        head["vit_small_int8_speedup_vs_fp32"] = round(vit["int8"]["speedup_vs_fp32"], 3)
+    head["int8_kept_float_layers"] = len(results["deit_tiny"]["int8_notes"].get("kept_float", []))
+    return head
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", type=Path, default=REPO / "out" / "bench-int8")
+    parser.add_argument("--json", type=Path, help="write the table and headline here")
+    parser.add_argument("--models", default="deit_tiny,deit_small,vit_small",
+                        help="comma-separated: deit_tiny (real weights; always run), deit_small, vit_small")
+    args = parser.parse_args()
+    keys = ["deit_tiny"] + [k for k in args.models.split(",") if k in SPEED_ONLY]
+    results = {key: run_model(key, args.output.resolve()) for key in keys}
+    rows = [row for key in keys for row in results[key]["rows"]]
+    for key in keys:
+        print(f"\n{key}")
+        print(markdown_table([row for row in rows if row["model"] == key]))
+    head = headline(results)
+    print(json.dumps(head, indent=2))
+    if args.json:
+        atomic_write_json(args.json, {"table": rows, "headline": head, "machine": results["deit_tiny"]["machine"],
+                                      "int8_notes": {key: results[key]["int8_notes"] for key in keys}})
+
+
+if __name__ == "__main__":
+    main()
