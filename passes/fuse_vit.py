@@ -72,14 +72,14 @@ def _linear_before(index: GraphIndex, name: str) -> Linear | None:
     return Linear(matmul.input[0], weight, bias, [matmul] + ([add] if add is not None else []))
 
 
-def _scaled(index: GraphIndex, name: str) -> tuple[str, float]:
-    """``(x, c)`` when ``name`` is ``Mul(x, c)`` with a scalar constant c, else ``(name, 1.0)``."""
+def _scaled(index: GraphIndex, name: str) -> tuple[str, float, list[onnx.NodeProto]]:
+    """``(x, c, [mul])`` when ``name`` is ``Mul(x, c)`` with a scalar constant c, else ``(name, 1.0, [])``."""
     mul = index.produced_by(name, "Mul")
     if mul is not None:
         value = index.constant(mul.input[1])
         if value is not None and value.size == 1:
-            return mul.input[0], float(value.reshape(()))
-    return name, 1.0
+            return mul.input[0], float(value.reshape(())), [mul]
+    return name, 1.0, []
 
 
 @dataclass
@@ -97,17 +97,13 @@ def match_timm_attention(index: GraphIndex, softmax: onnx.NodeProto) -> Attentio
     """timm's ``Attention.forward`` as exported (fused SDPA or explicit), found from its Softmax."""
     if attribute(softmax, "axis", -1) not in (-1, 3):
         return None
-    nodes: list[onnx.NodeProto] = [softmax]
-    scores_name, post_scale = _scaled(index, softmax.input[0])
-    if post_scale != 1.0:
-        nodes.append(index.producer[softmax.input[0]])
+    scores_name, post_scale, nodes = _scaled(index, softmax.input[0])
     scores = index.produced_by(scores_name, "MatMul")
     if scores is None:
         return None
-    nodes.append(scores)
-    q_name, q_scale = _scaled(index, scores.input[0])
-    kt_name, k_scale = _scaled(index, scores.input[1])
-    nodes += [index.producer[n] for n, s in ((scores.input[0], q_scale), (scores.input[1], k_scale)) if s != 1.0]
+    q_name, q_scale, q_mul = _scaled(index, scores.input[0])
+    kt_name, k_scale, k_mul = _scaled(index, scores.input[1])
+    nodes = [softmax, *nodes, scores, *q_mul, *k_mul]
     k_transpose = index.produced_by(kt_name, "Transpose")
     q_squeeze = index.produced_by(q_name, "Squeeze")
     if k_transpose is None or attribute(k_transpose, "perm") != [0, 1, 3, 2] or q_squeeze is None:

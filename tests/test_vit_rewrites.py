@@ -15,7 +15,7 @@ def _count(model: onnx.ModelProto, op: str) -> int:
     return sum(node.op_type == op for node in model.graph.node)
 
 
-def _export(name: str, images: np.ndarray, **kwargs) -> onnx.ModelProto:
+def _export(name: str, images: np.ndarray, fused_attn: bool = True, **kwargs) -> onnx.ModelProto:
     import torch
 
     from onnxvit.config import ExportConfig, ModelConfig
@@ -29,6 +29,8 @@ def _export(name: str, images: np.ndarray, **kwargs) -> onnx.ModelProto:
         for name, parameter in model.named_parameters():
             if name.endswith("bias"):
                 parameter.normal_(0, 0.02)
+    for block in model.blocks:
+        block.attn.fused_attn = fused_attn  # False: timm's explicit q * scale @ k^T instead of SDPA
     exported = export_onnx(model, images, ExportConfig())
     return SimplifyPass().run(exported, PassContext(calibration=[images[:4]]))
 
@@ -74,6 +76,15 @@ def test_fuse_vit_on_another_width_and_head_count(tiny_images):
     heads = [a.i for n in model.graph.node if n.op_type == "MultiHeadAttention" for a in n.attribute if a.name == "num_heads"]
     assert heads == [6]
     np.testing.assert_allclose(model_logits(model, [tiny_images]), model_logits(wide, [tiny_images]), atol=1e-4, rtol=1e-4)
+
+
+def test_fuse_vit_matches_timm_explicit_attention_too(tiny_images):
+    explicit = _export("deit_tiny_patch16_224", tiny_images, fused_attn=False, depth=1)
+    ctx = PassContext()
+    model = FuseVitPass().run(explicit, ctx)
+    assert ctx.notes["attention_fused"] == 1 and _count(model, "Softmax") == 0
+    np.testing.assert_allclose(model_logits(model, [tiny_images]), model_logits(explicit, [tiny_images]),
+                               atol=1e-4, rtol=1e-4)
 
 
 def test_fuse_vit_leaves_attention_it_does_not_recognise(tiny_images):
