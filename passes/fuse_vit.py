@@ -20,6 +20,7 @@ start. The numeric check of every step compares logits before and after.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import onnx
@@ -34,6 +35,8 @@ from passes.graph import MS_DOMAIN, GraphIndex, attribute, copy_model, rebuild, 
 class FuseVitConfig(PassConfig):
     attention: bool = Field(True, description="Fuse timm attention into com.microsoft.MultiHeadAttention.")
     matmul_3d: bool = Field(True, description="Reshape -> Gemm -> Reshape becomes MatMul + Add on the 3-D tensor.")
+    gelu: Literal["exact", "tanh"] = Field(
+        "exact", description="tanh: the erf GELU becomes com.microsoft.FastGelu (tanh approximation; faster, not exact).")
 
 
 @dataclass
@@ -216,6 +219,37 @@ def matmul_3d(model: onnx.ModelProto) -> int:
     return len(replacements)
 
 
+def _near(value: np.ndarray | None, target: float) -> bool:
+    return value is not None and value.size == 1 and abs(float(value.reshape(())) - target) < 1e-3 * abs(target)
+
+
+def tanh_gelu(model: onnx.ModelProto) -> int:
+    """``x * 0.5 * (1 + erf(x / sqrt 2))`` as torch exports it becomes ``FastGelu(x)``; returns how many."""
+    index = GraphIndex(model)
+    replacements, removed = {}, set()
+    for erf in [node for node in model.graph.node if node.op_type == "Erf"]:
+        div = index.produced_by(erf.input[0], "Div")
+        add = index.sole_consumer(erf.output[0], "Add")
+        mul = index.sole_consumer(add.output[0], "Mul") if add is not None else None
+        half = index.sole_consumer(mul.output[0], "Mul") if mul is not None else None
+        if div is None or half is None or not _near(index.constant(div.input[1]), 2 ** 0.5):
+            continue
+        x = div.input[0]
+        if not (_near(index.constant(add.input[1]), 1.0) and set(mul.input) == {x, add.output[0]}
+                and _near(index.constant(half.input[1]), 0.5)):
+            continue
+        group = [div, erf, add, mul, half]
+        if not index.private(group, keep=half):
+            continue
+        replacements[id(half)] = [helper.make_node("FastGelu", [x], [half.output[0]], name=f"{erf.name}/FastGelu",
+                                                   domain=MS_DOMAIN)]
+        removed.update(id(node) for node in group[:-1])
+    if replacements:
+        rebuild(model, replacements, removed, [])
+        use_domain(model, MS_DOMAIN)
+    return len(replacements)
+
+
 @register_pass
 class FuseVitPass(Pass):
     name = "fuse_vit"
@@ -227,5 +261,7 @@ class FuseVitPass(Pass):
             ctx.notes["attention_fused"] = fuse_attention(model)
         if self.config.matmul_3d:
             ctx.notes["linear_3d"] = matmul_3d(model)
+        if self.config.gelu == "tanh":
+            ctx.notes["gelu_tanh"] = tanh_gelu(model)
         onnx.checker.check_model(model)
         return model

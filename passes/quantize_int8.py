@@ -128,7 +128,9 @@ class QuantizeInt8Pass(Pass):
             return run_ort_quantizer(model, lambda source, output: quantize_dynamic(
                 source, output, per_channel=cfg.per_channel, reduce_range=reduce_range,
                 weight_type=types[cfg.weight_type], op_types_to_quantize=cfg.op_types,
-                nodes_to_quantize=nodes, nodes_to_exclude=cfg.exclude_nodes or None))
+                nodes_to_quantize=nodes, nodes_to_exclude=cfg.exclude_nodes or None,
+                # ONNX shape inference cannot type outputs of com.microsoft ops (fuse_vit's); they are float
+                extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT}))
         samples = ctx.calibration_samples()
         if cfg.calibration_images:
             samples = (sample for _, sample in zip(range(cfg.calibration_images), samples))

@@ -68,6 +68,15 @@ def test_fuse_vit_options_switch_each_rewrite(exported):
     assert ctx.notes == {"attention_fused": 2} and _count(model, "Gemm") == 7
 
 
+def test_fuse_vit_tanh_gelu_is_opt_in_and_close(exported, tiny_images):
+    ctx = PassContext()
+    model = FuseVitPass(FuseVitConfig(gelu="tanh")).run(exported, ctx)
+    assert ctx.notes["gelu_tanh"] == 2 and _count(model, "FastGelu") == 2 and _count(model, "Erf") == 0
+    reference = model_logits(exported, [tiny_images])
+    approximate = model_logits(model, [tiny_images])
+    assert 0 < np.abs(approximate - reference).max() < 1e-2  # an approximation: close, not exact
+
+
 def test_fuse_vit_on_another_width_and_head_count(tiny_images):
     wide = _export("vit_small_patch16_224", tiny_images, depth=1)  # 6 heads of 64, not DeiT-tiny's 3
     ctx = PassContext()
