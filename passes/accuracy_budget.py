@@ -13,6 +13,7 @@ from typing import Any, Callable
 import numpy as np
 import onnx
 
+from onnxvit.evaluate import SQNR_CEILING_DB
 from onnxvit.metrics import sqnr_db, top1_agreement
 from onnxvit.runtime import model_logits
 
@@ -51,7 +52,8 @@ class FidelityProbe:
 
     def __call__(self, model: onnx.ModelProto) -> Fidelity:
         logits = model_logits(model, self.batches, self.threads)
-        return Fidelity(min(float(sqnr_db(self.reference, logits)), 200.0), top1_agreement(logits, self.reference))
+        return Fidelity(min(float(sqnr_db(self.reference, logits)), SQNR_CEILING_DB),
+                        top1_agreement(logits, self.reference))
 
 
 def fit_budget(layers: list[str], quantize: Quantize, probe: FidelityProbe, budget: Budget, max_float: int,

@@ -36,6 +36,10 @@ class PassContext:
     log: Callable[[str], None] = lambda message: None
     notes: dict[str, Any] = field(default_factory=dict)
 
+    def require_calibration(self, who: str) -> None:
+        if not self.calibration:
+            raise ValueError(f"{who} needs calibration images")
+
     def calibration_samples(self) -> Iterator[dict[str, np.ndarray]]:
         """Calibration data one image at a time, as ONNX Runtime feeds."""
         for batch in self.calibration:

@@ -89,14 +89,21 @@ def rebuild(model: onnx.ModelProto, replacements: dict[int, list[onnx.NodeProto]
     del graph.node[:]
     graph.node.extend(nodes)
     graph.initializer.extend(initializers)
-    kept = [init for init in graph.initializer if init.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
+    prune_initializers(model)
     rewritten = {out for new in replacements.values() for node in new for out in node.output}
     produced = {out for node in graph.node for out in node.output}
     annotations = [vi for vi in graph.value_info if vi.name in produced and vi.name not in rewritten]
     del graph.value_info[:]
     graph.value_info.extend(annotations)
+
+
+def prune_initializers(model: onnx.ModelProto) -> None:
+    """Drop initializers that no node and no graph output reads (rewrites leave the old ones behind)."""
+    graph = model.graph
+    used = {name for node in graph.node for name in node.input} | {out.name for out in graph.output}
+    kept = [init for init in graph.initializer if init.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
 
 
 def use_domain(model: onnx.ModelProto, domain: str, version: int = 1) -> None:

@@ -33,8 +33,7 @@ class OrtDefaultPass(Pass):
         from onnxruntime.quantization import quantize_static
         from onnxruntime.quantization.shape_inference import quant_pre_process
 
-        if not ctx.calibration:
-            raise ValueError("ort_default needs calibration images")
+        ctx.require_calibration("ort_default")
 
         def quantize(source: Path, output: Path) -> None:
             if self.config.preprocess:

@@ -84,8 +84,8 @@ class QuantizeInt8Pass(Pass):
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
         cfg = self.config
         budget = Budget(cfg.min_sqnr_db, cfg.min_agreement)
-        if cfg.mode == "static" and not ctx.calibration:
-            raise ValueError("quantize_int8 (static) needs calibration images")
+        if cfg.mode == "static":
+            ctx.require_calibration("quantize_int8 (static)")
         if budget.active and not ctx.search:
             raise ValueError("quantize_int8: an accuracy budget needs search images; set data.search_images > 0")
         prepared = copy_model(model)

@@ -22,7 +22,7 @@ from pydantic import Field
 from onnxvit.runtime import make_session
 from passes import register_pass
 from passes.base import Pass, PassConfig, PassContext
-from passes.graph import GraphIndex, attribute, copy_model
+from passes.graph import GraphIndex, attribute, copy_model, prune_initializers
 
 
 class ReparamLayerNormConfig(PassConfig):
@@ -107,8 +107,7 @@ class ReparamLayerNormPass(Pass):
         from onnxvit.metrics import max_abs_diff
         from onnxvit.runtime import model_logits
 
-        if not ctx.calibration:
-            raise ValueError("reparam_layernorm needs calibration images")
+        ctx.require_calibration("reparam_layernorm")
         cfg = self.config
         result = copy_model(model)
         sites = find_sites(result)
@@ -137,14 +136,12 @@ class ReparamLayerNormPass(Pass):
                     result.graph.node.insert(position, helper.make_node(
                         "Add", [matmul.output[0], add_name], [out], name=f"{prefix}/Add{k}"))
             spreads.append(float((high - low).max() / max(float(np.median(high - low)), 1e-9)))
-        used = {name for node in result.graph.node for name in node.input}
-        kept = [init for init in result.graph.initializer if init.name in used]
-        del result.graph.initializer[:]
-        result.graph.initializer.extend(kept)
+        prune_initializers(result)
         before, after = (model_logits(m, ctx.calibration[:1], ctx.threads) for m in (model, result))
         tolerance = cfg.atol * float(np.ptp(before))
-        if not max_abs_diff(before, after) <= tolerance:
-            raise ValueError(f"reparam_layernorm changed FP32 logits by {max_abs_diff(before, after):.3g} "
+        change = max_abs_diff(before, after)
+        if not change <= tolerance:
+            raise ValueError(f"reparam_layernorm changed FP32 logits by {change:.3g} "
                              f"(> {tolerance:.3g}); the rewrite is wrong for this graph")
         ctx.notes["layernorms"] = len(sites)
         ctx.notes["max_channel_range_ratio"] = round(max(spreads), 1) if spreads else None
