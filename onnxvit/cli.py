@@ -29,6 +29,12 @@ data:
   # max_eval_images: 200        # evaluate on a subset, for a quick look
   batch_size: 32
 
+# prune:                        # structured pruning in PyTorch before export (torch-pruning)
+#   method: taylor              # l1 | l2 | taylor | hessian | random
+#   ratio: 0.1                  # of the parameters (target: macs for MACs), spread over ratio_kinds
+#   ratio_kinds: [mlp, head_dims]   # or explicit fractions instead of ratio: mlp, heads, head_dims
+#   round_to: 8                 # channel counts stay multiples of 8
+
 export:
   opset: 17
   simplify: true                # onnxsim, kept only if its logits match

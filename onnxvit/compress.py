@@ -17,7 +17,7 @@ import onnx
 
 from onnxvit import __version__
 from onnxvit.benchmark import measure_latency, onnx_runner, torch_runner
-from onnxvit.config import EXPORT_VARIANT, TORCH_VARIANT, Config, load_config
+from onnxvit.config import DENSE_VARIANT, EXPORT_VARIANT, TORCH_VARIANT, Config, load_config
 from onnxvit.data import Dataset, batches, load_dataset, load_images, timm_transform
 from onnxvit.engine import Cache, StepRecord, cache_key, model_sha256, run_passes
 from onnxvit.errors import UserError
@@ -59,8 +59,64 @@ class Run:
     records: list[StepRecord] = field(default_factory=list)
 
     @cached_property
-    def model(self):
+    def dense_model(self):
         return create_model(self.config.model)
+
+    @property
+    def pruning(self) -> bool:
+        return self.config.prune is not None
+
+    @cached_property
+    def model(self):
+        """The model that is exported: the dense one, or its pruned copy (cached as a rebuildable .pt)."""
+        return self.pruned[0] if self.pruning else self.dense_model
+
+    @cached_property
+    def prune_key(self) -> str:
+        import torch_pruning
+
+        return cache_key(weights=self.weights_id, prune=self.config.prune.model_dump(mode="json"),
+                         calibration=self.fingerprint("calibrate"), torch_pruning=torch_pruning.__version__)
+
+    @cached_property
+    def pruned(self) -> tuple[Any, dict[str, Any], Path]:
+        from onnxvit.prune import load_pruned, prune_model, serialize_pruned
+
+        cfg, m = self.config.prune, self.config.model
+        fresh: list[Any] = []
+
+        def produce() -> bytes:
+            labels = self.gradient_labels()
+            images = self.calibration_images
+            used = min(len(images), cfg.batches * cfg.batch_size) if cfg.method in ("taylor", "hessian") else 0
+            with self.reporter.task(f"pruning ({cfg.method} importance)", used) as advance:
+                pruned, summary = prune_model(self.dense_model, cfg, images, labels, m.name, advance, self.reporter.log)
+            fresh.append(pruned)
+            return serialize_pruned(self.dense_model, pruned, m.name, self.model_kwargs, summary)
+
+        path = self.cache.blob("pruned", self.prune_key, ".pt", produce)
+        model, summary = load_pruned(path)
+        self.reporter.log(f"prune: {cfg.method}, removed {summary['removed']['params']:.1%} of parameters, "
+                          f"{summary['removed']['macs']:.1%} of MACs{'' if fresh else ' (cached)'}")
+        return model, summary, path
+
+    @property
+    def model_kwargs(self) -> dict[str, Any]:
+        m = self.config.model
+        return {**m.kwargs, **({"num_classes": m.num_classes} if m.num_classes is not None else {})}
+
+    def gradient_labels(self) -> np.ndarray | None:
+        """Calibration labels for Taylor / Hessian, or None to use the dense model's predictions."""
+        cfg = self.config.prune
+        labels = self.dataset.labels("calibrate")
+        classes = getattr(self.dense_model, "num_classes", 0)
+        fits = len(labels) > 0 and int(np.max(labels)) < classes
+        if cfg.loss == "labels" and not fits:
+            raise UserError(f"prune.loss: the folder's labels go up to {int(np.max(labels))} but the model has "
+                            f"{classes} classes; use loss: predictions")
+        if cfg.loss == "predictions" or (cfg.loss == "auto" and (self.config.model.random_init or not fits)):
+            return None
+        return labels
 
     @cached_property
     def dataset(self) -> Dataset:
@@ -69,7 +125,7 @@ class Run:
 
     @cached_property
     def preprocessing(self) -> tuple[Any, dict[str, Any]]:
-        return timm_transform(self.model)
+        return timm_transform(self.dense_model)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -116,18 +172,27 @@ class Run:
         return compare_logits(model_logits(before, self.check_batches, threads),
                               model_logits(after, self.check_batches, threads))
 
-    def export(self) -> tuple[onnx.ModelProto, StepRecord]:
+    @property
+    def model_id(self) -> str:
+        """What the exported model's weights came from: the checkpoint, and the pruning when there is one."""
+        return self.prune_key if self.pruning else self.weights_id
+
+    def export(self, dense: bool = False) -> tuple[onnx.ModelProto, StepRecord]:
+        """The export of the model (or of the dense model, for the pruned run's baseline), simplified."""
         import torch
 
         cfg = self.config.export
-        record = StepRecord(name=EXPORT_VARIANT, kind="export", input=None, config=cfg.model_dump(mode="json"),
-                            key=cache_key(weights=self.weights_id, export=cfg.model_dump(mode="json"),
+        model = self.dense_model if dense else self.model
+        name = DENSE_VARIANT if dense else EXPORT_VARIANT
+        record = StepRecord(name=name, kind="export", input=None, config=cfg.model_dump(mode="json"),
+                            key=cache_key(weights=self.weights_id if dense else self.model_id,
+                                          export=cfg.model_dump(mode="json"),
                                           torch=torch.__version__, calibration=self.fingerprint("calibrate")))
 
         def produce() -> onnx.ModelProto:
-            proto = export_onnx(self.model, self.calibration_images, cfg)
+            proto = export_onnx(model, self.calibration_images, cfg)
             threads = self.config.benchmark.threads
-            record.check = {"max_abs_vs_torch": check_export(self.model, proto, self.check_batches, cfg.atol, threads)}
+            record.check = {"max_abs_vs_torch": check_export(model, proto, self.check_batches, cfg.atol, threads)}
             if cfg.simplify:
                 ctx = self.context()
                 proto = SimplifyPass(SimplifyConfig(atol=cfg.atol)).run(proto, ctx)
@@ -135,14 +200,14 @@ class Run:
             return proto
 
         model = self.cache.step(record, produce)
-        self.reporter.log(f"fp32: export{' (cached)' if record.cached else f' in {record.seconds:.1f} s'}")
+        self.reporter.log(f"{name}: export{' (cached)' if record.cached else f' in {record.seconds:.1f} s'}")
         return model, record
 
 
 def _variant(name: str, runtime: str, path: Path | None, size: int, latency: dict[str, float],
-             scores: dict[str, float]) -> dict[str, Any]:
+             scores: dict[str, float], counts: dict[str, int]) -> dict[str, Any]:
     return {"name": name, "runtime": runtime, "path": path.name if path else None, "size_bytes": size,
-            "latency_ms": latency, **scores}
+            "latency_ms": latency, **counts, **scores}
 
 
 def compress(config_path: Path, force: bool = False, quiet: bool = False,
@@ -155,14 +220,26 @@ def compress(config_path: Path, force: bool = False, quiet: bool = False,
     folder = config.output.dir
     started = time.perf_counter()
     run = Run(config, pass_configs, reporter, Cache(folder / CACHE_DIR, force), config.sha256())
-    run.dataset, run.model  # a bad image folder, manifest or checkpoint fails before anything is written
+    run.dataset, run.dense_model  # a bad image folder, manifest or checkpoint fails before anything is written
+    if run.pruning:
+        from onnxvit.prune import check_prune_config
+
+        check_prune_config(run.dense_model, config.prune, config.model.name)
     prepare_output(folder)
 
+    dense_records = []
+    models = {}
+    if run.pruning:
+        models[DENSE_VARIANT], dense_record = run.export(dense=True)
+        dense_records.append(dense_record)
+        atomic_write_bytes(folder / "model.pruned.pt", run.pruned[2].read_bytes())
     fp32, export_record = run.export()
-    models, records = run_passes(fp32, export_record, config.passes, pass_configs, run.cache, run.context,
-                                 {split: run.fingerprint(split) for split in ("calibrate", "search")},
-                                 run.check, reporter.log)
-    reported = [EXPORT_VARIANT] + [s.output for s in config.passes if s.report]
+    pass_models, records = run_passes(fp32, export_record, config.passes, pass_configs, run.cache, run.context,
+                                      {split: run.fingerprint(split) for split in ("calibrate", "search")},
+                                      run.check, reporter.log)
+    models.update(pass_models)
+    records = dense_records + records
+    reported = ([DENSE_VARIANT] if run.pruning else []) + [EXPORT_VARIANT] + [s.output for s in config.passes if s.report]
     paths = {}
     for name in reported:
         paths[name] = folder / f"model.{name}.onnx"
@@ -200,16 +277,22 @@ def compress(config_path: Path, force: bool = False, quiet: bool = False,
 
     latency_key = cache_key(models={name: identity(name) for name in names}, benchmark=bench.model_dump(mode="json"),
                             machine=machine_info(bench.threads), shape=run.input_shape)
-    reference = logits_for(EXPORT_VARIANT)
+    reference_name = DENSE_VARIANT if run.pruning else EXPORT_VARIANT
+    reference = logits_for(reference_name)
     all_scores = {name: score(logits_for(name), labels, reference) for name in names}
     latency = run.cache.json("latency", latency_key, measure)
+    from onnxvit.prune import count_params_macs
+
+    counts = run.pruned[1]["pruned"] if run.pruning else count_params_macs(run.model, run.input_shape)
+    dense_counts = run.pruned[1]["dense"] if run.pruning else counts
     variants = []
     for name in names:
         if name == TORCH_VARIANT:
-            variants.append(_variant(name, "torch", None, parameter_bytes(run.model), latency[name], all_scores[name]))
+            variants.append(_variant(name, "torch", None, parameter_bytes(run.model), latency[name], all_scores[name],
+                                     counts))
         else:
             variants.append(_variant(name, "onnxruntime", paths[name], paths[name].stat().st_size,
-                                     latency[name], all_scores[name]))
+                                     latency[name], all_scores[name], dense_counts if name == DENSE_VARIANT else counts))
 
     report = {
         "model": config.model.name,
@@ -221,6 +304,8 @@ def compress(config_path: Path, force: bool = False, quiet: bool = False,
         "batch_size": bench.batch_size,
         "data": {"root": str(config.data.root), "manifest": str(config.data.manifest) if config.data.manifest else None,
                  **{f"{s}_images": len(f) for s, f in run.dataset.splits.items()}},
+        "reference": reference_name,
+        "prune": {**run.pruned[1], "checkpoint": "model.pruned.pt"} if run.pruning else None,
         "variants": variants,
         "steps": [r.to_json() for r in records],
         "seconds": round(time.perf_counter() - started, 2),

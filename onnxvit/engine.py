@@ -97,6 +97,14 @@ class Cache:
         self._wrote(path)
         return value
 
+    def blob(self, name: str, key: str, suffix: str, produce: Callable[[], bytes]) -> Path:
+        """The path of a cached file made by ``produce`` (its bytes), written once."""
+        path = self._path(name, key, suffix)
+        if not self._usable(path):
+            atomic_write_bytes(path, produce())
+            self._wrote(path)
+        return path
+
     def json(self, name: str, key: str, produce: Callable[[], Any]) -> Any:
         path = self._path(name, key, ".json")
         if self._usable(path):

@@ -44,14 +44,17 @@ def _fmt(value: Any, digits: int = 2) -> str:
 
 
 def variant_table(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per variant with its ratios to ``fp32``: speed-up (>1 is faster) and size."""
-    base = next((v for v in report["variants"] if v["name"] == "fp32"), None)
+    """One row per variant with its ratios to the reference (``fp32``, or ``dense-fp32`` when pruning)."""
+    reference = report.get("reference", "fp32")
+    base = next((v for v in report["variants"] if v["name"] == reference), None)
     rows = []
     for v in report["variants"]:
         row = {"name": v["name"], "runtime": v["runtime"], "top1": v["top1"], "top5": v["top5"],
                "agree_top1": v["agree_top1"], "sqnr_db": v["sqnr_db"],
                "median_ms": v["latency_ms"]["median"], "p90_ms": v["latency_ms"]["p90"],
-               "size_mb": v["size_bytes"] / 1e6}
+               "size_mb": v["size_bytes"] / 1e6,
+               "params_m": v["params"] / 1e6 if "params" in v else None,
+               "gmacs": v["macs"] / 1e9 if "macs" in v else None}
         if base is not None:
             row["speedup_vs_fp32"] = base["latency_ms"]["median"] / v["latency_ms"]["median"]
             row["size_vs_fp32"] = v["size_bytes"] / base["size_bytes"]
@@ -64,7 +67,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     columns = [("name", "variant"), ("runtime", "runtime"), ("top1", "top-1 %"), ("top5", "top-5 %"),
                ("top1_delta_vs_fp32", "Δ top-1"), ("agree_top1", "agree %"), ("sqnr_db", "SQNR dB"),
                ("median_ms", "median ms"), ("p90_ms", "p90 ms"), ("speedup_vs_fp32", "speed-up"),
-               ("size_mb", "size MB"), ("size_vs_fp32", "size ratio")]
+               ("size_mb", "size MB"), ("size_vs_fp32", "size ratio"), ("params_m", "params M"), ("gmacs", "GMACs")]
     lines = ["| " + " | ".join(title for _, title in columns) + " |",
              "|" + "---|" * len(columns)]
     for row in rows:
@@ -81,9 +84,18 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"onnxvit {report['onnxvit_version']}, {machine['cpu']}, {machine['threads']} threads, "
         f"ONNX Runtime {machine['onnxruntime']}, torch {machine['torch']}.",
         f"Accuracy on the evaluation split ({data.get('evaluate_images', '?')} images of {data.get('root', '?')}); "
-        f"agreement and SQNR against the `fp32` ONNX model. Latency: batch {report.get('batch_size', 1)}, "
-        "median of timed runs after warm-up.",
+        f"agreement, SQNR and ratios against the `{report.get('reference', 'fp32')}` ONNX model. "
+        f"Latency: batch {report.get('batch_size', 1)}, median of timed runs after warm-up.",
     ]
+    prune = report.get("prune")
+    if prune:
+        kinds = ", ".join(f"{k} {v:.1%}" for k, v in prune["kind_ratios"].items() if v > 0)
+        parts.append(
+            f"\n**Pruned** with {prune['method']} importance ({kinds}; loss on {prune['loss']}, "
+            f"{prune['gradient_images']} calibration images): {prune['removed']['params']:.1%} of parameters and "
+            f"{prune['removed']['macs']:.1%} of MACs removed. Per block: heads {prune['widths']['heads']}, "
+            f"head dim {prune['widths']['head_dim']}, MLP width {prune['widths']['mlp_hidden']}. "
+            f"Checkpoint: `{prune['checkpoint']}` (rebuild with `onnxvit.prune.load_pruned`).")
     if report.get("weights") == "random_init":
         parts.append("\n**Random weights**: top-1 / top-5 mean nothing here; judge agreement and SQNR.")
     parts += ["", markdown_table(variant_table(report)), "", "## Steps", "",
