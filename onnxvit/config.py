@@ -87,6 +87,9 @@ class PruneConfig(StrictModel):
     ignore: list[str] = Field(["head"], description="Module names never pruned (default: the classifier).")
     batches: int = Field(4, gt=0, description="Calibration batches for gradient-based importance (taylor, hessian).")
     batch_size: int = Field(8, gt=0, description="Batch size for gradient-based importance.")
+    reconstruct: bool = Field(True, description="Refit each layer whose inputs were cut (fc2, proj) by least squares "
+                                                "on the calibration images to the dense layer's output.")
+    ridge: float = Field(0.1, gt=0, description="How strongly the refit stays near the original weights.")
     loss: Literal["auto", "labels", "predictions"] = Field(
         "auto", description="Taylor / Hessian loss target: folder labels, or the dense model's own top-1; "
                             "auto: labels unless the weights are random.")

@@ -225,6 +225,64 @@ def _max_fraction(model: torch.nn.Module, config: PruneConfig) -> float:
     return limit
 
 
+class _Captured(Exception):
+    """Raised by a hook once it has its layer's input: the rest of the forward pass is not needed."""
+
+
+def _layer_inputs(model: torch.nn.Module, layer: torch.nn.Linear, batch: torch.Tensor) -> torch.Tensor:
+    seen: list[torch.Tensor] = []
+
+    def hook(module, inputs):
+        seen.append(inputs[0].reshape(-1, inputs[0].shape[-1]))
+        raise _Captured
+
+    handle = layer.register_forward_pre_hook(hook)
+    try:
+        model(batch)
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+@torch.no_grad()
+def reconstruct_linears(dense: torch.nn.Module, pruned: torch.nn.Module, images: np.ndarray, ridge: float,
+                        batch_size: int = 8) -> list[str]:
+    """Refit each Linear whose inputs were cut (MLP fc2, attention proj), in forward order.
+
+    Least squares from the inputs it still has, in the pruned model as refitted so far, to the dense
+    layer's output, pulled toward its kept weights by ``ridge`` (relative to the mean diagonal of
+    the Gram matrix) so that a few calibration images cannot overfit it.
+    """
+    dense_modules = dict(dense.named_modules())
+    refit = [(name, layer) for name, layer in pruned.named_modules()
+             if isinstance(layer, torch.nn.Linear) and layer.in_features != dense_modules[name].in_features]
+    chunks = [torch.from_numpy(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
+    for name, layer in refit:
+        width = layer.in_features + (layer.bias is not None)
+        gram = torch.zeros(width, width, dtype=torch.float64)
+        cross = torch.zeros(width, layer.out_features, dtype=torch.float64)
+        reference = dense_modules[name]
+        for batch in chunks:
+            x_dense = _layer_inputs(dense, reference, batch)
+            target = reference(x_dense).double()
+            x = _layer_inputs(pruned, layer, batch).double()
+            if layer.bias is not None:
+                x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+            gram += x.T @ x
+            cross += x.T @ target
+        prior = layer.weight.T.double()
+        if layer.bias is not None:
+            prior = torch.cat([prior, layer.bias[None].double()], 0)
+        strength = ridge * gram.diagonal().mean()
+        theta = torch.linalg.solve(gram + strength * torch.eye(width, dtype=gram.dtype), cross + strength * prior)
+        layer.weight.copy_(theta[: layer.in_features].T.float())
+        if layer.bias is not None:
+            layer.bias.copy_(theta[-1].float())
+    return [name for name, _ in refit]
+
+
 def gradient_targets(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray | None) -> np.ndarray:
     if labels is not None:
         return labels
@@ -281,6 +339,7 @@ def prune_model(model: torch.nn.Module, config: PruneConfig, images: np.ndarray,
     _apply(pruned, torch.from_numpy(images[:1]), config, ratios, importance)
     pruned.zero_grad(set_to_none=True)
     pruned.eval()
+    refitted = reconstruct_linears(model, pruned, images, config.ridge) if config.reconstruct else []
     counts = count_params_macs(pruned, input_shape)
     summary = {
         "method": config.method,
@@ -292,6 +351,7 @@ def prune_model(model: torch.nn.Module, config: PruneConfig, images: np.ndarray,
         "gradient_images": min(len(images), config.batches * config.batch_size)
         if config.method in ("taylor", "hessian") else 0,
         "loss": "labels" if labels is not None else "predictions",
+        "reconstructed": len(refitted),
     }
     return pruned, summary
 

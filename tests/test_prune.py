@@ -184,3 +184,18 @@ def test_compress_with_prune_reports_each_stage(tmp_path, image_folder):
     bad = write_config(tmp_path / "bad", image_folder, prune={"method": "taylor", "heads": 0.9})
     result = CliRunner().invoke(main, ["compress", str(bad), "--quiet"], catch_exceptions=True)
     assert result.exit_code == 2 and "prune.heads" in result.stderr and "Traceback" not in result.output
+
+
+def test_reconstruction_brings_the_pruned_model_closer_to_the_dense_one(tiny_model, tiny_images):
+    """Refit on 8 images, judged on 4 others: the refit must generalize, not only fit."""
+    from onnxvit.metrics import sqnr_db
+
+    held_out = tiny_images[8:12]
+    reference = _logits(tiny_model, held_out).numpy()
+    fidelity = {}
+    for reconstruct in (False, True):
+        pruned, summary = prune_model(tiny_model, PruneConfig(method="l1", mlp=0.5, reconstruct=reconstruct),
+                                      tiny_images[:8], None, "deit")
+        assert summary["reconstructed"] == (2 if reconstruct else 0)  # the two fc2 layers
+        fidelity[reconstruct] = sqnr_db(reference, _logits(pruned, held_out).numpy())
+    assert fidelity[True] > fidelity[False] + 1, fidelity
