@@ -75,8 +75,28 @@ class Run:
     def prune_key(self) -> str:
         import torch_pruning
 
+        finetune = self.config.finetune
         return cache_key(weights=self.weights_id, prune=self.config.prune.model_dump(mode="json"),
-                         calibration=self.fingerprint("calibrate"), torch_pruning=torch_pruning.__version__)
+                         calibration=self.fingerprint("calibrate"), torch_pruning=torch_pruning.__version__,
+                         finetune=finetune.model_dump(mode="json") if finetune else None,
+                         finetune_images=self.finetune_images.files if finetune else None)
+
+    @cached_property
+    def finetune_images(self):
+        """The fine-tune's images: its own folder, or the calibrate + search splits, never the evaluation split."""
+        from onnxvit.data import scan_image_folder
+        from onnxvit.finetune import TrainImages
+
+        root = self.config.finetune.root
+        if root is None:
+            files = self.dataset.splits["calibrate"] + self.dataset.splits["search"]
+            return TrainImages(self.dataset.folder, files,
+                               f"calibrate + search splits of data.root ({len(files)} images)")
+        if root.resolve() == self.dataset.folder.root.resolve():
+            raise UserError(f"finetune.root: {root} is data.root, whose evaluation split the report scores; "
+                            "leave finetune.root empty to train on the calibrate and search splits only")
+        folder = scan_image_folder(root)
+        return TrainImages(folder, folder.files, f"{root} ({len(folder.files)} images)")
 
     @cached_property
     def pruned(self) -> tuple[Any, dict[str, Any], Path]:
@@ -91,6 +111,12 @@ class Run:
             used = min(len(images), cfg.batches * cfg.batch_size) if cfg.method in ("taylor", "hessian") else 0
             with self.reporter.task(f"pruning ({cfg.method} importance)", used) as advance:
                 pruned, summary = prune_model(self.dense_model, cfg, images, labels, m.name, advance, self.reporter.log)
+            if self.config.finetune is not None:
+                from onnxvit.finetune import distill
+
+                summary["finetune"] = distill(pruned, self.dense_model, self.finetune_images, self.config.finetune,
+                                              self.cache.folder, self.prune_key, self.reporter.task,
+                                              self.reporter.log)
             fresh.append(pruned)
             return serialize_pruned(self.dense_model, pruned, m.name, self.model_kwargs, summary)
 
@@ -225,6 +251,8 @@ def compress(config_path: Path, force: bool = False, quiet: bool = False,
         from onnxvit.prune import check_prune_config
 
         check_prune_config(run.dense_model, config.prune, config.model.name)
+        if config.finetune is not None:
+            run.finetune_images  # noqa: B018  (a bad training folder fails here too)
     prepare_output(folder)
 
     dense_records = []

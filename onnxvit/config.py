@@ -104,6 +104,22 @@ class PruneConfig(StrictModel):
         return self
 
 
+class FinetuneConfig(StrictModel):
+    """Distillation of the pruned model from the dense one (soft targets; no labels needed)."""
+
+    root: Path | None = Field(None, description="Training ImageFolder; default: the calibrate and search splits "
+                                                "of data.root (never the evaluation split).")
+    epochs: int = Field(10, gt=0, description="Passes over the training images.")
+    lr: float = Field(1e-4, gt=0, description="Peak learning rate (AdamW, one-cycle cosine).")
+    weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay.")
+    batch_size: int = Field(16, gt=0, description="Training batch size.")
+    temperature: float = Field(1.0, gt=0, description="Distillation temperature.")
+    augment: bool = Field(True, description="timm's training transform (random resized crop, flip, RandAugment).")
+    auto_augment: str | None = Field("rand-m9-mstd0.5-inc1", description="timm auto-augment policy string.")
+    random_erasing: float = Field(0.25, ge=0, le=1, description="timm random-erasing probability.")
+    seed: int = Field(0, description="Image order and augmentation seed.")
+
+
 class StepConfig(StrictModel):
     pass_: str = Field(alias="pass", description="Pass name (see `onnxvit passes`).")
     name: str | None = Field(None, description="Name of the output model (a report variant); default: the pass name.")
@@ -133,10 +149,17 @@ class Config(StrictModel):
     model: ModelConfig
     data: DataConfig
     prune: PruneConfig | None = Field(None, description="Structured pruning in PyTorch before export.")
+    finetune: FinetuneConfig | None = Field(None, description="Distill the pruned model from the dense one.")
     export: ExportConfig = ExportConfig()
     passes: list[StepConfig] = Field([], description="Graph passes in order.")
     benchmark: BenchmarkConfig = BenchmarkConfig()
     output: OutputConfig
+
+    @model_validator(mode="after")
+    def _finetune_needs_prune(self) -> "Config":
+        if self.finetune is not None and self.prune is None:
+            raise ValueError("finetune: fine-tuning follows pruning; add a prune section or remove finetune")
+        return self
 
     def sha256(self) -> str:
         return sha256_json(self.model_dump(mode="json", by_alias=True))
@@ -251,4 +274,6 @@ def load_config(path: Path) -> tuple[Config, list[Any]]:
     config.data.root = _resolve(config.data.root, base)
     config.data.manifest = _resolve(config.data.manifest, base)
     config.output.dir = _resolve(config.output.dir, base)
+    if config.finetune is not None:
+        config.finetune.root = _resolve(config.finetune.root, base)
     return config, _validate_steps(config, path)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+import torch.backends.xnnpack
 
 from onnxvit.errors import UserError
 

@@ -96,6 +96,10 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"{prune['removed']['macs']:.1%} of MACs removed. Per block: heads {prune['widths']['heads']}, "
             f"head dim {prune['widths']['head_dim']}, MLP width {prune['widths']['mlp_hidden']}. "
             f"Checkpoint: `{prune['checkpoint']}` (rebuild with `onnxvit.prune.load_pruned`).")
+        tuned = prune.get("finetune")
+        parts.append(f"Fine-tuned by distillation from the dense model: {tuned['epochs']} epochs on {tuned['source']}, "
+                     f"loss {tuned['losses'][0]:.3f} -> {tuned['losses'][-1]:.3f}." if tuned else
+                     "No fine-tuning.")
     if report.get("weights") == "random_init":
         parts.append("\n**Random weights**: top-1 / top-5 mean nothing here; judge agreement and SQNR.")
     parts += ["", markdown_table(variant_table(report)), "", "## Steps", "",
