@@ -234,6 +234,10 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         if r["method"] in ("none", "pqv-taylor"):
             ax.scatter([r["median_ms"]], [r["top1"]], marker="x", color="black")
             ax.annotate(r["name"], (r["median_ms"], r["top1"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    dense = next(r["top1"] for r in rows if r["name"] == "fp32")
+    ax.axhline(dense - PQV_TOP1_DROP, ls="--", lw=0.8, color="grey")
+    ax.annotate(f"dense - {PQV_TOP1_DROP} (PQV-Mobile's loss)", (ax.get_xlim()[0], dense - PQV_TOP1_DROP),
+                textcoords="offset points", xytext=(4, -10), fontsize=7, color="grey")
     ax.set_xlabel("median latency, ms (batch 1, 2 threads)")
     ax.set_ylabel("top-1, % (evaluation split)")
     ax.set_title("DeiT-tiny: pruning + int8, onnxvit (ONNX Runtime) vs PQV-Mobile (Lite)", fontsize=9)

@@ -236,6 +236,18 @@ def _variant(name: str, runtime: str, path: Path | None, size: int, latency: dic
             "latency_ms": latency, **counts, **scores}
 
 
+def parity(config: Config, run: Run, lite: dict[str, Any], logits: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+    """Each ONNX variant beside its PyTorch counterpart: fp32 with lite-fp32, int8 steps with lite-int8-*."""
+    if config.lite is None:
+        return []
+    from onnxvit.lite import parity_table
+
+    int8_steps = [s.output for s in config.passes if s.report and s.pass_ in ("quantize_int8", "ort_dynamic")]
+    pairs = [(EXPORT_VARIANT, "lite-fp32", "fp32")] if "lite-fp32" in lite else []
+    pairs += [(step, name, "int8") for step in int8_steps for name in lite if name.startswith("lite-int8")]
+    return parity_table(logits, pairs, config.lite)
+
+
 def compress(config_path: Path, force: bool = False, quiet: bool = False,
              output: Path | None = None) -> dict[str, Any]:
     """Run the whole pipeline; return the report (also written to the output folder)."""
@@ -274,32 +286,54 @@ def compress(config_path: Path, force: bool = False, quiet: bool = False,
         atomic_write_bytes(paths[name], models[name].SerializeToString())
 
     bench = config.benchmark
+    mobile = None
+    if config.mobile is not None:
+        from onnxvit.mobile import build_artifacts
+
+        chosen = config.mobile.variants or reported
+        mobile = build_artifacts({n: paths[n] for n in chosen}, folder, config.mobile, run.check_batches,
+                                 bench.threads, reporter.log)
+    lite = {}
+    if config.lite is not None:
+        import torch
+
+        from onnxvit.lite import build_lite_variants
+
+        lite = build_lite_variants(run.model, config.lite, torch.from_numpy(run.calibration_images[:1]), folder,
+                                   reporter.log)
     labels = run.dataset.labels("evaluate")
     eval_key = run.fingerprint("evaluate")
 
-    def logits_for(name: str) -> np.ndarray:
+    def identity(name: str) -> str:
+        """What a variant's logits and latency depend on."""
         if name == TORCH_VARIANT:
-            key = cache_key(weights=run.weights_id, evaluate=eval_key)
-        else:
-            key = cache_key(model=model_sha256(models[name]), evaluate=eval_key)
+            return run.model_id
+        if name in lite:
+            import torch
 
+            return cache_key(model=run.model_id, lite=name, torch=torch.__version__)
+        return model_sha256(models[name])
+
+    def logits_for(name: str) -> np.ndarray:
         def produce() -> np.ndarray:
             images = run.evaluation_images
             with reporter.task(f"evaluating {name}", len(images)) as advance:
-                if name == TORCH_VARIANT:
-                    return torch_eval_logits(run.model, images, config.data.batch_size, bench.threads, advance)
+                if name == TORCH_VARIANT or name in lite:
+                    module = lite[name] if name in lite else run.model
+                    return torch_eval_logits(module, images, config.data.batch_size, bench.threads, advance)
                 return onnx_eval_logits(paths[name], images, config.data.batch_size, bench.threads, advance)
 
-        return run.cache.array(f"logits-{name}", key, produce)
+        return run.cache.array(f"logits-{name}", cache_key(model=identity(name), evaluate=eval_key), produce)
 
-    names = ([TORCH_VARIANT] if bench.torch else []) + reported
+    names = ([TORCH_VARIANT] if bench.torch else []) + reported + list(lite)
 
-    def identity(name: str) -> str:
-        return run.weights_id if name == TORCH_VARIANT else model_sha256(models[name])
+    def runner(name: str):
+        if name == TORCH_VARIANT or name in lite:
+            return torch_runner(lite[name] if name in lite else run.model, run.input_shape, bench)
+        return onnx_runner(paths[name], run.input_shape, bench)
 
     def measure() -> dict[str, dict[str, float]]:
-        runners = {name: torch_runner(run.model, run.input_shape, bench) if name == TORCH_VARIANT
-                   else onnx_runner(paths[name], run.input_shape, bench) for name in names}
+        runners = {name: runner(name) for name in names}
         with reporter.task(f"timing {len(names)} variants", bench.rounds, live=False) as advance:
             return measure_latency(runners, bench.warmup, bench.runs, bench.rounds, lambda: advance(1))
 
@@ -318,6 +352,9 @@ def compress(config_path: Path, force: bool = False, quiet: bool = False,
         if name == TORCH_VARIANT:
             variants.append(_variant(name, "torch", None, parameter_bytes(run.model), latency[name], all_scores[name],
                                      counts))
+        elif name in lite:
+            variants.append(_variant(name, "torch-lite", lite[name].path, lite[name].path.stat().st_size,
+                                     latency[name], all_scores[name], counts))
         else:
             variants.append(_variant(name, "onnxruntime", paths[name], paths[name].stat().st_size,
                                      latency[name], all_scores[name], dense_counts if name == DENSE_VARIANT else counts))
@@ -335,6 +372,9 @@ def compress(config_path: Path, force: bool = False, quiet: bool = False,
         "reference": reference_name,
         "prune": {**run.pruned[1], "checkpoint": "model.pruned.pt"} if run.pruning else None,
         "variants": variants,
+        "mobile": mobile,
+        "lite": {name: v.notes for name, v in lite.items()} if config.lite is not None else None,
+        "parity": parity(config, run, lite, {name: logits_for(name) for name in names}),
         "steps": [r.to_json() for r in records],
         "seconds": round(time.perf_counter() - started, 2),
     }

@@ -115,7 +115,8 @@ class FinetuneConfig(StrictModel):
     batch_size: int = Field(16, gt=0, description="Training batch size.")
     temperature: float = Field(1.0, gt=0, description="Distillation temperature.")
     augment: bool = Field(True, description="timm's training transform (random resized crop, flip, RandAugment).")
-    auto_augment: str | None = Field("rand-m9-mstd0.5-inc1", description="timm auto-augment policy string.")
+    auto_augment: str | None = Field("rand-m9-inc1", description="timm auto-augment policy string (no magnitude noise: "
+                                         "with it, Posterize can draw 0 bits, which Pillow rejects).")
     random_erasing: float = Field(0.25, ge=0, le=1, description="timm random-erasing probability.")
     seed: int = Field(0, description="Image order and augmentation seed.")
 
@@ -141,6 +142,27 @@ class BenchmarkConfig(StrictModel):
     torch: bool = Field(True, description="Also time PyTorch eager FP32.")
 
 
+class MobileConfig(StrictModel):
+    """ONNX Runtime Mobile artifacts: `.ort` files and the reduced-build operator config."""
+
+    variants: list[str] | None = Field(None, description="ONNX variants to convert; default: every reported one.")
+    target_platform: Literal["arm", "amd64"] = Field("arm", description="Phones are arm: no x86-only layouts.")
+    optimization: Literal["basic", "extended", "all"] = Field("all", description="Graph optimizations saved in .ort.")
+    type_reduction: bool = Field(True, description="Operator config lists the types each op needs, too.")
+    fp32_atol: float = Field(1e-5, gt=0, description="Largest .ort vs .onnx logit difference for float models.")
+
+
+class LiteConfig(StrictModel):
+    """The PyTorch Lite interpreter arm: report variants beside ONNX Runtime's, with parity."""
+
+    fp32: bool = Field(True, description="The model traced and run by the Lite interpreter.")
+    int8_engines: list[str] = Field(["x86"], description="PyTorch dynamic int8 Linear, one variant per engine "
+                                                         "(x86, fbgemm, qnnpack, onednn where the build has it).")
+    parity_atol: float = Field(1e-4, gt=0, description="Largest logit difference lite-fp32 vs fp32 before flagging.")
+    parity_min_agreement: float = Field(95.0, ge=0, le=100,
+                                        description="Least top-1 agreement of an int8 pair before flagging.")
+
+
 class OutputConfig(StrictModel):
     dir: Path = Field(description="Folder for models, cache and report.")
 
@@ -153,6 +175,8 @@ class Config(StrictModel):
     export: ExportConfig = ExportConfig()
     passes: list[StepConfig] = Field([], description="Graph passes in order.")
     benchmark: BenchmarkConfig = BenchmarkConfig()
+    mobile: MobileConfig | None = Field(None, description="ONNX Runtime Mobile artifacts.")
+    lite: LiteConfig | None = Field(None, description="PyTorch Lite interpreter variants, with parity.")
     output: OutputConfig
 
     @model_validator(mode="after")
@@ -276,4 +300,23 @@ def load_config(path: Path) -> tuple[Config, list[Any]]:
     config.output.dir = _resolve(config.output.dir, base)
     if config.finetune is not None:
         config.finetune.root = _resolve(config.finetune.root, base)
-    return config, _validate_steps(config, path)
+    steps = _validate_steps(config, path)
+    _validate_mobile(config, path)
+    return config, steps
+
+
+def _validate_mobile(config: Config, source: Path) -> None:
+    if config.mobile is not None and config.mobile.variants is not None:
+        reported = [EXPORT_VARIANT] + ([DENSE_VARIANT] if config.prune else []) + \
+            [s.output for s in config.passes if s.report]
+        for name in config.mobile.variants:
+            if name not in reported:
+                raise UserError(f"{source}: mobile.variants: '{name}' is not a reported ONNX variant; "
+                                f"known: {', '.join(reported)}")
+    if config.lite is not None:
+        from onnxvit.lite import quantized_engines
+
+        for engine in config.lite.int8_engines:
+            if engine not in quantized_engines():
+                raise UserError(f"{source}: lite.int8_engines: '{engine}' is not a quantized engine of this torch "
+                                f"build; available: {', '.join(quantized_engines())}")

@@ -12,12 +12,16 @@ import contextlib
 import copy
 import os
 import tempfile
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
 import torch.backends.xnnpack
 
+from onnxvit.config import LiteConfig
 from onnxvit.errors import UserError
 
 
@@ -45,7 +49,8 @@ def quantized_engine(engine: str | None) -> Iterator[None]:
 
 def dynamic_int8_linear(model: torch.nn.Module, engine: str) -> torch.nn.Module:
     """PyTorch dynamic int8 of every nn.Linear (what PQV-Mobile shipped), on a copy."""
-    with quantized_engine(engine):
+    with quantized_engine(engine), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notices: it is PQV-Mobile's path
         return torch.ao.quantization.quantize_dynamic(copy.deepcopy(model).eval(), {torch.nn.Linear},
                                                       dtype=torch.qint8)
 
@@ -54,7 +59,8 @@ def save_lite(model: torch.nn.Module, example: torch.Tensor, path: Path,
               engine: str | None = None) -> dict[str, Any]:
     """Trace ``model`` and write a ``.ptl`` for the Lite interpreter (atomically); return notes."""
     notes: dict[str, Any] = {"xnnpack": bool(torch.backends.xnnpack.enabled)}
-    with quantized_engine(engine), torch.no_grad():
+    with quantized_engine(engine), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings on timm's shape asserts: shapes are fixed here
         traced = torch.jit.trace(model.eval(), example, check_trace=False)
         if notes["xnnpack"]:
             from torch.utils.mobile_optimizer import optimize_for_mobile
@@ -79,3 +85,60 @@ def load_lite(path: Path) -> Any:
     from torch.jit.mobile import _load_for_lite_interpreter
 
     return _load_for_lite_interpreter(str(path))
+
+
+@dataclass
+class LiteVariant:
+    """One Lite-interpreter report variant: its file, its engine (None for FP32), the loaded module."""
+
+    name: str
+    path: Path
+    engine: str | None
+    module: Any
+    notes: dict[str, Any]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        with quantized_engine(self.engine):
+            return self.module(x)
+
+
+def build_lite_variants(model: torch.nn.Module, config: LiteConfig, example: torch.Tensor, folder: Path,
+                        log: Callable[[str], None] = lambda m: None) -> dict[str, LiteVariant]:
+    """`lite-fp32` and one `lite-int8-ENGINE` per engine, saved as .ptl and loaded back.
+
+    A model that cannot be traced is one line in the log, and the run goes on without it.
+    """
+    wanted: list[tuple[str, str | None]] = ([("lite-fp32", None)] if config.fp32 else []) + [
+        (f"lite-int8-{engine}", engine) for engine in config.int8_engines]
+    variants = {}
+    for name, engine in wanted:
+        path = folder / f"model.{name}.ptl"
+        try:
+            body = dynamic_int8_linear(model, engine) if engine else model
+            notes = save_lite(body, example, path, engine)
+            variants[name] = LiteVariant(name, path, engine, load_lite(path), notes)
+        except UserError:
+            raise
+        except Exception as exc:  # tracing and the Lite exporter raise many kinds
+            log(f"{name}: cannot build a Lite model: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:160]}")
+    return variants
+
+
+def parity_table(logits: dict[str, np.ndarray], pairs: list[tuple[str, str, str]],
+                 config: LiteConfig) -> list[dict[str, Any]]:
+    """Each (ONNX variant, PyTorch counterpart, kind) pair compared on the evaluation images.
+
+    FP32 pairs must agree to ``parity_atol`` on every logit; int8 pairs, whose two quantizers
+    differ by design, to ``parity_min_agreement`` percent of top-1 classes.
+    """
+    from onnxvit.metrics import max_abs_diff, sqnr_db, top1_agreement
+
+    rows = []
+    for onnx_name, torch_name, kind in pairs:
+        a, b = logits[onnx_name], logits[torch_name]
+        row = {"onnx": onnx_name, "torch": torch_name, "kind": kind, "max_abs": round(max_abs_diff(a, b), 6),
+               "agree_top1": round(top1_agreement(a, b), 4), "sqnr_db": round(min(sqnr_db(a, b), 200.0), 3)}
+        row["ok"] = row["max_abs"] <= config.parity_atol if kind == "fp32" else \
+            row["agree_top1"] >= config.parity_min_agreement
+        rows.append(row)
+    return rows

@@ -102,7 +102,9 @@ def render_markdown(report: dict[str, Any]) -> str:
                      "No fine-tuning.")
     if report.get("weights") == "random_init":
         parts.append("\n**Random weights**: top-1 / top-5 mean nothing here; judge agreement and SQNR.")
-    parts += ["", markdown_table(variant_table(report)), "", "## Steps", "",
+    parts += ["", markdown_table(variant_table(report))]
+    parts += _parity_section(report) + _mobile_section(report)
+    parts += ["", "## Steps", "",
               "| step | pass | input | cached | seconds | check vs input |", "|---|---|---|---|---|---|"]
     for step in report.get("steps", []):
         check = step.get("check", {})
@@ -114,6 +116,40 @@ def render_markdown(report: dict[str, Any]) -> str:
         parts += ["", "## What each step did", "", *notes]
     parts += ["", f"![top-1 against latency]({PLOT_PNG})", ""]
     return "\n".join(parts)
+
+
+def _parity_section(report: dict[str, Any]) -> list[str]:
+    rows = report.get("parity") or []
+    if not rows:
+        return []
+    lines = ["", "## Parity: ONNX Runtime vs PyTorch Lite", "",
+             "| ONNX variant | PyTorch variant | kind | max abs | agree % | SQNR dB | |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['onnx']} | {r['torch']} | {r['kind']} | {r['max_abs']:.3g} | {r['agree_top1']:.2f} | "
+                     f"{_fmt(r['sqnr_db'])} | {'ok' if r['ok'] else '**FLAGGED**'} |")
+    notes = report.get("lite") or {}
+    skipped = {n for n, v in notes.items() if v.get("optimize_for_mobile") is not True}
+    if skipped:
+        lines.append(f"\n`optimize_for_mobile` skipped for {', '.join(sorted(skipped))}: this torch build has no XNNPACK.")
+    return lines
+
+
+def _mobile_section(report: dict[str, Any]) -> list[str]:
+    mobile = report.get("mobile")
+    if not mobile:
+        return []
+    lines = ["", f"## ONNX Runtime Mobile ({mobile['target_platform']}, optimization {mobile['optimization']})", "",
+             "| variant | .ort file | size MB | max abs vs .onnx | same top-1 | |", "|---|---|---|---|---|---|"]
+    for a in mobile["artifacts"]:
+        if a.get("error"):
+            lines.append(f"| {a['variant']} | - | - | - | - | {a['error']} |")
+            continue
+        lines.append(f"| {a['variant']} | {a['path']} | {a['size_bytes'] / 1e6:.2f} | {a['max_abs_vs_onnx']:.3g} | "
+                     f"{a['argmax_equal']} | {'ok' if a['ok'] else '**FLAGGED**'} |")
+    if mobile.get("operators_config"):
+        lines.append(f"\nReduced-build operator config: `{mobile['operators_config']}` "
+                     f"({len(mobile['operators'])} lines).")
+    return lines
 
 
 def render_plot(report: dict[str, Any], path: Path) -> None:

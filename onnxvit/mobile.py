@@ -1,0 +1,104 @@
+"""ONNX Runtime Mobile artifacts: `.ort` files, the reduced-build operator config, and their check.
+
+The conversion is ONNX Runtime's own (what `python -m onnxruntime.tools.convert_onnx_models_to_ort`
+does: a session that saves its optimized graph in ORT format), one model at a time so that a model
+that cannot convert is one line in the report and the others go on. The operator config is what an
+app's reduced ONNX Runtime build needs to run exactly these models.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from onnxvit.config import MobileConfig
+from onnxvit.fileio import atomic_write_text
+from onnxvit.metrics import max_abs_diff, top1_agreement
+from onnxvit.runtime import make_session, run_logits
+
+OPERATORS_CONFIG = "required_operators.config"
+_LEVELS = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+           "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+           "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+
+
+def to_ort_format(onnx_path: Path, ort_path: Path, config: MobileConfig) -> None:
+    """Optimize ``onnx_path`` for ``config.target_platform`` and save it as ``ort_path`` (atomically)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = _LEVELS[config.optimization]
+    options.add_session_config_entry("session.save_model_format", "ORT")
+    options.add_session_config_entry("session.qdqisint8allowed", "1" if config.target_platform == "arm" else "0")
+    # NCHWc layouts are x86-only: a model saved with them would not run on a phone.
+    disabled = ["NchwcTransformer"] if config.target_platform == "arm" and config.optimization == "all" else None
+    with tempfile.NamedTemporaryFile(dir=ort_path.parent, prefix=f".{ort_path.name}.", suffix=".ort",
+                                     delete=False) as handle:
+        temporary = Path(handle.name)
+    try:
+        options.optimized_model_filepath = str(temporary)
+        ort.InferenceSession(str(onnx_path), sess_options=options, providers=["CPUExecutionProvider"],
+                             disabled_optimizers=disabled)
+        os.replace(temporary, ort_path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def required_operators(ort_paths: list[Path], config_path: Path, type_reduction: bool) -> list[str]:
+    """Write the reduced-build operator config for ``ort_paths``; return its operator lines."""
+    import logging
+
+    from onnxruntime.tools.ort_format_model.utils import create_config_from_models
+
+    logging.getLogger("ort_format_model.utils").setLevel(logging.WARNING)  # its INFO line names a temp file
+    with tempfile.TemporaryDirectory() as folder:
+        scratch = Path(folder) / OPERATORS_CONFIG
+        create_config_from_models(ort_paths, scratch, type_reduction)
+        text = scratch.read_text()
+    atomic_write_text(config_path, text)
+    return [line for line in text.splitlines() if line and not line.startswith("#")]
+
+
+def check_ort_twin(onnx_path: Path, ort_path: Path, batches: list[np.ndarray], threads: int) -> dict[str, Any]:
+    """The `.ort` model against its `.onnx` twin on the same images."""
+    a = run_logits(make_session(onnx_path, threads), batches)
+    b = run_logits(make_session(ort_path, threads), batches)  # ONNX Runtime reads .ort by its suffix
+    return {"max_abs_vs_onnx": round(max_abs_diff(a, b), 8), "argmax_equal": top1_agreement(a, b) == 100.0}
+
+
+def ort_error_line(exc: Exception) -> str:
+    """ONNX Runtime's message without its prefix and C++ source location, on one line."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
+    text = re.sub(r"/onnxruntime_src/\S+ .*?\) ", "", text)
+    return text[:300]
+
+
+def build_artifacts(paths: dict[str, Path], folder: Path, config: MobileConfig, batches: list[np.ndarray],
+                    threads: int, log=lambda m: None) -> dict[str, Any]:
+    """`.ort` for each named ONNX model, checked; then the operator config of those that converted."""
+    artifacts, converted = [], []
+    for name, onnx_path in paths.items():
+        ort_path = folder / f"model.{name}.ort"
+        entry: dict[str, Any] = {"variant": name, "path": ort_path.name}
+        try:
+            to_ort_format(onnx_path, ort_path, config)
+        except Exception as exc:  # ONNX Runtime raises its own Fail / NotImplemented types
+            entry.update(path=None, error=f"cannot convert to .ort: {ort_error_line(exc)}")
+            log(f"mobile: {name}: {entry['error']}")
+            artifacts.append(entry)
+            continue
+        entry["size_bytes"] = ort_path.stat().st_size
+        entry.update(check_ort_twin(onnx_path, ort_path, batches, threads))
+        fp32 = "int8" not in name and "ort-" not in name
+        entry["ok"] = entry["max_abs_vs_onnx"] <= config.fp32_atol if fp32 else entry["argmax_equal"]
+        artifacts.append(entry)
+        converted.append(ort_path)
+    operators = required_operators(converted, folder / OPERATORS_CONFIG, config.type_reduction) if converted else []
+    return {"artifacts": artifacts, "operators_config": OPERATORS_CONFIG if converted else None,
+            "operators": operators, "target_platform": config.target_platform,
+            "optimization": config.optimization}

@@ -1,0 +1,99 @@
+"""The mobile hand-off: .ort files and their operator config, .ptl files, and parity between the two runtimes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+from onnx import helper, numpy_helper
+
+from onnxvit.cli import main
+from onnxvit.config import LiteConfig, MobileConfig
+from onnxvit.lite import build_lite_variants, load_lite, parity_table, save_lite
+from onnxvit.mobile import OPERATORS_CONFIG, build_artifacts
+from onnxvit.runtime import model_logits
+from tests.conftest import write_config
+
+
+def test_ort_format_round_trip_and_operator_config(tiny_onnx, tiny_images, tmp_path):
+    source = tmp_path / "model.fp32.onnx"
+    onnx.save(tiny_onnx, source)
+    result = build_artifacts({"fp32": source}, tmp_path, MobileConfig(), [tiny_images[:4]], 2)
+    (entry,) = result["artifacts"]
+    assert entry["ok"] and entry["max_abs_vs_onnx"] < 1e-5 and entry["argmax_equal"]
+    assert (tmp_path / "model.fp32.ort").read_bytes()[4:8] == b"ORTM"  # the flatbuffer's file identifier
+    text = (tmp_path / OPERATORS_CONFIG).read_text()
+    assert "MatMul" in text and result["operators"] and all(line in text for line in result["operators"])
+
+
+def test_a_model_that_cannot_convert_is_one_line_and_the_rest_goes_on(tiny_onnx, tiny_images, tmp_path):
+    good = tmp_path / "good.onnx"
+    onnx.save(tiny_onnx, good)
+    node = helper.make_node("NoSuchOp", ["x"], ["y"], domain="com.example")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
+    bad = tmp_path / "bad.onnx"
+    onnx.save(helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 17),
+                                                                    helper.make_opsetid("com.example", 1)]), bad)
+    messages = []
+    result = build_artifacts({"bad": bad, "good": good}, tmp_path, MobileConfig(), [tiny_images[:2]], 2,
+                             messages.append)
+    bad_entry, good_entry = result["artifacts"]
+    assert bad_entry["path"] is None and "NoSuchOp" in bad_entry["error"] and "\n" not in bad_entry["error"]
+    assert len(messages) == 1 and good_entry["ok"] and result["operators_config"] == OPERATORS_CONFIG
+
+
+def test_lite_round_trip(tiny_model, tiny_images, tmp_path):
+    x = torch.from_numpy(tiny_images[:4])
+    notes = save_lite(tiny_model, x[:1], tmp_path / "m.ptl")
+    assert notes["size_bytes"] > 0 and "optimize_for_mobile" in notes
+    lite = load_lite(tmp_path / "m.ptl")
+    with torch.no_grad():
+        assert torch.allclose(lite(x), tiny_model(x), atol=1e-5)  # traced at batch 1, run at batch 4
+
+
+def test_parity_flags_a_corrupted_weight(tiny_model, tiny_onnx, tiny_images, tmp_path):
+    variants = build_lite_variants(tiny_model, LiteConfig(int8_engines=[]), torch.from_numpy(tiny_images[:1]),
+                                   tmp_path)
+    with torch.no_grad():
+        lite_logits = variants["lite-fp32"](torch.from_numpy(tiny_images)).numpy()
+    corrupted = onnx.ModelProto()
+    corrupted.CopyFrom(tiny_onnx)
+    weight = max(corrupted.graph.initializer, key=lambda t: int(np.prod(t.dims)))
+    array = numpy_helper.to_array(weight).copy()
+    array.flat[0] += 1.0  # one weight off by 1
+    weight.CopyFrom(numpy_helper.from_array(array, weight.name))
+    logits = {"lite-fp32": lite_logits, "fp32": model_logits(tiny_onnx, [tiny_images]),
+              "broken": model_logits(corrupted, [tiny_images])}
+    rows = parity_table(logits, [("fp32", "lite-fp32", "fp32"), ("broken", "lite-fp32", "fp32")], LiteConfig())
+    assert rows[0]["ok"] and rows[0]["max_abs"] <= 1e-4
+    assert not rows[1]["ok"] and rows[1]["max_abs"] > 1e-4
+
+
+def test_compress_with_mobile_and_lite(tmp_path, image_folder):
+    config = write_config(tmp_path, image_folder, passes=[{"pass": "quantize_int8", "name": "int8"}],
+                          mobile={"variants": ["int8"]}, lite={"int8_engines": ["x86"]},
+                          benchmark={"warmup": 1, "runs": 2, "rounds": 1, "torch": False})
+    result = CliRunner().invoke(main, ["compress", str(config), "--quiet"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    out = tmp_path / "out"
+    report = json.loads((out / "report.json").read_text())
+    assert [a["variant"] for a in report["mobile"]["artifacts"]] == ["int8"] and (out / "model.int8.ort").is_file()
+    variants = {v["name"]: v for v in report["variants"]}
+    assert variants["lite-int8-x86"]["runtime"] == "torch-lite" and variants["lite-fp32"]["latency_ms"]["median"] > 0
+    assert [(p["onnx"], p["torch"]) for p in report["parity"]] == [("fp32", "lite-fp32"), ("int8", "lite-int8-x86")]
+    assert all(p["ok"] for p in report["parity"])
+    assert "## Parity" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"mobile": {"variants": ["int9"]}}, "mobile.variants: 'int9' is not a reported ONNX variant"),
+    ({"lite": {"int8_engines": ["arm64"]}}, "lite.int8_engines: 'arm64' is not a quantized engine"),
+])
+def test_bad_mobile_sections(section, message, tmp_path, image_folder):
+    result = CliRunner().invoke(main, ["compress", str(write_config(tmp_path, image_folder, **section)), "--quiet"])
+    assert result.exit_code == 2 and message in result.stderr and "Traceback" not in result.output
