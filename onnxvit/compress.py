@@ -311,7 +311,9 @@ def compress(config_path: Path, force: bool = False, quiet: bool = False,
         if name in lite:
             import torch
 
-            return cache_key(model=run.model_id, lite=name, torch=torch.__version__)
+            from onnxvit.lite import LITE_BUILD
+
+            return cache_key(model=run.model_id, lite=name, torch=torch.__version__, build=LITE_BUILD)
         return model_sha256(models[name])
 
     def logits_for(name: str) -> np.ndarray:

@@ -25,6 +25,9 @@ from onnxvit.config import LiteConfig
 from onnxvit.errors import UserError
 
 
+LITE_BUILD = 2  # in cache keys: version 1 loaded every int8 model with the default engine
+
+
 def quantized_engines() -> list[str]:
     """PyTorch's quantized engines on this CPU (x86, fbgemm, qnnpack, onednn...)."""
     return [e for e in torch.backends.quantized.supported_engines if e != "none"]
@@ -116,7 +119,9 @@ def build_lite_variants(model: torch.nn.Module, config: LiteConfig, example: tor
         try:
             body = dynamic_int8_linear(model, engine) if engine else model
             notes = save_lite(body, example, path, engine)
-            variants[name] = LiteVariant(name, path, engine, load_lite(path), notes)
+            with quantized_engine(engine):  # packed int8 weights are re-packed at load, for the engine then set
+                module = load_lite(path)
+            variants[name] = LiteVariant(name, path, engine, module, notes)
         except UserError:
             raise
         except Exception as exc:  # tracing and the Lite exporter raise many kinds

@@ -97,3 +97,17 @@ def test_compress_with_mobile_and_lite(tmp_path, image_folder):
 def test_bad_mobile_sections(section, message, tmp_path, image_folder):
     result = CliRunner().invoke(main, ["compress", str(write_config(tmp_path, image_folder, **section)), "--quiet"])
     assert result.exit_code == 2 and message in result.stderr and "Traceback" not in result.output
+
+
+def test_each_int8_engine_runs_its_own_kernels(tiny_model, tiny_images, tmp_path):
+    """The engine is process-wide and int8 weights are re-packed when a .ptl loads: each variant must
+    load and run under its own engine (qnnpack ignores reduce_range, so its numbers differ)."""
+    variants = build_lite_variants(tiny_model, LiteConfig(fp32=False, int8_engines=["x86", "qnnpack"]),
+                                   torch.from_numpy(tiny_images[:1]), tmp_path)
+    x = torch.from_numpy(tiny_images[:4])
+    with torch.no_grad():
+        x86, qnnpack = variants["lite-int8-x86"](x), variants["lite-int8-qnnpack"](x)
+        reference = tiny_model(x)
+    assert not torch.equal(x86, qnnpack)
+    for out in (x86, qnnpack):
+        assert torch.nn.functional.cosine_similarity(out, reference).min() > 0.99
