@@ -59,6 +59,15 @@ def rows_of(report: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def verdict(ort: dict[str, Any], lite: dict[str, Any]) -> str:
+    """One honest sentence: who is faster, by how much, at what fidelity."""
+    speedup = lite["median_ms"] / ort["median_ms"]
+    faster = "ONNX Runtime" if speedup >= 1 else "the Lite interpreter"
+    return (f"{faster} int8 is faster: {ort['name']} {ort['median_ms']:.2f} ms ({ort['agree_top1']:.1f}% agreement "
+            f"with FP32) against {lite['name']} {lite['median_ms']:.2f} ms ({lite['agree_top1']:.1f}%), "
+            f"{max(speedup, 1 / speedup):.2f}x" + ("; below the 1.5x target" if speedup < 1.5 else ""))
+
+
 def headline(report: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
     ort_int8 = [r for r in rows if r["runtime"] == "onnxruntime" and r["precision"] == "int8"]
     lite_int8 = [r for r in rows if r["runtime"] == "pytorch-lite" and r["precision"] == "int8"]
@@ -73,6 +82,7 @@ def headline(report: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, An
         "ort_int8": best_ort["name"], "lite_int8": f"{best_lite['name']}",
         "ort_int8_agree_top1": best_ort["agree_top1"], "lite_int8_agree_top1": best_lite["agree_top1"],
         "ort_int8_at_equal_or_better_agreement": best_ort["agree_top1"] >= best_lite["agree_top1"],
+        "verdict": verdict(best_ort, best_lite),
         "ort_format_max_abs_diff_fp32": fp32_ort.get("max_abs_vs_onnx"),
         # every .ort made, reloaded and equal to its .onnx; every Lite model built and FP32-equal to ONNX
         "artifacts_ok": all(a.get("ok") for a in artifacts) and bool(report["mobile"]["operators"])
