@@ -299,7 +299,7 @@ def compress(config_path: Path, force: bool = False, quiet: bool = False,
 
         from onnxvit.lite import build_lite_variants
 
-        lite = build_lite_variants(run.model, config.lite, torch.from_numpy(run.calibration_images[:1]), folder,
+        lite = build_lite_variants(run.model, config.lite, torch.from_numpy(run.calibration_images), folder,
                                    reporter.log)
     labels = run.dataset.labels("evaluate")
     eval_key = run.fingerprint("evaluate")
@@ -313,7 +313,8 @@ def compress(config_path: Path, force: bool = False, quiet: bool = False,
 
             from onnxvit.lite import LITE_BUILD
 
-            return cache_key(model=run.model_id, lite=name, torch=torch.__version__, build=LITE_BUILD)
+            return cache_key(model=run.model_id, lite=name, torch=torch.__version__, build=LITE_BUILD,
+                             calibration=run.fingerprint("calibrate"))  # static int8 calibrates
         return model_sha256(models[name])
 
     def logits_for(name: str) -> np.ndarray:

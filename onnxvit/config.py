@@ -158,6 +158,8 @@ class LiteConfig(StrictModel):
     fp32: bool = Field(True, description="The model traced and run by the Lite interpreter.")
     int8_engines: list[str] = Field(["x86"], description="PyTorch dynamic int8 Linear, one variant per engine "
                                                          "(x86, fbgemm, qnnpack, onednn where the build has it).")
+    static_engines: list[str] = Field([], description="PyTorch static int8 (FX graph mode, calibrated), one variant "
+                                                      "per engine; off by default: slower than FP32 on DeiT-tiny here.")
     parity_atol: float = Field(1e-4, gt=0, description="Largest logit difference lite-fp32 vs fp32 before flagging.")
     parity_min_agreement: float = Field(95.0, ge=0, le=100,
                                         description="Least top-1 agreement of an int8 pair before flagging.")
@@ -316,7 +318,8 @@ def _validate_mobile(config: Config, source: Path) -> None:
     if config.lite is not None:
         from onnxvit.lite import quantized_engines
 
-        for engine in config.lite.int8_engines:
-            if engine not in quantized_engines():
-                raise UserError(f"{source}: lite.int8_engines: '{engine}' is not a quantized engine of this torch "
-                                f"build; available: {', '.join(quantized_engines())}")
+        for field_name in ("int8_engines", "static_engines"):
+            for engine in getattr(config.lite, field_name):
+                if engine not in quantized_engines():
+                    raise UserError(f"{source}: lite.{field_name}: '{engine}' is not a quantized engine of this torch "
+                                    f"build; available: {', '.join(quantized_engines())}")

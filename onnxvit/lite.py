@@ -58,6 +58,20 @@ def dynamic_int8_linear(model: torch.nn.Module, engine: str) -> torch.nn.Module:
                                                       dtype=torch.qint8)
 
 
+def static_int8(model: torch.nn.Module, engine: str, calibration: torch.Tensor) -> torch.nn.Module:
+    """PyTorch static int8 through FX graph mode, calibrated on ``calibration``, on a copy."""
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    with quantized_engine(engine), warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        prepared = prepare_fx(copy.deepcopy(model).eval(), get_default_qconfig_mapping(engine),
+                              example_inputs=(calibration[:1],))
+        for start in range(0, len(calibration), 8):
+            prepared(calibration[start:start + 8])
+        return convert_fx(prepared)
+
+
 def save_lite(model: torch.nn.Module, example: torch.Tensor, path: Path,
               engine: str | None = None) -> dict[str, Any]:
     """Trace ``model`` and write a ``.ptl`` for the Lite interpreter (atomically); return notes."""
@@ -105,20 +119,24 @@ class LiteVariant:
             return self.module(x)
 
 
-def build_lite_variants(model: torch.nn.Module, config: LiteConfig, example: torch.Tensor, folder: Path,
+def build_lite_variants(model: torch.nn.Module, config: LiteConfig, calibration: torch.Tensor, folder: Path,
                         log: Callable[[str], None] = lambda m: None) -> dict[str, LiteVariant]:
-    """`lite-fp32` and one `lite-int8-ENGINE` per engine, saved as .ptl and loaded back.
+    """`lite-fp32`, `lite-int8-ENGINE` (dynamic) and `lite-int8-static-ENGINE`, saved as .ptl, loaded back.
 
-    A model that cannot be traced is one line in the log, and the run goes on without it.
+    A model that cannot be quantized or traced is one line in the log; the run goes on without it.
     """
-    wanted: list[tuple[str, str | None]] = ([("lite-fp32", None)] if config.fp32 else []) + [
-        (f"lite-int8-{engine}", engine) for engine in config.int8_engines]
+    wanted: list[tuple[str, str | None, bool]] = ([("lite-fp32", None, False)] if config.fp32 else []) + [
+        (f"lite-int8-{engine}", engine, False) for engine in config.int8_engines] + [
+        (f"lite-int8-static-{engine}", engine, True) for engine in config.static_engines]
     variants = {}
-    for name, engine in wanted:
+    for name, engine, static in wanted:
         path = folder / f"model.{name}.ptl"
         try:
-            body = dynamic_int8_linear(model, engine) if engine else model
-            notes = save_lite(body, example, path, engine)
+            if engine is None:
+                body = model
+            else:
+                body = static_int8(model, engine, calibration) if static else dynamic_int8_linear(model, engine)
+            notes = save_lite(body, calibration[:1], path, engine)
             with quantized_engine(engine):  # packed int8 weights are re-packed at load, for the engine then set
                 module = load_lite(path)
             variants[name] = LiteVariant(name, path, engine, module, notes)
