@@ -25,7 +25,7 @@ from onnxvit.evaluate import onnx_eval_logits, score, torch_eval_logits
 from onnxvit.export import check_export, export_onnx
 from onnxvit.fileio import atomic_write_bytes, atomic_write_json, sha256_file
 from onnxvit.metrics import compare_logits
-from onnxvit.models import create_model, parameter_bytes
+from onnxvit.models import create_model, parameter_bytes, recalibrate_batchnorm
 from onnxvit.progress import Reporter
 from onnxvit.report import machine_info, write_report
 from onnxvit.runtime import model_logits
@@ -59,8 +59,19 @@ class Run:
     records: list[StepRecord] = field(default_factory=list)
 
     @cached_property
-    def dense_model(self):
+    def created_model(self):
+        """The model as timm made it (with its checkpoint); its data config sets the preprocessing."""
         return create_model(self.config.model)
+
+    @cached_property
+    def dense_model(self):
+        """The created model, with BatchNorm statistics re-estimated when the config asks."""
+        model = self.created_model
+        if self.config.model.recalibrate_bn:
+            count = recalibrate_batchnorm(model, self.calibration_images)
+            self.reporter.log(f"model: re-estimated {count} BatchNorm layers on {len(self.calibration_images)} "
+                              "calibration images")
+        return model
 
     @property
     def pruning(self) -> bool:
@@ -151,7 +162,7 @@ class Run:
 
     @cached_property
     def preprocessing(self) -> tuple[Any, dict[str, Any]]:
-        return timm_transform(self.dense_model)
+        return timm_transform(self.created_model)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -191,7 +202,8 @@ class Run:
     def weights_id(self) -> str:
         m = self.config.model
         return cache_key(model=m.model_dump(mode="json"),
-                         checkpoint=sha256_file(m.checkpoint) if m.checkpoint else None)
+                         checkpoint=sha256_file(m.checkpoint) if m.checkpoint else None,
+                         batchnorm_images=self.fingerprint("calibrate") if m.recalibrate_bn else None)
 
     def check(self, before: onnx.ModelProto, after: onnx.ModelProto) -> dict[str, float]:
         threads = self.config.benchmark.threads
@@ -258,11 +270,11 @@ def compress(config_path: Path, force: bool = False, quiet: bool = False,
     folder = config.output.dir
     started = time.perf_counter()
     run = Run(config, pass_configs, reporter, Cache(folder / CACHE_DIR, force), config.sha256())
-    run.dataset, run.dense_model  # a bad image folder, manifest or checkpoint fails before anything is written
+    run.dataset, run.created_model  # a bad image folder, manifest or checkpoint fails before anything is written
     if run.pruning:
         from onnxvit.prune import check_prune_config
 
-        check_prune_config(run.dense_model, config.prune, config.model.name)
+        check_prune_config(run.created_model, config.prune, config.model.name)
         if config.finetune is not None:
             run.finetune_images  # noqa: B018  (a bad training folder fails here too)
     prepare_output(folder)

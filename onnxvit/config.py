@@ -31,6 +31,8 @@ class ModelConfig(StrictModel):
     checkpoint: Path | None = Field(None, description="Local weights: a state_dict, or one wrapped in 'model' / 'state_dict'.")
     pretrained: bool = Field(False, description="Download timm's pretrained weights from the hub.")
     random_init: bool = Field(False, description="Random weights, for speed and mechanics only.")
+    recalibrate_bn: bool = Field(False, description="Re-estimate BatchNorm statistics on the calibration images "
+                                                    "(for random weights: realistic activation ranges).")
     num_classes: int | None = Field(None, gt=0, description="Classifier size when not the model's default.")
     kwargs: dict[str, Any] = Field({}, description="Extra timm.create_model arguments, e.g. {depth: 2}.")
 

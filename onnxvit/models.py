@@ -6,6 +6,7 @@ import difflib
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnxvit._compat  # noqa: F401  (must precede timm)
 import timm
 import torch
@@ -86,6 +87,32 @@ def create_model(config: ModelConfig) -> torch.nn.Module:
     if config.checkpoint is not None:
         load_checkpoint(model, config.checkpoint)
     return model.eval()
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: torch.nn.Module, images: np.ndarray, batch_size: int = 8) -> int:
+    """Replace every BatchNorm's running statistics by their average over ``images``; return how many.
+
+    Random weights with BatchNorm's initial statistics (mean 0, variance 1) give activations of
+    arbitrary scale; re-estimated, they have the ranges a trained hybrid has, which is what the
+    quantization of conv + attention hybrids is judged on.
+    """
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return 0
+    saved = {m: m.momentum for m in norms}
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over all batches
+        m.train()
+    try:
+        for start in range(0, len(images), batch_size):
+            model(torch.from_numpy(images[start:start + batch_size]))
+    finally:
+        for m, momentum in saved.items():
+            m.momentum = momentum
+            m.eval()
+    return len(norms)
 
 
 def parameter_bytes(model: torch.nn.Module) -> int:

@@ -1,0 +1,92 @@
+"""Every hybrid family through `onnxvit compress`, in one run (issue 6, first part).
+
+For each example in examples/hybrids/ (random weights, BatchNorm re-estimated on the calibration
+images): `fp32`, onnxvit `int8`, `fp16` and `ort-default`, with agreement and SQNR against the
+model's own FP32 outputs (never top-1: the weights are random), median latency and size. Each
+family's variants are timed together. Q-HyViT's fixes are not built yet, so there is no ablation
+yet. With --json PATH writes the table and the `headline` object: families_total, families_ok,
+families_int8_beats_ort_default, families_int8_faster_than_fp32.
+
+    python bench/hybrid.py [--output DIR] [--json PATH] [--families mobilevit_xxs,levit_128s]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from onnxvit.compress import compress  # noqa: E402
+from onnxvit.errors import UserError  # noqa: E402
+from onnxvit.fileio import atomic_write_json  # noqa: E402
+from onnxvit.report import variant_table  # noqa: E402
+
+EXAMPLES = REPO / "examples" / "hybrids"
+
+
+def run_family(path: Path, output: Path) -> dict[str, Any]:
+    doc = yaml.safe_load(path.read_text())
+    for section, field in (("data", "root"), ("data", "manifest")):
+        doc[section][field] = str((path.parent / doc[section][field]).resolve())
+    doc["output"] = {"dir": str(output / path.stem)}
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / path.name
+        config.write_text(yaml.safe_dump(doc))
+        try:
+            report = compress(config, quiet=True)
+        except UserError as exc:
+            return {"family": path.stem, "ok": False, "error": str(exc)}
+        except Exception as exc:  # a family that breaks the pipeline is a result, not the end of the bench
+            return {"family": path.stem, "ok": False, "error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+    rows = {row["name"]: row for row in variant_table(report)}
+    export = next(s for s in report["steps"] if s["name"] == "fp32")
+    return {"family": path.stem, "ok": True, "export_max_abs": export["check"]["max_abs_vs_torch"],
+            "rows": {name: {k: row[k] for k in ("agree_top1", "sqnr_db", "median_ms", "speedup_vs_fp32", "size_mb")}
+                     for name, row in rows.items()}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", type=Path, default=REPO / "out" / "bench-hybrid")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--families", help="comma-separated example names; default: all of examples/hybrids")
+    args = parser.parse_args()
+    paths = sorted(EXAMPLES.glob("*.yaml"))
+    if args.families:
+        paths = [p for p in paths if p.stem in args.families.split(",")]
+    results = []
+    for path in paths:
+        results.append(run_family(path, args.output.resolve()))
+        print(json.dumps(results[-1]), flush=True)
+    print("\n| family | export max abs | variant | agree % | SQNR dB | median ms | speed-up | size MB |\n|" + "---|" * 8)
+    for r in results:
+        if not r["ok"]:
+            print(f"| {r['family']} | FAILED: {r['error']} |||||||")
+            continue
+        for name, row in r["rows"].items():
+            print(f"| {r['family']} | {r['export_max_abs']:.1e} | {name} | {row['agree_top1']:.1f} | "
+                  f"{row['sqnr_db']:.1f} | {row['median_ms']:.2f} | {row['speedup_vs_fp32']:.2f} | {row['size_mb']:.2f} |")
+    ok = [r for r in results if r["ok"]]
+    head = {
+        "families_total": len(results),
+        "families_ok": len(ok),
+        "families_int8_beats_ort_default": int(sum(r["rows"]["int8"]["sqnr_db"] > r["rows"]["ort-default"]["sqnr_db"]
+                                               for r in ok)),
+        "families_int8_faster_than_fp32": int(sum(r["rows"]["int8"]["speedup_vs_fp32"] > 1 for r in ok)),
+        "export_max_abs_worst": max((r["export_max_abs"] for r in ok), default=None),
+    }
+    print(json.dumps(head, indent=2))
+    if args.json:
+        atomic_write_json(args.json, {"results": results, "headline": head})
+
+
+if __name__ == "__main__":
+    main()

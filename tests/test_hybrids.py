@@ -1,0 +1,58 @@
+"""Hybrid CNN + attention models through the pipeline, and BatchNorm re-estimation for random weights."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from onnxvit.cli import main
+from onnxvit.config import load_config
+from onnxvit.models import recalibrate_batchnorm
+from tests.conftest import REPO, write_config
+
+EXAMPLES = sorted((REPO / "examples").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: str(p.relative_to(REPO / "examples")))
+def test_every_example_config_is_valid(path):
+    config, _ = load_config(path)
+    assert config.output.dir.is_absolute()
+
+
+def test_recalibrated_batchnorm_holds_the_statistics_of_its_input(tiny_images):
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("repvit_m0_9", num_classes=4).eval()
+    norm = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    seen = []
+    handle = norm.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].detach()))
+    count = recalibrate_batchnorm(model, tiny_images[:8], batch_size=4)
+    handle.remove()
+    inputs = torch.cat(seen)
+    assert count > 10 and not norm.training and norm.momentum == 0.1
+    assert torch.allclose(norm.running_mean, inputs.mean((0, 2, 3)), atol=1e-4)
+    assert not torch.allclose(norm.running_var, torch.ones_like(norm.running_var))
+
+
+@pytest.mark.parametrize("name", ["mobilevit_xxs", "levit_128s", "efficientformerv2_s0"])
+def test_hybrid_compresses_end_to_end(name, tmp_path, image_folder):
+    model = {"name": name, "random_init": True, "recalibrate_bn": True, "num_classes": 4}
+    config = write_config(tmp_path, image_folder, model=model,
+                          passes=[{"pass": "quantize_int8", "name": "int8", "input": "fp32"},
+                                  {"pass": "ort_default", "name": "ort-default", "input": "fp32"}],
+                          benchmark={"warmup": 1, "runs": 2, "rounds": 1, "torch": False})
+    result = CliRunner().invoke(main, ["compress", str(config), "--quiet"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    export = next(s for s in report["steps"] if s["name"] == "fp32")
+    assert export["check"]["max_abs_vs_torch"] <= 1e-4
+    variants = {v["name"]: v for v in report["variants"]}
+    assert set(variants) == {"fp32", "int8", "ort-default"}
+    assert variants["int8"]["sqnr_db"] > 15
+    if name == "efficientformerv2_s0":  # ONNX Runtime's symbolic shape inference gives up on it
+        ort_default = next(s for s in report["steps"] if s["name"] == "ort-default")
+        assert "symbolic shape inference failed" in ort_default["notes"]["preprocess"]
