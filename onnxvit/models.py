@@ -14,6 +14,7 @@ import torch
 from onnxvit.config import ModelConfig
 from onnxvit.errors import UserError
 
+RANDOM_INIT_SEED = 0
 _WRAPPER_KEYS = ("model", "state_dict", "model_state_dict", "module")
 
 
@@ -74,7 +75,9 @@ def create_model(config: ModelConfig) -> torch.nn.Module:
     if config.num_classes is not None:
         kwargs["num_classes"] = config.num_classes
     try:
-        model = timm.create_model(config.name, pretrained=config.pretrained, **kwargs)
+        with torch.random.fork_rng():
+            torch.manual_seed(RANDOM_INIT_SEED)  # random weights are part of the config: the same in every run
+            model = timm.create_model(config.name, pretrained=config.pretrained, **kwargs)
     except TypeError as exc:
         raise UserError(f"model.kwargs: {config.name} does not accept these arguments ({exc})") from None
     except Exception as exc:

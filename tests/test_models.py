@@ -54,3 +54,20 @@ def test_unknown_model_and_bad_files(tmp_path):
         create_model(ModelConfig(checkpoint=junk, **SMALL))
     with pytest.raises(UserError, match="not found"):
         create_model(ModelConfig(checkpoint=tmp_path / "absent.pth", **SMALL))
+
+
+def test_random_weights_are_the_same_in_every_run():
+    """The cache keys a random-init model by its config, so its weights must follow from the config."""
+    import torch
+
+    from onnxvit.config import ModelConfig
+    from onnxvit.models import create_model
+    from tests.conftest import TINY_MODEL
+
+    torch.manual_seed(123)
+    first = create_model(ModelConfig(**TINY_MODEL)).state_dict()
+    torch.manual_seed(456)
+    state = torch.get_rng_state()
+    second = create_model(ModelConfig(**TINY_MODEL)).state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's random stream is left as it was
