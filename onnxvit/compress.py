@@ -6,6 +6,7 @@ images are decoded only when something that needs them has to run.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -382,7 +383,9 @@ def compress(config_path: Path, force: bool = False, quiet: bool = False,
         "weights": "checkpoint" if config.model.checkpoint else
                    ("pretrained" if config.model.pretrained else "random_init"),
         "batch_size": bench.batch_size,
-        "data": {"root": str(config.data.root), "manifest": str(config.data.manifest) if config.data.manifest else None,
+        # Paths relative to the report's folder: a report moved with its models keeps its meaning.
+        "data": {"root": os.path.relpath(config.data.root, folder),
+                 "manifest": os.path.relpath(config.data.manifest, folder) if config.data.manifest else None,
                  **{f"{s}_images": len(f) for s, f in run.dataset.splits.items()}},
         "reference": reference_name,
         "prune": {**run.pruned[1], "checkpoint": "model.pruned.pt"} if run.pruning else None,

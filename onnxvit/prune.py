@@ -191,7 +191,8 @@ def solve_fraction(model: torch.nn.Module, config: PruneConfig, input_shape: tup
     """The common fraction of ``ratio_kinds`` that removes ``ratio`` of the params / MACs.
 
     Counts depend on widths only, not on which channels go, so the search prunes copies with random
-    importance (cheap); a bisection over 12 steps is finer than round_to's granularity.
+    importance (cheap; with global_pruning the split across layers, so the count, is approximate);
+    a bisection over 12 steps is finer than round_to's granularity.
     """
     example = torch.zeros(1, *input_shape)
     dense = count_params_macs(model, input_shape)[config.target]

@@ -1,6 +1,7 @@
 """The command line as a user meets it: a tiny end-to-end run, its cache, and every bad input."""
 
 import json
+from pathlib import Path
 import os
 import subprocess
 import sys
@@ -59,6 +60,9 @@ def test_compress_writes_models_report_and_plot(first_run):
     assert variants["int8"]["size_bytes"] < 0.5 * variants["fp32"]["size_bytes"]
     assert variants["fp16"]["size_bytes"] < 0.6 * variants["fp32"]["size_bytes"]
     assert report["data"]["evaluate_images"] == 12 and report["weights"] == "random_init"
+    config_path = first_run[0]
+    image_root = load_config(config_path)[0].data.root
+    assert not Path(report["data"]["root"]).is_absolute() and (out / report["data"]["root"]).resolve() == image_root
     steps = {s["name"]: s for s in report["steps"]}
     assert steps["int8"]["check"]["sqnr_db"] > 10 and steps["fp32"]["notes"]["simplified"]
     assert "| int8 |" in (out / "report.md").read_text()
