@@ -306,14 +306,14 @@ def compress(config_path: Path, force: bool = False, quiet: bool = False,
         chosen = config.mobile.variants or reported
         mobile = build_artifacts({n: paths[n] for n in chosen}, folder, config.mobile, run.check_batches,
                                  bench.threads, reporter.log)
-    lite = {}
+    lite, lite_errors = {}, {}
     if config.lite is not None:
         import torch
 
         from onnxvit.lite import build_lite_variants
 
-        lite = build_lite_variants(run.model, config.lite, torch.from_numpy(run.calibration_images), folder,
-                                   reporter.log)
+        lite, lite_errors = build_lite_variants(run.model, config.lite, torch.from_numpy(run.calibration_images),
+                                                folder, reporter.log)
     labels = run.dataset.labels("evaluate")
     eval_key = run.fingerprint("evaluate")
 
@@ -391,7 +391,8 @@ def compress(config_path: Path, force: bool = False, quiet: bool = False,
         "prune": {**run.pruned[1], "checkpoint": "model.pruned.pt"} if run.pruning else None,
         "variants": variants,
         "mobile": mobile,
-        "lite": {name: v.notes for name, v in lite.items()} if config.lite is not None else None,
+        "lite": {**{name: v.notes for name, v in lite.items()}, **{name: {"error": e} for name, e in lite_errors.items()}}
+        if config.lite is not None else None,
         "parity": parity(config, run, lite, {name: logits_for(name) for name in names}),
         "steps": [r.to_json() for r in records],
         "seconds": round(time.perf_counter() - started, 2),

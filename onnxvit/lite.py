@@ -120,15 +120,17 @@ class LiteVariant:
 
 
 def build_lite_variants(model: torch.nn.Module, config: LiteConfig, calibration: torch.Tensor, folder: Path,
-                        log: Callable[[str], None] = lambda m: None) -> dict[str, LiteVariant]:
+                        log: Callable[[str], None] = lambda m: None
+                        ) -> tuple[dict[str, LiteVariant], dict[str, str]]:
     """`lite-fp32`, `lite-int8-ENGINE` (dynamic) and `lite-int8-static-ENGINE`, saved as .ptl, loaded back.
 
-    A model that cannot be quantized or traced is one line in the log; the run goes on without it.
+    A model that cannot be quantized or traced is one line (returned per variant, and logged); the
+    run goes on without it.
     """
     wanted: list[tuple[str, str | None, bool]] = ([("lite-fp32", None, False)] if config.fp32 else []) + [
         (f"lite-int8-{engine}", engine, False) for engine in config.int8_engines] + [
         (f"lite-int8-static-{engine}", engine, True) for engine in config.static_engines]
-    variants = {}
+    variants, errors = {}, {}
     for name, engine, static in wanted:
         path = folder / f"model.{name}.ptl"
         try:
@@ -143,8 +145,10 @@ def build_lite_variants(model: torch.nn.Module, config: LiteConfig, calibration:
         except UserError:
             raise
         except Exception as exc:  # tracing and the Lite exporter raise many kinds
-            log(f"{name}: cannot build a Lite model: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:160]}")
-    return variants
+            first = (str(exc).strip().splitlines() or [""])[0][:160]
+            errors[name] = f"cannot build a Lite model: {type(exc).__name__}: {first}"
+            log(f"{name}: {errors[name]}")
+    return variants, errors
 
 
 def parity_table(logits: dict[str, np.ndarray], pairs: list[tuple[str, str, str]],
@@ -154,13 +158,14 @@ def parity_table(logits: dict[str, np.ndarray], pairs: list[tuple[str, str, str]
     FP32 pairs must agree to ``parity_atol`` on every logit; int8 pairs, whose two quantizers
     differ by design, to ``parity_min_agreement`` percent of top-1 classes.
     """
+    from onnxvit.evaluate import SQNR_CEILING_DB
     from onnxvit.metrics import max_abs_diff, sqnr_db, top1_agreement
 
     rows = []
     for onnx_name, torch_name, kind in pairs:
         a, b = logits[onnx_name], logits[torch_name]
         row = {"onnx": onnx_name, "torch": torch_name, "kind": kind, "max_abs": round(max_abs_diff(a, b), 6),
-               "agree_top1": round(top1_agreement(a, b), 4), "sqnr_db": round(min(sqnr_db(a, b), 200.0), 3)}
+               "agree_top1": round(top1_agreement(a, b), 4), "sqnr_db": round(min(sqnr_db(a, b), SQNR_CEILING_DB), 3)}
         row["ok"] = row["max_abs"] <= config.parity_atol if kind == "fp32" else \
             row["agree_top1"] >= config.parity_min_agreement
         rows.append(row)

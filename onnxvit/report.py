@@ -128,7 +128,8 @@ def _parity_section(report: dict[str, Any]) -> list[str]:
         lines.append(f"| {r['onnx']} | {r['torch']} | {r['kind']} | {r['max_abs']:.3g} | {r['agree_top1']:.2f} | "
                      f"{_fmt(r['sqnr_db'])} | {'ok' if r['ok'] else '**FLAGGED**'} |")
     notes = report.get("lite") or {}
-    skipped = {n for n, v in notes.items() if v.get("optimize_for_mobile") is not True}
+    lines += [f"\n`{n}`: {v['error']}" for n, v in notes.items() if "error" in v]
+    skipped = {n for n, v in notes.items() if "error" not in v and v.get("optimize_for_mobile") is not True}
     if skipped:
         lines.append(f"\n`optimize_for_mobile` skipped for {', '.join(sorted(skipped))}: this torch build has no XNNPACK.")
     return lines

@@ -57,8 +57,8 @@ def test_lite_round_trip(tiny_model, tiny_images, tmp_path):
 
 
 def test_parity_flags_a_corrupted_weight(tiny_model, tiny_onnx, tiny_images, tmp_path):
-    variants = build_lite_variants(tiny_model, LiteConfig(int8_engines=[]), torch.from_numpy(tiny_images[:1]),
-                                   tmp_path)
+    variants, _ = build_lite_variants(tiny_model, LiteConfig(int8_engines=[]), torch.from_numpy(tiny_images[:1]),
+                                      tmp_path)
     with torch.no_grad():
         lite_logits = variants["lite-fp32"](torch.from_numpy(tiny_images)).numpy()
     corrupted = onnx.ModelProto()
@@ -104,7 +104,7 @@ def test_bad_mobile_sections(section, message, tmp_path, image_folder):
 def test_each_int8_engine_runs_its_own_kernels(tiny_model, tiny_images, tmp_path):
     """The engine is process-wide and int8 weights are re-packed when a .ptl loads: each variant must
     load and run under its own engine (qnnpack ignores reduce_range, so its numbers differ)."""
-    variants = build_lite_variants(tiny_model, LiteConfig(fp32=False, int8_engines=["x86", "qnnpack"]),
+    variants, _ = build_lite_variants(tiny_model, LiteConfig(fp32=False, int8_engines=["x86", "qnnpack"]),
                                    torch.from_numpy(tiny_images[:1]), tmp_path)
     x = torch.from_numpy(tiny_images[:4])
     with torch.no_grad():
@@ -123,8 +123,25 @@ def test_static_int8_lite_variant(tiny_model, tiny_images, tmp_path):
     calibration = torch.from_numpy(tiny_images[:8])
     quantized = static_int8(tiny_model, "x86", calibration)
     assert any(isinstance(m, torch.ao.nn.quantized.Linear) for m in quantized.modules())
-    variants = build_lite_variants(tiny_model, LiteConfig(fp32=False, int8_engines=[], static_engines=["x86"]),
+    variants, _ = build_lite_variants(tiny_model, LiteConfig(fp32=False, int8_engines=[], static_engines=["x86"]),
                                    calibration, tmp_path)
     x = torch.from_numpy(tiny_images[8:12])
     with torch.no_grad(), quantized_engine("x86"):
         assert torch.allclose(variants["lite-int8-static-x86"](x), quantized(x), atol=1e-5)
+
+
+def test_a_model_that_cannot_be_traced_is_one_line_and_the_rest_goes_on(tiny_images, tmp_path):
+    class DictOutput(torch.nn.Module):  # the tracer refuses dict outputs in strict mode
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = torch.nn.Linear(224, 4)
+
+        def forward(self, x):
+            return {"logits": self.linear(x).mean((1, 2))}
+
+    messages = []
+    variants, errors = build_lite_variants(DictOutput().eval(), LiteConfig(int8_engines=["x86"]),
+                                           torch.from_numpy(tiny_images[:2]), tmp_path, messages.append)
+    assert set(errors) == {"lite-fp32", "lite-int8-x86"} and not variants
+    assert all("\n" not in e and e.startswith("cannot build a Lite model") for e in errors.values())
+    assert len(messages) == 2
