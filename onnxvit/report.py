@@ -120,14 +120,14 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 def _parity_section(report: dict[str, Any]) -> list[str]:
     rows = report.get("parity") or []
-    if not rows:
+    notes = report.get("lite") or {}
+    if not rows and not notes:
         return []
     lines = ["", "## Parity: ONNX Runtime vs PyTorch Lite", "",
              "| ONNX variant | PyTorch variant | kind | max abs | agree % | SQNR dB | |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['onnx']} | {r['torch']} | {r['kind']} | {r['max_abs']:.3g} | {r['agree_top1']:.2f} | "
                      f"{_fmt(r['sqnr_db'])} | {'ok' if r['ok'] else '**FLAGGED**'} |")
-    notes = report.get("lite") or {}
     lines += [f"\n`{n}`: {v['error']}" for n, v in notes.items() if "error" in v]
     skipped = {n for n, v in notes.items() if "error" not in v and v.get("optimize_for_mobile") is not True}
     if skipped:

@@ -145,3 +145,12 @@ def test_a_model_that_cannot_be_traced_is_one_line_and_the_rest_goes_on(tiny_ima
     assert set(errors) == {"lite-fp32", "lite-int8-x86"} and not variants
     assert all("\n" not in e and e.startswith("cannot build a Lite model") for e in errors.values())
     assert len(messages) == 2
+
+
+def test_report_shows_a_lite_model_that_could_not_be_built():
+    from onnxvit.report import render_markdown
+
+    report = {"model": "m", "onnxvit_version": "0", "variants": [], "parity": [],
+              "machine": {"cpu": "c", "threads": 2, "onnxruntime": "o", "torch": "t"},
+              "lite": {"lite-fp32": {"error": "cannot build a Lite model: RuntimeError: dict output"}}}
+    assert "`lite-fp32`: cannot build a Lite model: RuntimeError: dict output" in render_markdown(report)
