@@ -61,7 +61,10 @@ def quiet_onnxruntime_quantizer() -> Iterator[None]:
 def run_ort_quantizer(model: onnx.ModelProto, quantize: Callable[[Path, Path], None]) -> onnx.ModelProto:
     """Run one of ONNX Runtime's file-to-file quantizers, ``quantize(input_path, output_path)``, on
     ``model`` in a temporary folder, quietly, and return its output."""
-    with tempfile.TemporaryDirectory(prefix="onnxvit-q-") as tmp, quiet_onnxruntime_quantizer():
+    # Inside the folder: when its symbolic shape inference fails, ONNX Runtime leaves
+    # sym_shape_infer_temp.onnx and a .data file in the working directory.
+    with tempfile.TemporaryDirectory(prefix="onnxvit-q-") as tmp, quiet_onnxruntime_quantizer(), \
+            contextlib.chdir(tmp):
         source, output = Path(tmp) / "input.onnx", Path(tmp) / "quantized.onnx"
         onnx.save(model, source)
         quantize(source, output)

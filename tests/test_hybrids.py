@@ -56,3 +56,25 @@ def test_hybrid_compresses_end_to_end(name, tmp_path, image_folder):
     if name == "efficientformerv2_s0":  # ONNX Runtime's symbolic shape inference gives up on it
         ort_default = next(s for s in report["steps"] if s["name"] == "ort-default")
         assert "symbolic shape inference failed" in ort_default["notes"]["preprocess"]
+
+
+def test_ort_quantizers_leave_nothing_in_the_working_directory(tmp_path, monkeypatch):
+    """ONNX Runtime's failed symbolic shape inference writes temp files to the working directory."""
+    import numpy as np
+    import timm
+
+    from onnxvit.config import ExportConfig
+    from onnxvit.export import export_onnx
+    from passes import get_pass
+    from passes.base import PassContext
+
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    torch.manual_seed(0)
+    model = timm.create_model("efficientformerv2_s0", num_classes=4).eval()
+    x = np.random.default_rng(0).standard_normal((2, 3, 224, 224)).astype(np.float32)
+    ctx = PassContext(calibration=[x])
+    get_pass("ort_default")(get_pass("ort_default").Config()).run(export_onnx(model, x, ExportConfig()), ctx)
+    assert "symbolic shape inference failed" in ctx.notes["preprocess"]
+    assert list(work.iterdir()) == []
