@@ -9,6 +9,7 @@ report evaluates on. Augmentation is timm's training transform for the model.
 from __future__ import annotations
 
 import io
+import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,7 +96,8 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module, images: TrainIma
     generator = np.random.default_rng(config.seed)
     for _ in range(start):  # the same image order as an uninterrupted run
         generator.permutation(len(images))
-    torch.manual_seed(config.seed + start)
+    torch.manual_seed(config.seed + start)  # random erasing and crops (torch)...
+    random.seed(config.seed + start)  # ...and RandAugment (Python's random)
     temperature = config.temperature
     for epoch in range(start, config.epochs):
         student.train()
