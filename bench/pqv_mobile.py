@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import io
 import json
 import sys
 import warnings
@@ -45,6 +44,7 @@ from onnxvit.evaluate import onnx_eval_logits, score, torch_eval_logits  # noqa:
 from onnxvit.fileio import atomic_write_bytes, atomic_write_json  # noqa: E402
 from onnxvit.lite import dynamic_int8_linear, load_lite, quantized_engine, save_lite  # noqa: E402
 from onnxvit.progress import Reporter  # noqa: E402
+from onnxvit.report import save_figure  # noqa: E402
 from onnxvit.prune import Prunable, count_params_macs, sync_attention  # noqa: E402
 from passes import get_pass  # noqa: E402
 
@@ -243,11 +243,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     ax.set_title("DeiT-tiny: pruning + int8, onnxvit (ONNX Runtime) vs PQV-Mobile (Lite)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
+    save_figure(fig, path)
 
 
 def main() -> None:

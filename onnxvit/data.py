@@ -133,17 +133,23 @@ def timm_transform(model: Any) -> tuple[Callable[[Any], Any], dict[str, Any]]:
     return create_transform(**data_config, is_training=False), data_config
 
 
+def load_image(folder: ImageFolder, relative: str, transform: Callable[[Any], Any]) -> Any:
+    """One image of ``folder``, as RGB, through ``transform``; an unreadable file is a one-line error."""
+    from PIL import Image
+
+    try:
+        with Image.open(folder.root / relative) as image:
+            return transform(image.convert("RGB"))
+    except OSError as exc:
+        raise UserError(f"{folder.root / relative}: cannot read image ({exc})") from None
+
+
 def load_images(folder: ImageFolder, files: list[str], transform: Callable[[Any], Any],
                 advance: Callable[[int], None] = lambda n: None, workers: int = 2) -> np.ndarray:
     """Decode and preprocess ``files`` into one NCHW float32 array."""
-    from PIL import Image
 
     def one(relative: str) -> np.ndarray:
-        try:
-            with Image.open(folder.root / relative) as image:
-                array = transform(image.convert("RGB")).numpy()
-        except OSError as exc:
-            raise UserError(f"{folder.root / relative}: cannot read image ({exc})") from None
+        array = load_image(folder, relative, transform).numpy()
         advance(1)
         return array
 

@@ -20,8 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from onnxvit.config import FinetuneConfig
-from onnxvit.data import ImageFolder
-from onnxvit.errors import UserError
+from onnxvit.data import ImageFolder, load_image
 from onnxvit.fileio import atomic_write_bytes
 
 
@@ -46,16 +45,6 @@ def training_transform(model: torch.nn.Module, config: FinetuneConfig) -> Callab
         return create_transform(**data, is_training=False)
     return create_transform(**data, is_training=True, auto_augment=config.auto_augment,
                             re_prob=config.random_erasing)
-
-
-def _load(folder: ImageFolder, relative: str, transform: Callable[[Any], torch.Tensor]) -> torch.Tensor:
-    from PIL import Image
-
-    try:
-        with Image.open(folder.root / relative) as image:
-            return transform(image.convert("RGB"))
-    except OSError as exc:
-        raise UserError(f"{folder.root / relative}: cannot read image ({exc})") from None
 
 
 def _epoch_path(folder: Path, key: str, epoch: int) -> Path:
@@ -105,7 +94,7 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module, images: TrainIma
         total, seen = 0.0, 0
         with task(f"finetune epoch {epoch + 1}/{config.epochs}", len(images)) as advance:
             for begin in range(0, len(order), config.batch_size):
-                batch = torch.stack([_load(images.folder, images.files[i], transform)
+                batch = torch.stack([load_image(images.folder, images.files[i], transform)
                                      for i in order[begin:begin + config.batch_size]])
                 with torch.no_grad():
                     target = F.softmax(teacher(batch) / temperature, dim=1)

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +21,7 @@ import torch.backends.xnnpack
 
 from onnxvit.config import LiteConfig
 from onnxvit.errors import UserError
+from onnxvit.fileio import atomic_write_via
 
 
 LITE_BUILD = 2  # in cache keys: version 1 loaded every int8 model with the default engine
@@ -86,14 +85,7 @@ def save_lite(model: torch.nn.Module, example: torch.Tensor, path: Path,
             notes["optimize_for_mobile"] = True
         else:
             notes["optimize_for_mobile"] = "skipped: this torch build has no XNNPACK"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as handle:
-            temporary = Path(handle.name)
-        try:
-            traced._save_for_lite_interpreter(str(temporary))
-            os.replace(temporary, path)
-        finally:
-            temporary.unlink(missing_ok=True)
+        atomic_write_via(path, lambda temporary: traced._save_for_lite_interpreter(str(temporary)))
     notes["size_bytes"] = path.stat().st_size
     return notes
 

@@ -8,7 +8,6 @@ app's reduced ONNX Runtime build needs to run exactly these models.
 
 from __future__ import annotations
 
-import os
 import re
 import tempfile
 from pathlib import Path
@@ -18,7 +17,7 @@ import numpy as np
 import onnxruntime as ort
 
 from onnxvit.config import MobileConfig
-from onnxvit.fileio import atomic_write_text
+from onnxvit.fileio import atomic_write_text, atomic_write_via
 from onnxvit.metrics import max_abs_diff, top1_agreement
 from onnxvit.runtime import make_session, run_logits
 
@@ -36,16 +35,13 @@ def to_ort_format(onnx_path: Path, ort_path: Path, config: MobileConfig) -> None
     options.add_session_config_entry("session.qdqisint8allowed", "1" if config.target_platform == "arm" else "0")
     # NCHWc layouts are x86-only: a model saved with them would not run on a phone.
     disabled = ["NchwcTransformer"] if config.target_platform == "arm" and config.optimization == "all" else None
-    with tempfile.NamedTemporaryFile(dir=ort_path.parent, prefix=f".{ort_path.name}.", suffix=".ort",
-                                     delete=False) as handle:
-        temporary = Path(handle.name)
-    try:
+
+    def write(temporary: Path) -> None:
         options.optimized_model_filepath = str(temporary)
         ort.InferenceSession(str(onnx_path), sess_options=options, providers=["CPUExecutionProvider"],
                              disabled_optimizers=disabled)
-        os.replace(temporary, ort_path)
-    finally:
-        temporary.unlink(missing_ok=True)
+
+    atomic_write_via(ort_path, write, suffix=".ort")
 
 
 def required_operators(ort_paths: list[Path], config_path: Path, type_reduction: bool) -> list[str]:

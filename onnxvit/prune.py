@@ -321,16 +321,15 @@ def prune_model(model: torch.nn.Module, config: PruneConfig, images: np.ndarray,
     ``images`` (calibration split) feed gradient-based importance; ``labels`` None means the dense
     model's own predictions are the targets.
     """
+    check_prune_config(model, config, model_name)  # before the fraction search; solved fractions stay in bounds
     input_shape = tuple(images.shape[1:])
     dense_counts = count_params_macs(model, input_shape)
     fraction = None
     if config.ratio is not None:
-        fraction, expected = solve_fraction(model, config, input_shape)
+        fraction, _ = solve_fraction(model, config, input_shape)
         log(f"prune: {config.ratio:g} of {config.target} -> {fraction:.3f} of {', '.join(config.ratio_kinds)}")
     ratios = kind_ratios(config, fraction)
     pruned = copy.deepcopy(model)
-    check_prune_config(pruned, config, model_name)
-    Prunable.find(pruned, config.ignore).check(ratios, model_name)
     importance = make_importance(config.method)
     if config.method in ("taylor", "hessian"):
         used = images[: config.batches * config.batch_size]

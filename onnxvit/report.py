@@ -155,7 +155,6 @@ def _mobile_section(report: dict[str, Any]) -> list[str]:
 
 def render_plot(report: dict[str, Any], path: Path) -> None:
     """Top-1 (or agreement, for random weights) against median latency, one point per variant."""
-    import io
 
     import matplotlib
 
@@ -173,6 +172,15 @@ def render_plot(report: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("top-1 agreement with fp32, %" if metric == "agree_top1" else "top-1, % (evaluation split)")
     ax.set_title(f"{report['model']}: accuracy vs latency (marker area ~ size)", fontsize=9)
     ax.grid(alpha=0.3)
+    save_figure(fig, path)
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """A matplotlib figure as a PNG, written atomically, then closed."""
+    import io
+
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
