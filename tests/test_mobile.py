@@ -30,6 +30,20 @@ def test_ort_format_round_trip_and_operator_config(tiny_onnx, tiny_images, tmp_p
     assert "MatMul" in text and result["operators"] and all(line in text for line in result["operators"])
 
 
+def test_ort_twins_are_judged_by_what_the_model_computes_not_its_name(tiny_onnx, tiny_images, tmp_path):
+    from passes import get_pass
+    from passes.base import PassContext
+
+    quantize = get_pass("quantize_int8")
+    int8 = quantize(quantize.Config()).run(tiny_onnx, PassContext(calibration=[tiny_images[:2]]))
+    paths = {"plain": tmp_path / "plain.onnx", "q8": tmp_path / "q8.onnx"}  # names that say nothing
+    onnx.save(tiny_onnx, paths["plain"])
+    onnx.save(int8, paths["q8"])
+    result = build_artifacts(paths, tmp_path, MobileConfig(), [tiny_images[:2]], 2)
+    assert {a["variant"]: a["quantized"] for a in result["artifacts"]} == {"plain": False, "q8": True}
+    assert all(a["ok"] for a in result["artifacts"])
+
+
 def test_a_model_that_cannot_convert_is_one_line_and_the_rest_goes_on(tiny_onnx, tiny_images, tmp_path):
     good = tmp_path / "good.onnx"
     onnx.save(tiny_onnx, good)
