@@ -196,8 +196,10 @@ class Run:
         return cache_key(split=self.dataset.fingerprint(split), preprocessing=self.preprocessing[1])
 
     def context(self) -> PassContext:
+        labels = None if self.config.model.random_init else self.dataset.labels("search")
         return PassContext(calibration=batches(self.calibration_images, 8), search=batches(self.search_images, 16),
-                           threads=self.config.benchmark.threads, log=self.reporter.log)
+                           threads=self.config.benchmark.threads, log=self.reporter.log, search_labels=labels,
+                           progress=lambda description, total: self.reporter.task(description, total, live=False))
 
     @cached_property
     def weights_id(self) -> str:

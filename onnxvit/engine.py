@@ -13,7 +13,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, MutableMapping
 
 import numpy as np
 import onnx
@@ -105,6 +105,13 @@ class Cache:
             self._wrote(path)
         return path
 
+    def memo(self, name: str, key: str) -> "JsonMemo":
+        """A step's resumable scratch results; with --force, earlier runs' entries are ignored."""
+        path = self._path(name, key, ".memo.json")
+        memo = JsonMemo(path, load=self._usable(path))
+        self._wrote(path)
+        return memo
+
     def json(self, name: str, key: str, produce: Callable[[], Any]) -> Any:
         path = self._path(name, key, ".json")
         if self._usable(path):
@@ -113,6 +120,32 @@ class Cache:
         atomic_write_json(path, value)
         self._wrote(path)
         return value
+
+
+class JsonMemo(MutableMapping[str, Any]):
+    """A dict saved to a JSON file (atomically) on every write: what a long search measured so far,
+    so that an interrupted run resumes instead of starting over."""
+
+    def __init__(self, path: Path, load: bool = True) -> None:
+        self.path = path
+        self._data: dict[str, Any] = json.loads(path.read_text()) if load and path.is_file() else {}
+
+    def __getitem__(self, key: str) -> Any:
+        return self._data[key]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self._data[key] = value
+        atomic_write_json(self.path, self._data)
+
+    def __delitem__(self, key: str) -> None:
+        del self._data[key]
+        atomic_write_json(self.path, self._data)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
 
 
 def run_passes(
@@ -157,6 +190,7 @@ def run_passes(
             nonlocal context
             context = context or make_context()
             context.notes = {}
+            context.memo = cache.memo(record.name, record.key)
             output = pass_cls(pass_config).run(models[source], context)
             record.notes = dict(context.notes)
             record.check = check(models[source], output)

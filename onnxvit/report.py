@@ -15,6 +15,11 @@ SCHEMA_VERSION = 1
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 PLOT_PNG = "accuracy_vs_latency.png"
+TABLED_NOTES = {"points", "sensitivity"}  # step notes shown as their own tables, not in the JSON line
+
+
+def front_plot_name(step: str) -> str:
+    return f"pareto_{step}.png"
 
 
 def cpu_name() -> str:
@@ -111,7 +116,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         text = ", ".join(f"{k} {_fmt(v, 4)}" for k, v in check.items())
         parts.append(f"| {step['name']} | {step['kind']} | {step['input'] or '-'} | {step['cached']} | "
                      f"{step['seconds']:.1f} | {text} |")
-    notes = [f"- `{s['name']}`: {json.dumps(s['notes'])}" for s in report.get("steps", []) if s.get("notes")]
+    parts += _mixed_precision_sections(report)
+    notes = [f"- `{s['name']}`: {json.dumps({k: v for k, v in s['notes'].items() if k not in TABLED_NOTES})}"
+             for s in report.get("steps", []) if s.get("notes")]
     if notes:
         parts += ["", "## What each step did", "", *notes]
     parts += ["", f"![top-1 against latency]({PLOT_PNG})", ""]
@@ -153,6 +160,61 @@ def _mobile_section(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def mixed_precision_steps(report: dict[str, Any]) -> list[dict[str, Any]]:
+    return [s for s in report.get("steps", []) if s["kind"] == "mixed_precision" and s.get("notes", {}).get("points")]
+
+
+def _mixed_precision_sections(report: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
+    for step in mixed_precision_steps(report):
+        notes = step["notes"]
+        lines += ["", f"## Mixed precision: `{step['name']}`", "",
+                  f"One character per block ({_block_span(notes['blocks'])}): F float, 8 int8, 4 w4, W w8; other "
+                  f"linear layers: {notes['points'][0]['rest']}. Measured on the search split against the float "
+                  f"input; {notes['explored']} assignments scored by the per-block model, {len(notes['points'])} "
+                  f"built and timed together. Chosen: `{notes['chosen']}` ({notes['select']}).", "",
+                  "| assignment | front | top-1 % (search) | agree % | SQNR dB | median ms | x float | size MB | "
+                  "x int8 | constraints |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for p in sorted(notes["points"], key=lambda p: p["latency_ms"]):
+            mark = "**chosen**" if p["name"] == notes["chosen"] else ("yes" if p["on_front"] else "")
+            label = p["name"] if p["reference"] else f"`{p['code']}`"
+            lines.append(f"| {label} | {mark} | {_fmt(p['top1'])} | {p['agreement']:.1f} | {p['sqnr_db']:.2f} | "
+                         f"{p['latency_ms']:.2f} | {p['latency_vs_float']:.2f} | {p['size_bytes'] / 1e6:.2f} | "
+                         f"{p['size_vs_int8']:.2f} | {'; '.join(p['violates']) or 'ok'} |")
+        lines += ["", f"![Pareto front of {step['name']}]({front_plot_name(step['name'])})"]
+    return lines
+
+
+def _block_span(blocks: dict[str, int]) -> str:
+    names = [b for b in blocks if b != "rest"]
+    return ", ".join(names) if len(names) <= 3 else f"{names[0]} ... {names[-1]}"
+
+
+def render_front_plot(step: dict[str, Any], path: Path) -> None:
+    """A mixed-precision step's measured points, logit SQNR (the search objective; 31 images' top-1
+    moves in 3-point steps) against latency and against size: the two faces of a 3-D front."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    notes = step["notes"]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4), dpi=120, sharey=True)
+    for ax, key, label, scale in ((axes[0], "latency_ms", "median latency, ms", 1.0),
+                                  (axes[1], "size_bytes", "size, MB", 1e-6)):
+        for p in notes["points"]:
+            color = "tab:red" if p["name"] == notes["chosen"] else ("tab:blue" if p["on_front"] else "tab:gray")
+            x = p[key] * scale
+            ax.scatter([x], [p["sqnr_db"]], s=40, color=color, alpha=0.7, marker="s" if p["reference"] else "o")
+            ax.annotate(p["name"] if p["reference"] else p["code"], (x, p["sqnr_db"]),
+                        textcoords="offset points", xytext=(4, 3), fontsize=6)
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("logit SQNR vs float, dB (search split)")
+    fig.suptitle(f"{step['name']}: blue on the front, red chosen, squares uniform", fontsize=9)
+    save_figure(fig, path)
+
+
 def render_plot(report: dict[str, Any], path: Path) -> None:
     """Top-1 (or agreement, for random weights) against median latency, one point per variant."""
 
@@ -191,6 +253,8 @@ def save_figure(fig: Any, path: Path) -> None:
 def write_report(report: dict[str, Any], folder: Path) -> None:
     report = {"schema_version": SCHEMA_VERSION, **report}
     render_plot(report, folder / PLOT_PNG)
+    for step in mixed_precision_steps(report):
+        render_front_plot(step, folder / front_plot_name(step["name"]))
     atomic_write_text(folder / REPORT_MD, render_markdown(report))
     atomic_write_json(folder / REPORT_JSON, report)
 

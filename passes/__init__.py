@@ -25,6 +25,14 @@ def get_pass(name: str) -> type[Pass]:
 
 
 # Importing the modules registers their passes.
-from passes import fp16, fuse_vit, ort_baselines, quantize_int8, reparam_layernorm, simplify  # noqa: E402,F401
+from passes import (  # noqa: E402,F401
+    fp16,
+    fuse_vit,
+    mixed_precision,
+    ort_baselines,
+    quantize_int8,
+    reparam_layernorm,
+    simplify,
+)
 
 __all__ = ["Pass", "PassConfig", "PassContext", "get_pass", "pass_names", "register_pass"]

@@ -6,8 +6,9 @@ open an ONNX Runtime session, somewhere to say what it did) comes through ``Pass
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterator
+from typing import Any, Callable, ClassVar, ContextManager, Iterator, MutableMapping
 
 import numpy as np
 import onnx
@@ -26,7 +27,11 @@ class PassContext:
 
     ``calibration`` is a list of preprocessed NCHW float32 batches from the calibration split;
     ``search`` the same from the search split, for passes that choose by measured fidelity;
-    ``notes`` collects what the pass wants in the report (what it changed, what it fell back from).
+    ``search_labels`` their class labels when the weights are real (``None`` for random weights);
+    ``notes`` collects what the pass wants in the report (what it changed, what it fell back from);
+    ``memo`` keeps JSON-able results of long searches across interrupted runs (the engine backs it
+    with a file keyed like the step); ``progress(description, total)`` opens a progress bar and
+    yields the function that advances it.
     """
 
     calibration: list[np.ndarray] = field(default_factory=list)
@@ -35,6 +40,10 @@ class PassContext:
     threads: int = 2
     log: Callable[[str], None] = lambda message: None
     notes: dict[str, Any] = field(default_factory=dict)
+    search_labels: np.ndarray | None = None
+    memo: MutableMapping[str, Any] = field(default_factory=dict)
+    progress: Callable[[str, int], ContextManager[Callable[[int], None]]] = \
+        lambda description, total: contextlib.nullcontext(lambda n=1: None)
 
     def require_calibration(self, who: str) -> None:
         if not self.calibration:
