@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 
 from onnxvit import __version__
+from onnxvit.errors import UserError
 from onnxvit.fileio import atomic_write_bytes, atomic_write_json, sha256_bytes, sha256_json
 
 
@@ -191,7 +192,10 @@ def run_passes(
             context = context or make_context()
             context.notes = {}
             context.memo = cache.memo(record.name, record.key)
-            output = pass_cls(pass_config).run(models[source], context)
+            try:
+                output = pass_cls(pass_config).run(models[source], context)
+            except UserError as exc:
+                raise UserError(f"step '{record.name}' ({step.pass_}): {exc}") from None
             record.notes = dict(context.notes)
             record.check = check(models[source], output)
             return output

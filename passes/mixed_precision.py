@@ -33,6 +33,7 @@ import onnx
 from pydantic import Field, model_validator
 
 from onnxvit.benchmark import measure_latency
+from onnxvit.errors import UserError
 from onnxvit.metrics import top1_agreement, topk_accuracy
 from onnxvit.runtime import make_session, model_logits
 from passes import register_pass
@@ -81,6 +82,10 @@ class MixedPrecisionConfig(PassConfig):
     latency_runs: int = Field(60, ge=5)
     latency_warmup: int = Field(10, ge=0)
     select: SelectConfig = Field(default_factory=SelectConfig)
+
+    @property
+    def requires_labels(self) -> bool:
+        return self.objective == "top1" or self.select.max_top1_drop is not None
 
     @model_validator(mode="after")
     def _checks(self) -> "MixedPrecisionConfig":
@@ -215,11 +220,10 @@ class MixedPrecisionPass(Pass):
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
         cfg = self.config
         if not ctx.search:
-            raise ValueError("mixed_precision needs search images; set data.search_images > 0")
-        if cfg.objective == "top1" or cfg.select.max_top1_drop is not None:
-            if ctx.search_labels is None:
-                raise ValueError("mixed_precision: top-1 needs labelled search images with real weights; "
-                                 "use objective: sqnr and select.min_agreement")
+            raise UserError("needs search images; set data.search_images > 0")
+        if cfg.requires_labels and ctx.search_labels is None:
+            raise UserError("top-1 needs labelled search images with real weights; "
+                            "use objective: sqnr and select.min_agreement")
         started = time.perf_counter()
         search = _Search(self, model, ctx)
         output, notes = search.run()
@@ -236,8 +240,8 @@ class _Search:
         self.prepared, self.layers = owner.prepare(model)
         self.blocks = [b for b in self.layers if b != REST]
         if not self.blocks:
-            raise ValueError("mixed_precision: no blocks found (no linear layer's tensors carry a "
-                             "module path like blocks.N); use quantize_int8 instead")
+            raise UserError("no blocks found (no linear layer's tensors carry a "
+                            "module path like blocks.N); use quantize_int8 instead")
         self.reference = model_logits(model, ctx.search, ctx.threads)
         self.labels = ctx.search_labels
         self.reference_top1 = (topk_accuracy(self.reference, self.labels, 1)
@@ -337,8 +341,9 @@ class _Search:
                          initial=seeds)
         genomes = list(explored)
         if not genomes:
-            raise ValueError("mixed_precision: no assignment meets the constraints "
-                             "(max_latency_vs_float, max_size_vs_int8, allow_uniform); loosen them")
+            timed = ", ".join(f"{c} {ms:.2f} ms" for c, ms in uniform_ms.items())
+            raise UserError(f"no assignment meets the constraints (max_latency_vs_float, max_size_vs_int8, "
+                            f"allow_uniform); uniform models measured {timed}; loosen them")
         objectives = np.array([explored[g] for g in genomes])
         front = [genomes[i] for i in pareto_front(objectives)]
         picked = [front[i] for i in spread_pick(np.array([explored[g] for g in front]), cfg.candidates)]

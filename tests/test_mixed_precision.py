@@ -1,0 +1,148 @@
+"""The mixed_precision pass on the depth-2 DeiT: blocks from the graph, constraints on every
+candidate, a resumable search, and a front point rebuilt from report.json."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import yaml
+
+from onnxvit.engine import JsonMemo
+from onnxvit.errors import UserError
+from onnxvit.metrics import sqnr_db, top1_agreement
+from onnxvit.runtime import model_logits
+from passes.base import PassContext
+from passes.fuse_vit import FuseVitPass
+from passes.mixed_precision import MixedPrecisionConfig, MixedPrecisionPass, find_blocks
+from passes.ort_quant import weighted_nodes
+from tests.conftest import write_config
+
+# on a model this small nothing runs faster than float, so the latency limit is off
+FAST = {"latency_runs": 5, "latency_warmup": 1, "max_latency_vs_float": None}
+
+
+@pytest.fixture()
+def search_ctx(tiny_images):
+    return PassContext(search=[tiny_images[:6]], threads=2)
+
+
+def _ops(model: onnx.ModelProto) -> dict[str, int]:
+    ops: dict[str, int] = {}
+    for node in model.graph.node:
+        ops[node.op_type] = ops.get(node.op_type, 0) + 1
+    return ops
+
+
+def test_blocks_come_from_module_paths_even_after_fusion(tiny_onnx, tiny_images):
+    fused = FuseVitPass().run(tiny_onnx, PassContext(calibration=[tiny_images[:4]]))
+    for model in (tiny_onnx, fused):
+        prepared, blocks = MixedPrecisionPass().prepare(model)
+        assert list(blocks) == ["blocks.0", "blocks.1", "rest"]
+        assert [len(v) for v in blocks.values()] == [4, 4, 1]  # qkv, proj, fc1, fc2; the head
+    # fuse_vit names its nodes attention_N / Gemm_N: the block is read from the tensors around them
+    assert any(name.startswith("attention_0") for name in find_blocks(
+        fused, [n for n in weighted_nodes(fused, ["MatMul"]) if n.startswith("attention_")])["blocks.0"])
+
+
+def test_build_puts_each_choice_where_the_assignment_says(tiny_onnx):
+    mp = MixedPrecisionPass()
+    built = mp.apply(tiny_onnx, {"blocks.0": "w4", "blocks.1": "float"})
+    ops = _ops(built)
+    assert ops.get("MatMulNBits") == 4  # blocks.0; the head follows `rest: int8`
+    assert ops.get("MatMulInteger") == 1
+    assert len(weighted_nodes(built, ["MatMul"])) == 4  # blocks.1 stays float
+    with pytest.raises(ValueError, match="blocks.7"):
+        mp.apply(tiny_onnx, {"blocks.7": "int8"})
+
+
+def test_every_candidate_meets_the_constraints(tiny_onnx, search_ctx):
+    config = MixedPrecisionConfig(max_size_vs_int8=1.0, **FAST)
+    out = MixedPrecisionPass(config).run(tiny_onnx, search_ctx)
+    notes = search_ctx.notes
+    searched = [p for p in notes["points"] if not p["reference"]]
+    assert searched, "the search measured no candidate"
+    for p in searched:
+        assert len(set(p["assignment"].values())) > 1  # PoMQ-ViT: not uniform
+        # a float block is larger than int8: the size limit leaves only int8 and w4 mixes
+        assert "F" not in p["code"]
+        assert p["violates"] == []
+        assert p["size_vs_int8"] <= 1.0
+    assert {"uniform-float", "uniform-int8", "uniform-w4"} <= {p["name"] for p in notes["points"]}
+    chosen = next(p for p in notes["points"] if p["name"] == notes["chosen"])
+    assert chosen["violates"] == [] and chosen["on_front"]
+    # the output is the chosen assignment
+    again = MixedPrecisionPass(config).apply(tiny_onnx, chosen["assignment"])
+    np.testing.assert_allclose(model_logits(out, search_ctx.search), model_logits(again, search_ctx.search),
+                               atol=1e-5)
+
+
+def test_the_search_resumes_from_its_memo(tiny_onnx, tiny_images, tmp_path, monkeypatch):
+    builds = []
+    original = MixedPrecisionPass.build
+    monkeypatch.setattr(MixedPrecisionPass, "build",
+                        lambda self, *args: builds.append(1) or original(self, *args))
+    config = MixedPrecisionConfig(**FAST)
+    path = tmp_path / "step.memo.json"
+    first = PassContext(search=[tiny_images[:6]], memo=JsonMemo(path))
+    MixedPrecisionPass(config).run(tiny_onnx, first)
+    first_builds = len(builds)
+    builds.clear()
+    second = PassContext(search=[tiny_images[:6]], memo=JsonMemo(path))  # read back from the file
+    MixedPrecisionPass(config).run(tiny_onnx, second)
+    # only the final timing (one build per point) and the output are rebuilt
+    assert len(builds) == len(second.notes["points"]) + 1 < first_builds
+    assert [p["sqnr_db"] for p in first.notes["points"]] == [p["sqnr_db"] for p in second.notes["points"]]
+    assert first.notes["uniform_latency_ms"] == second.notes["uniform_latency_ms"]
+
+
+def test_a_front_point_round_trips_through_the_report(tmp_path, image_folder):
+    from onnxvit.compress import Run, compress
+    from onnxvit.config import load_config
+    from onnxvit.engine import Cache
+    from onnxvit.progress import Reporter
+
+    step = {"pass": "mixed_precision", "name": "mixed", "input": "fp32", "options": {**FAST, "candidates": 4}}
+    path = write_config(tmp_path, image_folder, passes=[step])
+    report = compress(path, quiet=True)
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert saved["variants"] == report["variants"]
+    record = next(s for s in saved["steps"] if s["name"] == "mixed")
+    assert (tmp_path / "out" / "pareto_mixed.png").stat().st_size > 0
+    assert "## Mixed precision: `mixed`" in (tmp_path / "out" / "report.md").read_text()
+
+    config, pass_configs = load_config(path)
+    run = Run(config, pass_configs, Reporter(quiet=True), Cache(tmp_path / "scratch"), "")
+    search = [run.search_images]
+    fp32 = onnx.load(tmp_path / "out" / "model.fp32.onnx")
+    reference = model_logits(fp32, search)
+    rebuilt_pass = MixedPrecisionPass(MixedPrecisionConfig.model_validate(record["config"]))
+    for point in record["notes"]["points"]:
+        logits = model_logits(rebuilt_pass.apply(fp32, point["assignment"]), search)
+        assert top1_agreement(logits, reference) == pytest.approx(point["agreement"], abs=1e-3)
+        assert min(sqnr_db(reference, logits), 120) == pytest.approx(point["sqnr_db"], abs=1e-2)
+
+
+def test_bad_mixed_precision_options_are_one_line_errors(tmp_path, image_folder):
+    for options, words in (({"block_size": 48}, "power of two"), ({"choices": ["int8"]}, "choices"),
+                           ({"choices": ["int8", "int4"]}, "choices"), ({"objective": "top1"}, "real weights")):
+        step = {"pass": "mixed_precision", "name": "mixed", "input": "fp32", "options": options}
+        path = write_config(tmp_path, image_folder, passes=[step])
+        from onnxvit.config import load_config
+
+        with pytest.raises(UserError, match=words) as info:
+            load_config(path)
+        assert "\n" not in str(info.value)
+        assert yaml.safe_load(path.read_text())  # the user's file is untouched
+
+
+def test_memo_is_a_file_backed_dict(tmp_path):
+    path = tmp_path / "m.json"
+    memo = JsonMemo(path)
+    memo["a"] = {"x": 1}
+    assert json.loads(path.read_text()) == {"a": {"x": 1}}
+    assert dict(JsonMemo(path)) == {"a": {"x": 1}}
+    assert dict(JsonMemo(path, load=False)) == {}
+
