@@ -34,6 +34,7 @@ from pydantic import Field, model_validator
 
 from onnxvit.benchmark import measure_latency
 from onnxvit.errors import UserError
+from onnxvit.evaluate import SQNR_CEILING_DB
 from onnxvit.metrics import top1_agreement, topk_accuracy
 from onnxvit.runtime import make_session, model_logits
 from passes import register_pass
@@ -46,6 +47,7 @@ from passes.quantize_int8 import u8s8_saturates
 Choice = Literal["float", "int8", "w4", "w8"]
 SYMBOL = {"float": "F", "int8": "8", "w4": "4", "w8": "W"}
 REST = "rest"
+NOISE_FLOOR = 10 ** (-SQNR_CEILING_DB / 10)  # identical logits: SQNR capped as the report caps it
 _MODULE_INDEX = re.compile(r"(?:^|/)([A-Za-z_][A-Za-z0-9_]*\.\d+)(?=/|$)")
 
 
@@ -151,7 +153,7 @@ class Measured:
 
     @property
     def sqnr(self) -> float:
-        return float(-10 * np.log10(max(self.noise, 1e-12)))
+        return float(-10 * np.log10(max(self.noise, NOISE_FLOOR)))
 
 
 @register_pass
@@ -320,7 +322,7 @@ class _Search:
 
         def predict(genome: tuple[int, ...]) -> tuple[float, float, float]:
             idx = np.arange(len(genome)), np.array(genome)
-            noise = max(base.noise + d_noise[idx].sum(), 1e-12)
+            noise = max(base.noise + d_noise[idx].sum(), NOISE_FLOOR)
             return float(-10 * np.log10(noise)), float(share @ choice_ms[list(genome)]), \
                 float(base.size + d_size[idx].sum())
 

@@ -12,6 +12,7 @@ import yaml
 
 from onnxvit.engine import JsonMemo
 from onnxvit.errors import UserError
+from onnxvit.evaluate import SQNR_CEILING_DB
 from onnxvit.metrics import sqnr_db, top1_agreement
 from onnxvit.runtime import model_logits
 from passes.base import PassContext
@@ -122,7 +123,7 @@ def test_a_front_point_round_trips_through_the_report(tmp_path, image_folder):
     for point in record["notes"]["points"]:
         logits = model_logits(rebuilt_pass.apply(fp32, point["assignment"]), search)
         assert top1_agreement(logits, reference) == pytest.approx(point["agreement"], abs=1e-3)
-        assert min(sqnr_db(reference, logits), 120) == pytest.approx(point["sqnr_db"], abs=1e-2)
+        assert min(sqnr_db(reference, logits), SQNR_CEILING_DB) == pytest.approx(point["sqnr_db"], abs=1e-2)
 
 
 def test_bad_mixed_precision_options_are_one_line_errors(tmp_path, image_folder):
