@@ -5,11 +5,14 @@ Choices are what ONNX Runtime executes for a linear layer:
 
 - ``float``: left as is;
 - ``int8``: W8A8 through ``quantize_dynamic`` (``DynamicQuantizeMatMul``), the int8 pass's kernel;
-- ``w4`` / ``w8``: weight-only ``MatMulNBits`` (block-wise 4 / 8-bit weights, float activations).
+- ``w4`` / ``w8``: weight-only ``MatMulNBits`` (block-wise 4 / 8-bit weights, float activations);
+- ``a16w8``: int8 weights and int16 activations, static QDQ calibrated on the calibration split
+  (ONNX Runtime has no int16 kernel here: the MatMul runs in float between Q/DQ pairs).
 
 Measured on the real DeiT-tiny here (2 threads, AVX2 without VNNI): all-int8 12.5 ms, fp32 17.5 ms,
-all-w4 18.4 ms (4.4 MB against int8's 6.6 MB), all-w8 23.1 ms. So on this CPU a 4-bit block buys size,
-not speed, and costs fidelity; only a search on measured figures finds where it pays.
+all-w4 18.4 ms (4.4 MB against int8's 6.6 MB), all-w8 23.1 ms; in another run all-a16w8 1.8x fp32's
+time at 30 dB SQNR and int8's size. So on this CPU a 4-bit block buys size, not speed, and costs
+fidelity; only a search on measured figures finds where it pays. (a16w8 is not a default choice.)
 
 The search: blocks are found from the graph (the first ``name.N`` module path a linear layer's
 tensors carry: ``blocks.3`` in a ViT, ``stages.2`` in a hybrid). Each block is swapped alone from the
@@ -40,12 +43,12 @@ from onnxvit.runtime import make_session, model_logits
 from passes import register_pass
 from passes.base import Pass, PassConfig, PassContext
 from passes.graph import copy_model, gemms_as_matmul
-from passes.ort_quant import ensure_node_names, run_ort_quantizer, weighted_nodes
+from passes.ort_quant import CalibrationReader, ensure_node_names, run_ort_quantizer, weighted_nodes
 from passes.pareto import nsga2, pareto_front, spread_pick
 from passes.quantize_int8 import u8s8_saturates
 
-Choice = Literal["float", "int8", "w4", "w8"]
-SYMBOL = {"float": "F", "int8": "8", "w4": "4", "w8": "W"}
+Choice = Literal["float", "int8", "w4", "w8", "a16w8"]
+SYMBOL = {"float": "F", "int8": "8", "w4": "4", "w8": "W", "a16w8": "A"}
 REST = "rest"
 NOISE_FLOOR = 10 ** (-SQNR_CEILING_DB / 10)  # identical logits: SQNR capped as the report caps it
 _MODULE_INDEX = re.compile(r"(?:^|/)([A-Za-z_][A-Za-z0-9_]*\.\d+)(?=/|$)")
@@ -140,7 +143,7 @@ def find_blocks(model: onnx.ModelProto, layers: list[str], hops: int = 4) -> dic
 
 
 def assignment_code(assignment: Assignment, blocks: list[str]) -> str:
-    """One character per block: ``F`` float, ``8`` int8, ``4`` w4, ``W`` w8."""
+    """One character per block: ``F`` float, ``8`` int8, ``4`` w4, ``W`` w8, ``A`` a16w8."""
     return "".join(SYMBOL[assignment[b]] for b in blocks)
 
 
@@ -161,6 +164,11 @@ class MixedPrecisionPass(Pass):
     name = "mixed_precision"
     Config = MixedPrecisionConfig
     uses_search = True
+    uses_calibration = True  # a16w8's activation ranges
+
+    def __init__(self, config: PassConfig | None = None) -> None:
+        super().__init__(config)
+        self.calibration: list[np.ndarray] = []
 
     # ---- building one assignment -------------------------------------------------------------
     def prepare(self, model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, list[str]]]:
@@ -175,6 +183,9 @@ class MixedPrecisionPass(Pass):
         choice_of = {layer: assignment.get(block, cfg.rest) if block != REST else cfg.rest
                      for block, layers in blocks.items() for layer in layers}
         model = prepared
+        a16 = [layer for layer, c in choice_of.items() if c == "a16w8"]
+        if a16:
+            model = self._a16w8(model, a16)
         for bits, choice in ((4, "w4"), (8, "w8")):
             chosen = [layer for layer, c in choice_of.items() if c == choice]
             if chosen:
@@ -184,9 +195,11 @@ class MixedPrecisionPass(Pass):
             model = self._int8(model, int8)
         return model
 
-    def apply(self, model: onnx.ModelProto, assignment: Assignment) -> onnx.ModelProto:
+    def apply(self, model: onnx.ModelProto, assignment: Assignment,
+              calibration: list[np.ndarray] | None = None) -> onnx.ModelProto:
         """``model`` (the pass's input) with ``assignment`` (block -> choice, as a report's front point
-        gives it), built as the search built it."""
+        gives it), built as the search built it (a16w8 needs the same ``calibration`` batches)."""
+        self.calibration = calibration or self.calibration
         prepared, blocks = self.prepare(model)
         unknown = set(assignment) - set(blocks)
         if unknown:
@@ -209,6 +222,20 @@ class MixedPrecisionPass(Pass):
         quantizer.process()
         return quantizer.model.model
 
+    def _a16w8(self, model: onnx.ModelProto, layers: list[str]) -> onnx.ModelProto:
+        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+        if not self.calibration:
+            raise UserError("a16w8 needs calibration images (data.calibrate_images > 0)")
+        name = model.graph.input[0].name
+        samples = ({name: image[None]} for batch in self.calibration for image in batch)
+        return run_ort_quantizer(model, lambda source, output: quantize_static(
+            source, output, CalibrationReader(samples), quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=["MatMul"], per_channel=True, activation_type=QuantType.QInt16,
+            weight_type=QuantType.QInt8, nodes_to_quantize=layers, calibrate_method=CalibrationMethod.MinMax,
+            extra_options={"OpTypesToExcludeOutputQuantization": ["MatMul"],
+                           "DefaultTensorType": onnx.TensorProto.FLOAT}))
+
     def _int8(self, model: onnx.ModelProto, layers: list[str]) -> onnx.ModelProto:
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -226,6 +253,9 @@ class MixedPrecisionPass(Pass):
         if cfg.requires_labels and ctx.search_labels is None:
             raise UserError("top-1 needs labelled search images with real weights; "
                             "use objective: sqnr and select.min_agreement")
+        if "a16w8" in (*cfg.choices, cfg.rest):
+            ctx.require_calibration("mixed_precision (a16w8)")
+        self.calibration = ctx.calibration
         started = time.perf_counter()
         search = _Search(self, model, ctx)
         output, notes = search.run()

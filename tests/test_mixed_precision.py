@@ -147,3 +147,18 @@ def test_memo_is_a_file_backed_dict(tmp_path):
     assert dict(JsonMemo(path)) == {"a": {"x": 1}}
     assert dict(JsonMemo(path, load=False)) == {}
 
+
+
+def test_a16w8_blocks_are_qdq_with_int16_activations(tiny_onnx, tiny_images):
+    mp = MixedPrecisionPass(MixedPrecisionConfig(choices=["int8", "a16w8"]))
+    with pytest.raises(UserError, match="calibration"):
+        mp.apply(tiny_onnx, {"blocks.0": "a16w8", "blocks.1": "int8"})
+    built = mp.apply(tiny_onnx, {"blocks.0": "a16w8", "blocks.1": "int8"}, calibration=[tiny_images[:4]])
+    quantizers = [n for n in built.graph.node if n.op_type == "QuantizeLinear"]
+    assert quantizers, "no QDQ for the a16w8 block"
+    initializers = {i.name: i for i in built.graph.initializer}
+    zero_points = [initializers[n.input[2]] for n in quantizers if len(n.input) > 2 and n.input[2] in initializers]
+    assert zero_points and all(z.data_type == onnx.TensorProto.INT16 for z in zero_points)
+    assert _ops(built).get("MatMulInteger") == 5  # blocks.1 and the head
+    reference = model_logits(tiny_onnx, [tiny_images])
+    assert sqnr_db(reference, model_logits(built, [tiny_images])) > 20
