@@ -31,6 +31,7 @@ from onnxvit.progress import Reporter
 from onnxvit.report import machine_info, write_report
 from onnxvit.runtime import model_logits
 from passes import PassContext
+from passes.graph import compute_op_census
 from passes.simplify import SimplifyConfig, SimplifyPass
 
 RUN_MARKER = ".onnxvit-run"
@@ -376,6 +377,7 @@ def compress(config_path: Path, force: bool = False, quiet: bool = False,
         else:
             variants.append(_variant(name, "onnxruntime", paths[name], paths[name].stat().st_size,
                                      latency[name], all_scores[name], dense_counts if name == DENSE_VARIANT else counts))
+            variants[-1]["compute_ops"] = compute_op_census(models[name])
 
     report = {
         "model": config.model.name,

@@ -21,16 +21,12 @@ from onnxvit.config import MobileConfig
 from onnxvit.fileio import atomic_write_text, atomic_write_via
 from onnxvit.metrics import max_abs_diff, top1_agreement
 from onnxvit.runtime import make_session, run_logits
+from passes.graph import QUANTIZED_OPS
 
 OPERATORS_CONFIG = "required_operators.config"
 _LEVELS = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
-
-
-# Ops that carry integer weights or activations, standard and com.microsoft (QLinear* by prefix).
-QUANTIZED_OPS = {"QuantizeLinear", "DynamicQuantizeLinear", "DynamicQuantizeMatMul", "MatMulInteger",
-                 "MatMulIntegerToFloat", "ConvInteger", "QGemm", "QAttention", "MatMulNBits"}
 
 
 def is_quantized(path: Path) -> bool:

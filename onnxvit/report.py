@@ -108,7 +108,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     if report.get("weights") == "random_init":
         parts.append("\n**Random weights**: top-1 / top-5 mean nothing here; judge agreement and SQNR.")
     parts += ["", markdown_table(variant_table(report))]
-    parts += _parity_section(report) + _mobile_section(report)
+    parts += _precision_section(report) + _parity_section(report) + _mobile_section(report)
     parts += ["", "## Steps", "",
               "| step | pass | input | cached | seconds | check vs input |", "|---|---|---|---|---|---|"]
     for step in report.get("steps", []):
@@ -123,6 +123,20 @@ def render_markdown(report: dict[str, Any]) -> str:
         parts += ["", "## What each step did", "", *notes]
     parts += ["", f"![top-1 against latency]({PLOT_PNG})", ""]
     return "\n".join(parts)
+
+
+def _precision_section(report: dict[str, Any]) -> list[str]:
+    """Which heavy ops each ONNX variant still computes in float: why an int8 model is or is not faster."""
+    rows = [v for v in report["variants"] if v.get("compute_ops") and v["compute_ops"]["integer"]]
+    if not rows:
+        return []
+
+    def ops(counts: dict[str, int]) -> str:
+        return ", ".join(f"{op} {n}" for op, n in sorted(counts.items())) or "-"
+
+    lines = ["", "## Precision of the heavy ops", "", "| variant | integer | float |", "|---|---|---|"]
+    lines += [f"| {v['name']} | {ops(v['compute_ops']['integer'])} | {ops(v['compute_ops']['float'])} |" for v in rows]
+    return lines
 
 
 def _parity_section(report: dict[str, Any]) -> list[str]:

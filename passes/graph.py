@@ -151,3 +151,35 @@ def gemms_as_matmul(model: onnx.ModelProto) -> int:
     if replacements:
         rebuild(model, replacements, set(), initializers)
     return len(replacements)
+
+
+# Ops that carry integer weights or activations, standard and com.microsoft (QLinear* by prefix).
+QUANTIZED_OPS = {"QuantizeLinear", "DynamicQuantizeLinear", "DynamicQuantizeMatMul", "MatMulInteger",
+                 "MatMulIntegerToFloat", "ConvInteger", "QGemm", "QAttention", "MatMulNBits"}
+_CONVERTERS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
+_COMPUTE = {"Conv", "ConvTranspose", "MatMul", "Gemm", "MultiHeadAttention", "Attention"}
+
+
+def compute_op_census(model: onnx.ModelProto) -> dict[str, dict[str, int]]:
+    """The heavy ops by precision: ``integer`` (quantized kernels, and QDQ-wrapped ops whose inputs
+    all come from DequantizeLinear, which ONNX Runtime fuses) and ``float``. Says why an int8 model
+    is not faster: what still computes in float."""
+    wide = {init.name for init in model.graph.initializer
+            if init.data_type in (onnx.TensorProto.INT16, onnx.TensorProto.UINT16, onnx.TensorProto.INT32)}
+    # an int16 QDQ pair has no integer kernel here: the op between runs in float
+    dequantized = {out for node in model.graph.node if node.op_type == "DequantizeLinear"
+                   and not (len(node.input) > 2 and node.input[2] in wide) for out in node.output}
+    census: dict[str, dict[str, int]] = {"integer": {}, "float": {}}
+    for node in model.graph.node:
+        op = node.op_type
+        if op in _CONVERTERS:
+            continue
+        if op in QUANTIZED_OPS or op.startswith("QLinear"):
+            kind = "integer"
+        elif op in _COMPUTE:
+            data_inputs = [name for name in node.input[:2] if name]
+            kind = "integer" if data_inputs and all(name in dequantized for name in data_inputs) else "float"
+        else:
+            continue
+        census[kind][op] = census[kind].get(op, 0) + 1
+    return census

@@ -162,3 +162,8 @@ def test_a16w8_blocks_are_qdq_with_int16_activations(tiny_onnx, tiny_images):
     assert _ops(built).get("MatMulInteger") == 5  # blocks.1 and the head
     reference = model_logits(tiny_onnx, [tiny_images])
     assert sqnr_db(reference, model_logits(built, [tiny_images])) > 20
+    # no int16 kernel here: the report's census counts those MatMuls as float
+    from passes.graph import compute_op_census
+
+    all_int8 = mp.apply(tiny_onnx, {"blocks.0": "int8", "blocks.1": "int8"})
+    assert compute_op_census(built)["float"]["MatMul"] == compute_op_census(all_int8)["float"]["MatMul"] + 4

@@ -147,3 +147,16 @@ def test_ort_baselines_quantize_as_onnxruntime_documents(tiny_onnx, tiny_images,
     for quantized in (default, dynamic):
         logits = model_logits(quantized, [tiny_images])
         assert np.isfinite(logits).all() and sqnr_db(ref, logits) < 200
+
+
+def test_compute_op_census_says_what_still_runs_in_float(tiny_onnx, tiny_images, ctx):
+    from passes.graph import compute_op_census
+
+    fp32 = compute_op_census(tiny_onnx)
+    assert fp32["integer"] == {} and fp32["float"]["Conv"] == 1 and fp32["float"]["MatMul"] >= 8
+    dynamic = compute_op_census(QuantizeInt8Pass().run(tiny_onnx, ctx))
+    assert dynamic["integer"].get("MatMulInteger", 0) + dynamic["integer"].get("DynamicQuantizeMatMul", 0) == 9
+    assert dynamic["float"]["Conv"] == 1  # the patch embedding: MatMul / Gemm only by default
+    static = compute_op_census(QuantizeInt8Pass(QuantizeInt8Config(mode="static", op_types=["Conv", "MatMul", "Gemm"]))
+                               .run(tiny_onnx, ctx))
+    assert static["integer"].get("Conv") == 1 and "Conv" not in static["float"]  # QDQ-wrapped: fused by ORT
