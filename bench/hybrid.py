@@ -1,10 +1,11 @@
-"""Every hybrid family through `onnxvit compress`, in one run (issue 6, first part).
+"""Every hybrid family through `onnxvit compress`, in one run (issue 6).
 
 For each example in examples/hybrids/ (random weights, BatchNorm re-estimated on the calibration
 images): `fp32`, onnxvit `int8`, `fp16` and `ort-default`, with agreement and SQNR against the
 model's own FP32 outputs (never top-1: the weights are random), median latency and size. Each
-family's variants are timed together. Q-HyViT's fixes are not built yet, so there is no ablation
-yet. With --json PATH writes the table and the `headline` object: families_total, families_ok,
+family's variants are timed together. Ablation (Q-HyViT's Table IV, for the fixes built so far):
+`int8-nofold` is `int8` without fold_batchnorm; `int8-static` / `int8-static-nofold` the same with
+static (calibrated QDQ) int8, where a BatchNorm left between quantized ops costs most. With --json PATH writes the table and the `headline` object: families_total, families_ok,
 families_int8_beats_ort_default, families_int8_faster_than_fp32.
 
     python bench/hybrid.py [--output DIR] [--json PATH] [--families mobilevit_xxs,levit_128s]
@@ -32,8 +33,18 @@ from onnxvit.report import variant_table  # noqa: E402
 EXAMPLES = REPO / "examples" / "hybrids"
 
 
-def run_family(path: Path, output: Path) -> dict[str, Any]:
+# Ablation rows beside the example's own steps (its `int8` is dynamic int8 after fold_batchnorm).
+ABLATION = [
+    {"pass": "quantize_int8", "name": "int8-nofold", "input": "fp32"},
+    {"pass": "quantize_int8", "name": "int8-static", "input": "folded", "options": {"mode": "static"}},
+    {"pass": "quantize_int8", "name": "int8-static-nofold", "input": "fp32", "options": {"mode": "static"}},
+]
+
+
+def run_family(path: Path, output: Path, ablation: bool = True) -> dict[str, Any]:
     doc = yaml.safe_load(path.read_text())
+    if ablation:
+        doc["passes"] += ABLATION
     for section, field in (("data", "root"), ("data", "manifest")):
         doc[section][field] = str((path.parent / doc[section][field]).resolve())
     doc["output"] = {"dir": str(output / path.stem)}
@@ -58,13 +69,14 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=REPO / "out" / "bench-hybrid")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--families", help="comma-separated example names; default: all of examples/hybrids")
+    parser.add_argument("--no-ablation", action="store_true", help="only the examples' own steps")
     args = parser.parse_args()
     paths = sorted(EXAMPLES.glob("*.yaml"))
     if args.families:
         paths = [p for p in paths if p.stem in args.families.split(",")]
     results = []
     for path in paths:
-        results.append(run_family(path, args.output.resolve()))
+        results.append(run_family(path, args.output.resolve(), not args.no_ablation))
         print(json.dumps(results[-1]), flush=True)
     print("\n| family | export max abs | variant | agree % | SQNR dB | median ms | speed-up | size MB |\n|" + "---|" * 8)
     for r in results:

@@ -26,6 +26,7 @@ def get_pass(name: str) -> type[Pass]:
 
 # Importing the modules registers their passes.
 from passes import (  # noqa: E402,F401
+    fold_batchnorm,
     fp16,
     fuse_vit,
     mixed_precision,
@@ -33,6 +34,7 @@ from passes import (  # noqa: E402,F401
     quantize_int8,
     reparam_layernorm,
     simplify,
+    zero_point_guard,
 )
 
 __all__ = ["Pass", "PassConfig", "PassContext", "get_pass", "pass_names", "register_pass"]

@@ -42,7 +42,8 @@ def test_recalibrated_batchnorm_holds_the_statistics_of_its_input(tiny_images):
 def test_hybrid_compresses_end_to_end(name, tmp_path, image_folder):
     model = {"name": name, "random_init": True, "recalibrate_bn": True, "num_classes": 4}
     config = write_config(tmp_path, image_folder, model=model,
-                          passes=[{"pass": "quantize_int8", "name": "int8", "input": "fp32"},
+                          passes=[{"pass": "fold_batchnorm", "name": "folded", "input": "fp32", "report": False},
+                                  {"pass": "quantize_int8", "name": "int8", "input": "folded"},
                                   {"pass": "ort_default", "name": "ort-default", "input": "fp32"}],
                           benchmark={"warmup": 1, "runs": 2, "rounds": 1, "torch": False})
     result = CliRunner().invoke(main, ["compress", str(config), "--quiet"])
@@ -53,6 +54,11 @@ def test_hybrid_compresses_end_to_end(name, tmp_path, image_folder):
     variants = {v["name"]: v for v in report["variants"]}
     assert set(variants) == {"fp32", "int8", "ort-default"}
     assert variants["int8"]["sqnr_db"] > 15
+    folded = next(s for s in report["steps"] if s["name"] == "folded")
+    assert folded["check"]["sqnr_db"] > 80  # exact up to float rounding
+    if name == "levit_128s":  # its LinearNorm: MatMul -> Flatten -> BatchNorm, 46 times
+        assert len(folded["notes"]["folded"]) == 46
+        assert list(folded["notes"]["kept"].values()) == ["follows ReduceMean, not a linear layer"]
     if name == "efficientformerv2_s0":  # ONNX Runtime's symbolic shape inference gives up on it
         ort_default = next(s for s in report["steps"] if s["name"] == "ort-default")
         assert "symbolic shape inference failed" in ort_default["notes"]["preprocess"]
