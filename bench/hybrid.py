@@ -5,8 +5,10 @@ images): `fp32`, onnxvit `int8`, `fp16` and `ort-default`, with agreement and SQ
 model's own FP32 outputs (never top-1: the weights are random), median latency and size. Each
 family's variants are timed together. Ablation (Q-HyViT's Table IV, for the fixes built so far):
 `int8-nofold` is `int8` without fold_batchnorm; `int8-static` / `int8-static-nofold` the same with
-static (calibrated QDQ) int8, where a BatchNorm left between quantized ops costs most. With --json PATH writes the table and the `headline` object: families_total, families_ok,
-families_int8_beats_ort_default, families_int8_faster_than_fp32.
+static (calibrated QDQ) int8. Where fold_batchnorm finds nothing to fold, a row and its -nofold twin
+are the same model: their latency difference is the run's noise. With --json PATH writes the table
+and the `headline` object: families_total, families_ok, families_int8_beats_ort_default,
+families_int8_faster_than_fp32.
 
     python bench/hybrid.py [--output DIR] [--json PATH] [--families mobilevit_xxs,levit_128s]
 """

@@ -15,7 +15,7 @@ SCHEMA_VERSION = 1
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 PLOT_PNG = "accuracy_vs_latency.png"
-TABLED_NOTES = {"points", "sensitivity"}  # step notes shown as their own tables, not in the JSON line
+MIXED_PRECISION_TABLED = {"points", "sensitivity"}  # a mixed_precision step's notes shown as tables
 
 
 def front_plot_name(step: str) -> str:
@@ -117,12 +117,18 @@ def render_markdown(report: dict[str, Any]) -> str:
         parts.append(f"| {step['name']} | {step['kind']} | {step['input'] or '-'} | {step['cached']} | "
                      f"{step['seconds']:.1f} | {text} |")
     parts += _mixed_precision_sections(report)
-    notes = [f"- `{s['name']}`: {json.dumps({k: v for k, v in s['notes'].items() if k not in TABLED_NOTES})}"
-             for s in report.get("steps", []) if s.get("notes")]
+    notes = [f"- `{s['name']}`: {json.dumps(_untabled(s))}" for s in report.get("steps", []) if s.get("notes")]
     if notes:
         parts += ["", "## What each step did", "", *notes]
     parts += ["", f"![top-1 against latency]({PLOT_PNG})", ""]
     return "\n".join(parts)
+
+
+def _untabled(step: dict[str, Any]) -> dict[str, Any]:
+    """A step's notes less what its own section shows as tables."""
+    if step["kind"] != "mixed_precision":
+        return step["notes"]
+    return {k: v for k, v in step["notes"].items() if k not in MIXED_PRECISION_TABLED}
 
 
 def _precision_section(report: dict[str, Any]) -> list[str]:

@@ -320,11 +320,50 @@ class _Search:
     def run(self) -> tuple[onnx.ModelProto, dict[str, Any]]:
         cfg, ctx = self.cfg, self.ctx
         uniforms = {c: self.uniform(c) for c in dict.fromkeys([*cfg.choices, "float", "int8"])}
-        # 1. what each block costs alone, against the base
+        model = self._additive_model(uniforms)
+        explored = nsga2(model.objectives, len(cfg.choices), len(self.blocks), cfg.population, cfg.generations,
+                         cfg.seed, initial=model.seeds())
+        if not explored:
+            timed = ", ".join(f"{c} {ms:.2f} ms" for c, ms in model.uniform_ms.items())
+            raise UserError(f"no assignment meets the constraints (max_latency_vs_float, max_size_vs_int8, "
+                            f"allow_uniform); uniform models measured {timed}; loosen them")
+        genomes = list(explored)
+        front = [genomes[i] for i in pareto_front(np.array([explored[g] for g in genomes]))]
+        picked = [front[i] for i in spread_pick(np.array([explored[g] for g in front]), cfg.candidates)]
+        named = {f"uniform-{choice}": assignment for choice, assignment in uniforms.items()}
+        named.update({assignment_code(self.assignment(g), self.blocks): self.assignment(g) for g in picked})
+        points = self._measure_points(named, model)
+        # the uniform references stay on the front, for comparison, whatever the constraints say
+        kept = [p for p in points if p["reference"] or not p["violates"]]
+        front_points = [kept[i] for i in pareto_front(np.array(
+            [[-self.fidelity(p["measured"]), p["latency_ms"], p["size_bytes"]] for p in kept]))]
+        for p in points:
+            p["on_front"] = p in front_points
+        for p in points:
+            del p["measured"]
+        chosen, reason = self._select([p for p in front_points if not p["violates"]] or front_points)
+        output = self.owner.build(self.prepared, self.layers, chosen["assignment"])
+        notes = {
+            "blocks": {b: len(layers) for b, layers in self.layers.items()},
+            "choices": list(cfg.choices), "base": self.base,
+            "float_reference": {"top1": self.reference_top1},
+            "sensitivity": {b: {c: round(model.single[b, c].sqnr, 3) for c in cfg.choices if c != self.base}
+                            for b in self.blocks},
+            "base_sqnr_db": round(model.base.sqnr, 3),
+            "uniform_latency_ms": model.uniform_ms,
+            "explored": len(explored), "predicted_front": len(front),
+            "points": points, "chosen": chosen["name"], "chosen_code": chosen["code"], "select": reason,
+        }
+        ctx.log(f"mixed precision: chose {chosen['name']} ({reason})")
+        return output, notes
+
+    def _additive_model(self, uniforms: dict[str, Assignment]) -> "_AdditiveModel":
+        """Each block swapped alone from the base to every other choice, and the uniform models timed
+        together: what the additive model predicts any assignment from."""
+        cfg, ctx = self.cfg, self.ctx
         swaps = [(b, c) for b in self.blocks for c in cfg.choices if c != self.base]
         with ctx.progress("mixed precision: per-block sensitivity", len(swaps) + len(uniforms)) as advance:
-            base = self.measure(uniforms[self.base])
-            single: dict[tuple[str, str], Measured] = {}
+            single = {}
             for block, choice in swaps:
                 single[block, choice] = self.measure({**uniforms[self.base], block: choice})
                 advance(1)
@@ -332,61 +371,15 @@ class _Search:
             advance(len(uniforms))
         if "latency/uniform" not in ctx.memo:
             ctx.log(f"mixed precision: timing {len(uniforms)} uniform models")
-            ctx.memo["latency/uniform"] = self.latencies({c: a for c, a in uniforms.items()})
-        uniform_ms: dict[str, float] = ctx.memo["latency/uniform"]
+            ctx.memo["latency/uniform"] = self.latencies(uniforms)
+        weights = _weight_elements(self.prepared)
+        share = {b: sum(weights[layer] for layer in self.layers[b]) for b in self.blocks}
+        return _AdditiveModel(self, uniform_measured[self.base], single, ctx.memo["latency/uniform"],
+                              uniform_measured["int8"].size, share)
 
-        # 2. an additive model of those measurements, searched for its front
-        weights = {b: sum(_weight_size(self.prepared, layer) for layer in self.layers[b]) for b in self.blocks}
-        total = sum(weights.values())
-        share = np.array([weights[b] / total for b in self.blocks])
-        n_choices = len(cfg.choices)
-        d_noise = np.zeros((len(self.blocks), n_choices))
-        d_size = np.zeros((len(self.blocks), n_choices))
-        for i, block in enumerate(self.blocks):
-            for j, choice in enumerate(cfg.choices):
-                if choice != self.base:
-                    d_noise[i, j] = single[block, choice].noise - base.noise
-                    d_size[i, j] = single[block, choice].size - base.size
-        choice_ms = np.array([uniform_ms[c] for c in cfg.choices])
-        float_ms, int8_size = uniform_ms["float"], uniform_measured["int8"].size
-
-        def predict(genome: tuple[int, ...]) -> tuple[float, float, float]:
-            idx = np.arange(len(genome)), np.array(genome)
-            noise = max(base.noise + d_noise[idx].sum(), NOISE_FLOOR)
-            return float(-10 * np.log10(noise)), float(share @ choice_ms[list(genome)]), \
-                float(base.size + d_size[idx].sum())
-
-        def feasible(sqnr_ms_size: tuple[float, float, float], genome: tuple[int, ...]) -> bool:
-            _, ms, size = sqnr_ms_size
-            return ((cfg.allow_uniform or len(set(genome)) > 1)
-                    and (cfg.max_latency_vs_float is None or ms <= cfg.max_latency_vs_float * float_ms)
-                    and (cfg.max_size_vs_int8 is None or size <= cfg.max_size_vs_int8 * int8_size))
-
-        def evaluate(genome: tuple[int, ...]) -> np.ndarray | None:
-            predicted = predict(genome)
-            return np.array([-predicted[0], predicted[1], predicted[2]]) if feasible(predicted, genome) else None
-
-        base_index = cfg.choices.index(self.base)
-        seeds = [tuple(cfg.choices.index(c) if b == block else base_index for b in self.blocks)
-                 for block, c in swaps]
-        explored = nsga2(evaluate, n_choices, len(self.blocks), cfg.population, cfg.generations, cfg.seed,
-                         initial=seeds)
-        genomes = list(explored)
-        if not genomes:
-            timed = ", ".join(f"{c} {ms:.2f} ms" for c, ms in uniform_ms.items())
-            raise UserError(f"no assignment meets the constraints (max_latency_vs_float, max_size_vs_int8, "
-                            f"allow_uniform); uniform models measured {timed}; loosen them")
-        objectives = np.array([explored[g] for g in genomes])
-        front = [genomes[i] for i in pareto_front(objectives)]
-        picked = [front[i] for i in spread_pick(np.array([explored[g] for g in front]), cfg.candidates)]
-
-        # 3. the picked points and the uniform references, built and measured whole
-        points: list[dict[str, Any]] = []
-        named: dict[str, Assignment] = {}
-        for choice, assignment in uniforms.items():
-            named[f"uniform-{choice}"] = assignment
-        for genome in picked:
-            named[assignment_code(self.assignment(genome), self.blocks)] = self.assignment(genome)
+    def _measure_points(self, named: dict[str, Assignment], model: "_AdditiveModel") -> list[dict[str, Any]]:
+        """Each assignment built and measured whole; all timed together."""
+        cfg, ctx = self.cfg, self.ctx
         with ctx.progress("mixed precision: candidates", len(named)) as advance:
             measured = {}
             for name, assignment in named.items():
@@ -394,54 +387,26 @@ class _Search:
                 advance(1)
         ctx.log(f"mixed precision: timing {len(named)} models together")
         ms = self.latencies(named)
+        points = []
         for name, assignment in named.items():
             m = measured[name]
-            reference = name.startswith("uniform-")
-            point = {"name": name, "code": assignment_code(assignment, self.blocks), "reference": reference,
-                     "assignment": assignment, "rest": cfg.rest,
+            point = {"name": name, "code": assignment_code(assignment, self.blocks),
+                     "reference": name.startswith("uniform-"), "assignment": assignment, "rest": cfg.rest,
                      "sqnr_db": round(m.sqnr, 3), "agreement": round(m.agreement, 3),
                      "top1": None if m.top1 is None else round(m.top1, 3),
                      "latency_ms": ms[name], "size_bytes": m.size,
                      "latency_vs_float": round(ms[name] / ms["uniform-float"], 4),
-                     "size_vs_int8": round(m.size / measured["uniform-int8"].size, 4)}
-            if not reference:
-                genome = tuple(cfg.choices.index(assignment[b]) for b in self.blocks)
-                sqnr, p_ms, p_size = predict(genome)
+                     "size_vs_int8": round(m.size / measured["uniform-int8"].size, 4), "measured": m}
+            if not point["reference"]:
+                sqnr, p_ms, p_size = model.predict(self.genome(assignment))
                 point["predicted"] = {"sqnr_db": round(sqnr, 3), "latency_ms": round(p_ms, 3), "size_bytes": int(p_size)}
-            point["violates"] = self._violations(point)
+            point["violates"] = violations(cfg, set(assignment.values()), point["latency_vs_float"],
+                                           point["size_vs_int8"])
             points.append(point)
-        # the uniform references stay on the front, for comparison, whatever the constraints say
-        kept = [p for p in points if p["reference"] or not p["violates"]]
-        measured_objectives = np.array([[-self.fidelity(measured[p["name"]]), p["latency_ms"], p["size_bytes"]]
-                                        for p in kept])
-        front_points = [kept[i] for i in pareto_front(measured_objectives)]
-        for p in points:
-            p["on_front"] = p in front_points
-        chosen, reason = self._select([p for p in front_points if not p["violates"]] or front_points)
-        output = self.owner.build(self.prepared, self.layers, chosen["assignment"])
-        notes = {
-            "blocks": {b: len(layers) for b, layers in self.layers.items()},
-            "choices": list(cfg.choices), "base": self.base,
-            "float_reference": {"top1": self.reference_top1},
-            "sensitivity": {b: {c: round(single[b, c].sqnr, 3) for c in cfg.choices if c != self.base}
-                            for b in self.blocks},
-            "base_sqnr_db": round(base.sqnr, 3),
-            "uniform_latency_ms": uniform_ms,
-            "explored": len(explored), "predicted_front": len(front),
-            "points": points, "chosen": chosen["name"], "chosen_code": chosen["code"], "select": reason,
-        }
-        ctx.log(f"mixed precision: chose {chosen['name']} ({reason})")
-        return output, notes
+        return points
 
-    def _violations(self, point: dict[str, Any]) -> list[str]:
-        cfg, out = self.cfg, []
-        if not cfg.allow_uniform and len(set(point["assignment"].values())) == 1:
-            out.append("uniform")
-        if cfg.max_latency_vs_float is not None and point["latency_vs_float"] > cfg.max_latency_vs_float:
-            out.append(f"latency {point['latency_vs_float']:.2f}x float > {cfg.max_latency_vs_float}")
-        if cfg.max_size_vs_int8 is not None and point["size_vs_int8"] > cfg.max_size_vs_int8:
-            out.append(f"size {point['size_vs_int8']:.2f}x int8 > {cfg.max_size_vs_int8}")
-        return out
+    def genome(self, assignment: Assignment) -> tuple[int, ...]:
+        return tuple(self.cfg.choices.index(assignment[b]) for b in self.blocks)
 
     def _select(self, front: list[dict[str, Any]]) -> tuple[dict[str, Any], str]:
         rule = self.cfg.select
@@ -460,8 +425,61 @@ class _Search:
         return best, "no front point within the select limits: the most faithful one"
 
 
-def _weight_size(model: onnx.ModelProto, layer: str) -> int:
-    """Elements of a layer's weight: its share of the linear work (latency scales with it)."""
-    initializers = {init.name: init for init in model.graph.initializer}
-    node = next(n for n in model.graph.node if n.name == layer)
-    return sum(int(np.prod(initializers[i].dims)) for i in node.input if i in initializers)
+def _weight_elements(model: onnx.ModelProto) -> dict[str, int]:
+    """Elements of each node's constant inputs: a linear layer's share of the work (latency scales with it)."""
+    sizes = {init.name: int(np.prod(init.dims)) for init in model.graph.initializer}
+    return {node.name: sum(sizes.get(i, 0) for i in node.input) for node in model.graph.node}
+
+
+def violations(cfg: MixedPrecisionConfig, used: set[str], latency_vs_float: float, size_vs_int8: float) -> list[str]:
+    """PoMQ-ViT's constraints that an assignment (predicted or measured) breaks."""
+    out = []
+    if not cfg.allow_uniform and len(used) == 1:
+        out.append("uniform")
+    if cfg.max_latency_vs_float is not None and latency_vs_float > cfg.max_latency_vs_float:
+        out.append(f"latency {latency_vs_float:.2f}x float > {cfg.max_latency_vs_float}")
+    if cfg.max_size_vs_int8 is not None and size_vs_int8 > cfg.max_size_vs_int8:
+        out.append(f"size {size_vs_int8:.2f}x int8 > {cfg.max_size_vs_int8}")
+    return out
+
+
+class _AdditiveModel:
+    """Any assignment's SQNR, latency and size from per-block measurements: noise powers add, each
+    block's latency is its share of the linear weights times the uniform model's, sizes add."""
+
+    def __init__(self, search: _Search, base: Measured, single: dict[tuple[str, str], Measured],
+                 uniform_ms: dict[str, float], int8_size: int, share: dict[str, int]) -> None:
+        self.search, self.cfg = search, search.cfg
+        self.base, self.single, self.uniform_ms, self.int8_size = base, single, uniform_ms, int8_size
+        blocks, choices = search.blocks, self.cfg.choices
+        total = sum(share.values())
+        self.share = np.array([share[b] / total for b in blocks])
+        self.d_noise = np.zeros((len(blocks), len(choices)))
+        self.d_size = np.zeros((len(blocks), len(choices)))
+        for i, block in enumerate(blocks):
+            for j, choice in enumerate(choices):
+                if choice != search.base:
+                    self.d_noise[i, j] = single[block, choice].noise - base.noise
+                    self.d_size[i, j] = single[block, choice].size - base.size
+        self.choice_ms = np.array([uniform_ms[c] for c in choices])
+
+    def predict(self, genome: tuple[int, ...]) -> tuple[float, float, float]:
+        """SQNR (dB), median latency (ms), size (bytes)."""
+        index = np.arange(len(genome)), np.array(genome)
+        noise = max(self.base.noise + self.d_noise[index].sum(), NOISE_FLOOR)
+        return (float(-10 * np.log10(noise)), float(self.share @ self.choice_ms[list(genome)]),
+                float(self.base.size + self.d_size[index].sum()))
+
+    def objectives(self, genome: tuple[int, ...]) -> np.ndarray | None:
+        """What NSGA-II minimizes, or None when the prediction breaks a constraint."""
+        sqnr, ms, size = self.predict(genome)
+        used = {self.cfg.choices[g] for g in genome}
+        if violations(self.cfg, used, ms / self.uniform_ms["float"], size / self.int8_size):
+            return None
+        return np.array([-sqnr, ms, size])
+
+    def seeds(self) -> list[tuple[int, ...]]:
+        """The single-block swaps: a first population that already spans every choice."""
+        base = self.cfg.choices.index(self.search.base)
+        return [tuple(self.cfg.choices.index(c) if b == block else base for b in self.search.blocks)
+                for block, c in self.single]
