@@ -53,11 +53,17 @@ passes:                         # in order; each reads the previous step's outpu
     input: fp32
     options:
       keep_io_types: true
+  # - pass: mixed_precision     # per block: float / int8 / w4 (4-bit weights), by a measured Pareto search
+  #   name: mixed
+  #   input: fp32
+  #   options:
+  #     choices: [float, int8, w4]
+  #     select: {{min_sqnr_db: 15, minimize: size}}   # on the search split; the front is in report.md
 
 benchmark:
   threads: 2
   warmup: 10
-  runs: 50
+  runs: 50                      # small models need more (200): 50 runs left identical models 1.9x apart here
   batch_size: 1
 
 output:
