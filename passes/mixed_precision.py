@@ -67,6 +67,7 @@ class SelectConfig(PassConfig):
 class MixedPrecisionConfig(PassConfig):
     choices: list[Choice] = Field(["float", "int8", "w4"], min_length=2, description="Per-block options.")
     rest: Choice = Field("int8", description="Linear layers outside any block (e.g. the classifier).")
+    min_block_layers: int = Field(2, ge=1, description="Smaller groups (a classifier's layers) join `rest`.")
     block_size: int = Field(32, ge=16, description="MatMulNBits: weights per scale (a power of two).")
     accuracy_level: int = Field(
         0, ge=0, le=4, description="MatMulNBits compute type: 0 float (4 = int8 ran 16% slower here).")
@@ -109,8 +110,10 @@ def _module_block(text: str) -> str | None:
     return match.group(1) if match else None
 
 
-def find_blocks(model: onnx.ModelProto, layers: list[str], hops: int = 4) -> dict[str, list[str]]:
-    """Linear layers by block, in graph order; layers in no block go under ``rest``.
+def find_blocks(model: onnx.ModelProto, layers: list[str], hops: int = 4,
+                min_layers: int = 2) -> dict[str, list[str]]:
+    """Linear layers by block, in graph order; layers in no block, or in a group of fewer than
+    ``min_layers`` (a classifier's ``classifier.0``), go under ``rest``.
 
     Fusions rename nodes, but the tensors downstream keep the exporter's module paths, so each
     layer takes the first ``name.N`` found in its own name, then its outputs' consumers (breadth
@@ -138,7 +141,10 @@ def find_blocks(model: onnx.ModelProto, layers: list[str], hops: int = 4) -> dic
         if found is None:
             found = next((b for b in map(_module_block, node.input) if b), None)
         blocks.setdefault(found or REST, []).append(layer)
-    rest = blocks.pop(REST, None)
+    rest = blocks.pop(REST, [])
+    for name in [b for b, members in blocks.items() if len(members) < min_layers]:
+        rest += blocks.pop(name)
+    rest.sort(key=layers.index)
     return {**blocks, **({REST: rest} if rest else {})}
 
 
@@ -175,7 +181,8 @@ class MixedPrecisionPass(Pass):
         prepared = copy_model(model)
         ensure_node_names(prepared)
         gemms_as_matmul(prepared)
-        return prepared, find_blocks(prepared, weighted_nodes(prepared, ["MatMul"]))
+        layers = weighted_nodes(prepared, ["MatMul"])
+        return prepared, find_blocks(prepared, layers, min_layers=self.config.min_block_layers)
 
     def build(self, prepared: onnx.ModelProto, blocks: dict[str, list[str]], assignment: Assignment) -> onnx.ModelProto:
         """The model with each block's linear layers as ``assignment`` says (``rest`` from the config)."""

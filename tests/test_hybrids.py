@@ -54,6 +54,11 @@ def test_hybrid_compresses_end_to_end(name, tmp_path, image_folder):
     variants = {v["name"]: v for v in report["variants"]}
     assert set(variants) == {"fp32", "int8", "ort-default"}
     assert variants["int8"]["sqnr_db"] > 15
+    # why int8 is not faster on conv-heavy hybrids: the report says which heavy ops stay float
+    census = variants["int8"]["compute_ops"]
+    assert census["float"].get("Conv", 0) > 0 and "Conv" not in census["integer"]
+    assert sum(census["integer"].values()) > 0 and variants["fp32"]["compute_ops"]["integer"] == {}
+    assert "## Precision of the heavy ops" in (tmp_path / "out" / "report.md").read_text()
     folded = next(s for s in report["steps"] if s["name"] == "folded")
     assert folded["check"]["sqnr_db"] > 80  # exact up to float rounding
     if name == "levit_128s":  # its LinearNorm: MatMul -> Flatten -> BatchNorm, 46 times

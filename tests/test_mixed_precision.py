@@ -43,9 +43,12 @@ def test_blocks_come_from_module_paths_even_after_fusion(tiny_onnx, tiny_images)
         prepared, blocks = MixedPrecisionPass().prepare(model)
         assert list(blocks) == ["blocks.0", "blocks.1", "rest"]
         assert [len(v) for v in blocks.values()] == [4, 4, 1]  # qkv, proj, fc1, fc2; the head
+    # groups smaller than min_block_layers join rest (EfficientViT-B0's classifier.0 / classifier.4)
+    _, merged = MixedPrecisionPass(MixedPrecisionConfig(min_block_layers=5)).prepare(tiny_onnx)
+    assert list(merged) == ["rest"] and len(merged["rest"]) == 9
     # fuse_vit names its nodes attention_N / Gemm_N: the block is read from the tensors around them
     assert any(name.startswith("attention_0") for name in find_blocks(
-        fused, [n for n in weighted_nodes(fused, ["MatMul"]) if n.startswith("attention_")])["blocks.0"])
+        fused, [n for n in weighted_nodes(fused, ["MatMul"]) if n.startswith("attention_")], min_layers=1)["blocks.0"])
 
 
 def test_build_puts_each_choice_where_the_assignment_says(tiny_onnx):
