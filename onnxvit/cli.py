@@ -122,6 +122,22 @@ def init(name: str, model: str) -> None:
 
 
 @main.command()
+@click.argument("output", type=click.Path(path_type=Path))
+@click.option("--dry-run", is_flag=True, help="List what would be removed; remove nothing.")
+def clean(output: Path, dry_run: bool) -> None:
+    """Remove the cache files of OUTPUT (a compress output folder) that its last completed run did
+    not use: steps of older configs, old search memos, an interrupted fine-tune's checkpoints."""
+    from onnxvit.compress import CACHE_DIR, RUN_MARKER
+    from onnxvit.engine import clean_cache
+
+    if not (output / RUN_MARKER).is_file():
+        raise UserError(f"{output}: not an onnxvit output folder (no {RUN_MARKER}); give the folder of output.dir")
+    stale, size = clean_cache(output / CACHE_DIR, dry_run)
+    verb = "would remove" if dry_run else "removed"
+    click.echo(f"{verb} {len(stale)} cache files, {size / 1e6:.1f} MB")
+
+
+@main.command()
 @click.argument("root", type=click.Path(path_type=Path))
 @click.option("--out", "-o", "out", required=True, type=click.Path(path_type=Path), help="Manifest to write.")
 @click.option("--calibrate", default=32, show_default=True, help="Calibration images.")

@@ -402,5 +402,6 @@ def compress(config_path: Path, force: bool = False, quiet: bool = False,
         "seconds": round(time.perf_counter() - started, 2),
     }
     write_report(report, folder)
+    run.cache.record_run()
     reporter.log(f"report: {folder / 'report.md'}")
     return report

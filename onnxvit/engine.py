@@ -53,19 +53,30 @@ class StepRecord:
 class Cache:
     """Content-keyed files under one folder: ONNX models with their records, arrays, JSON."""
 
+    LAST_RUN = "last-run.json"
+
     def __init__(self, folder: Path, force: bool = False) -> None:
         self.folder = folder
         self.force = force
         self._fresh: set[str] = set()  # written in this run, so valid even with --force
+        self._used: set[str] = set()  # read or written in this run: what `clean` keeps
 
     def _path(self, name: str, key: str, suffix: str) -> Path:
         return self.folder / f"{name}-{key[:20]}{suffix}"
 
     def _usable(self, path: Path) -> bool:
-        return path.is_file() and (not self.force or str(path) in self._fresh)
+        usable = path.is_file() and (not self.force or str(path) in self._fresh)
+        if usable:
+            self._used.add(path.name)
+        return usable
 
     def _wrote(self, path: Path) -> None:
         self._fresh.add(str(path))
+        self._used.add(path.name)
+
+    def record_run(self) -> None:
+        """Say which files this (completed) run used: `onnxvit clean` removes the others."""
+        atomic_write_json(self.folder / self.LAST_RUN, sorted(n for n in self._used if (self.folder / n).exists()))
 
     def step(self, record: StepRecord, produce: Callable[[], onnx.ModelProto]) -> onnx.ModelProto:
         """The step's model from the cache, or from ``produce``; ``record`` is filled either way."""
@@ -121,6 +132,21 @@ class Cache:
         atomic_write_json(path, value)
         self._wrote(path)
         return value
+
+
+def clean_cache(folder: Path, dry_run: bool = False) -> tuple[list[Path], int]:
+    """Remove the cache files the last completed run did not use; return them and their bytes."""
+    listing = folder / Cache.LAST_RUN
+    if not listing.is_file():
+        raise UserError(f"{folder}: no completed run recorded here ({Cache.LAST_RUN} missing); "
+                        "run `onnxvit compress` to the end first")
+    used = set(json.loads(listing.read_text())) | {Cache.LAST_RUN}
+    stale = sorted(p for p in folder.iterdir() if p.is_file() and p.name not in used)
+    size = sum(p.stat().st_size for p in stale)
+    if not dry_run:
+        for path in stale:
+            path.unlink()
+    return stale, size
 
 
 class JsonMemo(MutableMapping[str, Any]):

@@ -172,3 +172,24 @@ def test_split_command_writes_a_manifest_once(tmp_path, image_folder):
     doc = json.loads(out.read_text())
     assert {k: len(v) for k, v in doc["splits"].items()} == {"calibrate": 8, "search": 4, "evaluate": 12}
     assert "already exists" in _user_error(_invoke("split", str(image_folder), "-o", str(out)))
+
+
+def test_clean_removes_only_what_the_last_run_did_not_use(tmp_path, image_folder):
+    out = tmp_path / "out"
+    assert "not an onnxvit output folder" in _user_error(_invoke("clean", str(out)))
+    int8 = {"pass": "quantize_int8", "name": "int8", "input": "fp32"}
+    assert _invoke("compress", str(write_config(tmp_path, image_folder, passes=[int8])), "--quiet").exit_code == 0
+    old_int8 = {p.name for p in (out / "cache").glob("int8-*")}
+    changed = write_config(tmp_path, image_folder, passes=[{**int8, "options": {"per_channel": False}}])
+    assert _invoke("compress", str(changed), "--quiet").exit_code == 0
+    before = {p.name for p in (out / "cache").iterdir()}
+    dry = _invoke("clean", str(out), "--dry-run")
+    assert dry.exit_code == 0 and dry.output.startswith("would remove")
+    assert {p.name for p in (out / "cache").iterdir()} == before
+    result = _invoke("clean", str(out))
+    assert result.exit_code == 0 and result.output.startswith("removed")
+    after = {p.name for p in (out / "cache").iterdir()}
+    assert old_int8 and not old_int8 & after  # the first config's int8 step, model and record
+    assert len(after) < len(before)
+    assert _invoke("compress", str(changed), "--quiet").exit_code == 0  # and nothing it needs is gone
+    assert all(step["cached"] for step in json.loads((out / "report.json").read_text())["steps"])
