@@ -5,7 +5,9 @@ images): `fp32`, onnxvit `int8`, `fp16` and `ort-default`, with agreement and SQ
 model's own FP32 outputs (never top-1: the weights are random), median latency and size. Each
 family's variants are timed together. Ablation (Q-HyViT's Table IV, for the fixes built so far):
 `int8-nofold` is `int8` without fold_batchnorm; `int8-static` / `int8-static-nofold` the same with
-static (calibrated QDQ) int8. Where fold_batchnorm finds nothing to fold, a row and its -nofold twin
+static (calibrated QDQ) int8; `int8-bridges-float` keeps the layers on either side of each
+conv <-> token bridge (found from the graph) in float, to show how much the bridges cost. Where
+fold_batchnorm finds nothing to fold, a row and its -nofold twin
 are the same model: their latency difference is the run's noise. With --json PATH writes the table
 and the `headline` object: families_total, families_ok, families_int8_beats_ort_default,
 families_int8_faster_than_fp32.
@@ -40,6 +42,7 @@ ABLATION = [
     {"pass": "quantize_int8", "name": "int8-nofold", "input": "fp32"},
     {"pass": "quantize_int8", "name": "int8-static", "input": "folded", "options": {"mode": "static"}},
     {"pass": "quantize_int8", "name": "int8-static-nofold", "input": "fp32", "options": {"mode": "static"}},
+    {"pass": "quantize_int8", "name": "int8-bridges-float", "input": "folded", "options": {"bridges": "float"}},
 ]
 
 

@@ -183,3 +183,49 @@ def compute_op_census(model: onnx.ModelProto) -> dict[str, dict[str, int]]:
             continue
         census[kind][op] = census[kind].get(op, 0) + 1
     return census
+
+
+_RESHAPES = {"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze"}
+
+
+def find_bridges(model: onnx.ModelProto, hops: int = 8) -> list[dict[str, Any]]:
+    """Q-HyViT's bridge blocks, found from the graph: where a conv feature map (4-D, reached from a
+    Conv) becomes a token sequence (3-D, reaching a MatMul / Gemm), or back. Each entry names the
+    reshape, its direction, and the two weighted layers on either side of it."""
+    shapes = tensor_shapes(model)
+    index = GraphIndex(model)
+
+    def weighted(node: onnx.NodeProto, ops: tuple[str, ...]) -> bool:
+        return node.op_type in ops and len(node.input) > 1 and index.is_constant(node.input[1])
+
+    def nearest(tensor: str, downstream: bool, ops: tuple[str, ...]) -> onnx.NodeProto | None:
+        """The first weighted layer met walking from ``tensor``; None if another kind comes first."""
+        frontier, seen = [tensor], set()
+        for _ in range(hops):
+            nodes = ([c for t in frontier for c in index.consumers.get(t, [])] if downstream
+                     else [index.producer[t] for t in frontier if t in index.producer])
+            following = []
+            for node in nodes:
+                if id(node) in seen:
+                    continue
+                seen.add(id(node))
+                if weighted(node, ("Conv", "MatMul", "Gemm")):
+                    return node if node.op_type in ops else None
+                following += list(node.output) if downstream else [i for i in node.input if not index.is_constant(i)]
+            frontier = following
+        return None
+
+    bridges = []
+    for node in model.graph.node:
+        if node.op_type not in _RESHAPES:
+            continue
+        before, after = shapes.get(node.input[0]), shapes.get(node.output[0])
+        if before is None or after is None or (len(before), len(after)) not in ((4, 3), (3, 4)):
+            continue
+        to_tokens = len(before) == 4
+        conv = nearest(node.input[0] if to_tokens else node.output[0], downstream=not to_tokens, ops=("Conv",))
+        linear = nearest(node.output[0] if to_tokens else node.input[0], downstream=to_tokens, ops=("MatMul", "Gemm"))
+        if conv is not None and linear is not None:
+            bridges.append({"at": node.name or node.output[0], "kind": "to_tokens" if to_tokens else "to_feature_map",
+                            "conv": conv.name, "linear": linear.name})
+    return bridges

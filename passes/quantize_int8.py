@@ -27,7 +27,7 @@ from pydantic import Field
 from passes import register_pass
 from passes.accuracy_budget import Budget, FidelityProbe, fit_budget
 from passes.base import Pass, PassConfig, PassContext, count_ops
-from passes.graph import copy_model, gemms_as_matmul
+from passes.graph import copy_model, find_bridges, gemms_as_matmul
 from passes.ort_quant import CalibrationReader, ensure_node_names, run_ort_quantizer, weighted_nodes
 
 QuantTypeName = Literal["int8", "uint8"]
@@ -44,6 +44,8 @@ class QuantizeInt8Config(PassConfig):
     weighted_only: bool = Field(
         True, description="Quantize only nodes with a constant (initializer) input, i.e. linear layers.")
     exclude_nodes: list[str] = Field([], description="Node names kept in float.")
+    bridges: Literal["int8", "float"] = Field(
+        "int8", description="Hybrids: the layers on either side of a conv <-> token bridge (found from the graph).")
     # static mode
     calibrate_method: Literal["minmax", "entropy", "percentile"] = Field(
         "percentile", description="static: ONNX Runtime calibrator for activation ranges."
@@ -80,6 +82,7 @@ class QuantizeInt8Pass(Pass):
     Config = QuantizeInt8Config
     uses_calibration = True
     uses_search = True
+    _excluded: list[str] | None = None  # exclude_nodes and, with bridges: float, the bridge layers
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
         cfg = self.config
@@ -93,7 +96,13 @@ class QuantizeInt8Pass(Pass):
         if cfg.mode == "dynamic":
             gemms_as_matmul(prepared)
         reduce_range = u8s8_saturates() if cfg.reduce_range == "auto" else cfg.reduce_range
-        layers = [n for n in weighted_nodes(prepared, cfg.op_types) if n not in cfg.exclude_nodes]
+        bridges = find_bridges(prepared)
+        bridge_layers = {b[side] for b in bridges for side in ("conv", "linear")} if cfg.bridges == "float" else set()
+        excluded = set(cfg.exclude_nodes) | bridge_layers
+        self._excluded = sorted(excluded) or None
+        layers = [n for n in weighted_nodes(prepared, cfg.op_types) if n not in excluded]
+        if bridges:
+            ctx.notes.update(bridges=bridges, bridges_float=sorted(bridge_layers & set(weighted_nodes(prepared, cfg.op_types))))
 
         def quantize(nodes: list[str] | None) -> onnx.ModelProto:
             return self._quantize(prepared, nodes, reduce_range, ctx)
@@ -128,7 +137,7 @@ class QuantizeInt8Pass(Pass):
             return run_ort_quantizer(model, lambda source, output: quantize_dynamic(
                 source, output, per_channel=cfg.per_channel, reduce_range=reduce_range,
                 weight_type=types[cfg.weight_type], op_types_to_quantize=cfg.op_types,
-                nodes_to_quantize=nodes, nodes_to_exclude=cfg.exclude_nodes or None,
+                nodes_to_quantize=nodes, nodes_to_exclude=self._excluded,
                 # ONNX shape inference cannot type outputs of com.microsoft ops (fuse_vit's); they are float
                 extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT}))
         samples = ctx.calibration_samples()
@@ -155,7 +164,7 @@ class QuantizeInt8Pass(Pass):
             activation_type=types[cfg.activation_type],
             weight_type=types[cfg.weight_type],
             nodes_to_quantize=nodes,
-            nodes_to_exclude=cfg.exclude_nodes or None,
+            nodes_to_exclude=self._excluded,
             calibrate_method=methods[cfg.calibrate_method],
             extra_options=extra,
         ))

@@ -41,10 +41,13 @@ def test_recalibrated_batchnorm_holds_the_statistics_of_its_input(tiny_images):
 @pytest.mark.parametrize("name", ["mobilevit_xxs", "levit_128s", "efficientformerv2_s0"])
 def test_hybrid_compresses_end_to_end(name, tmp_path, image_folder):
     model = {"name": name, "random_init": True, "recalibrate_bn": True, "num_classes": 4}
-    config = write_config(tmp_path, image_folder, model=model,
-                          passes=[{"pass": "fold_batchnorm", "name": "folded", "input": "fp32", "report": False},
-                                  {"pass": "quantize_int8", "name": "int8", "input": "folded"},
-                                  {"pass": "ort_default", "name": "ort-default", "input": "fp32"}],
+    steps = [{"pass": "fold_batchnorm", "name": "folded", "input": "fp32", "report": False},
+             {"pass": "quantize_int8", "name": "int8", "input": "folded"},
+             {"pass": "ort_default", "name": "ort-default", "input": "fp32"}]
+    if name == "mobilevit_xxs":  # three MobileViT blocks: conv -> tokens -> conv, six bridges
+        steps.append({"pass": "quantize_int8", "name": "int8-bridges", "input": "folded", "report": False,
+                      "options": {"bridges": "float"}})
+    config = write_config(tmp_path, image_folder, model=model, passes=steps,
                           benchmark={"warmup": 1, "runs": 2, "rounds": 1, "torch": False})
     result = CliRunner().invoke(main, ["compress", str(config), "--quiet"])
     assert result.exit_code == 0, result.output + repr(result.exception)
@@ -53,6 +56,16 @@ def test_hybrid_compresses_end_to_end(name, tmp_path, image_folder):
     assert export["check"]["max_abs_vs_torch"] <= 1e-4
     variants = {v["name"]: v for v in report["variants"]}
     assert set(variants) == {"fp32", "int8", "ort-default"}
+    steps_by_name = {s["name"]: s for s in report["steps"]}
+    if name == "mobilevit_xxs":
+        bridges = steps_by_name["int8"]["notes"]["bridges"]
+        assert len(bridges) == 6 and {b["kind"] for b in bridges} == {"to_tokens", "to_feature_map"}
+        assert all("conv_1x1" in b["conv"] for b in bridges if b["kind"] == "to_tokens")
+        kept = steps_by_name["int8-bridges"]["notes"]
+        assert kept["bridges_float"] and kept["quantized_nodes"] == (
+            steps_by_name["int8"]["notes"]["quantized_nodes"] - len(kept["bridges_float"]))
+    if name == "efficientformerv2_s0":  # attention on 4-D maps: no token sequence, no bridge
+        assert "bridges" not in steps_by_name["int8"]["notes"]
     assert variants["int8"]["sqnr_db"] > 15
     # why int8 is not faster on conv-heavy hybrids: the report says which heavy ops stay float
     census = variants["int8"]["compute_ops"]
