@@ -70,17 +70,15 @@ def main() -> None:
     threads = run.config.benchmark.threads
     builder = MixedPrecisionPass(models["config"])
 
-    paths = {"fp32": output / "fp32.onnx"}
-    atomic_write_bytes(paths["fp32"], models["fp32"].SerializeToString())
-    for point in notes["points"]:
-        paths[point["name"]] = output / f"point-{point['name']}.onnx"
-        atomic_write_bytes(paths[point["name"]],
-                           builder.apply(models["source"], point["assignment"]).SerializeToString())
+    built = {"fp32": models["fp32"]}
+    built.update({p["name"]: builder.apply(models["source"], p["assignment"]) for p in notes["points"]})
+    paths = {name: output / ("fp32.onnx" if name == "fp32" else f"point-{name}.onnx") for name in built}
+    for name, model in built.items():
+        atomic_write_bytes(paths[name], model.SerializeToString())
 
     logits = {}
     for name, path in paths.items():
-        key = cache_key(model=model_sha256(models["fp32"]) if name == "fp32" else step["key"] + name,
-                        evaluate=run.fingerprint("evaluate"))
+        key = cache_key(model=model_sha256(built[name]), evaluate=run.fingerprint("evaluate"))
 
         def produce(name: str = name, path: Path = path) -> np.ndarray:
             with reporter.task(f"evaluating {name}", len(images)) as advance:
