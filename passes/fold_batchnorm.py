@@ -51,7 +51,6 @@ class FoldBatchNormPass(Pass):
         out = copy_model(model)
         index = GraphIndex(out)
         replacements: dict[int, list[onnx.NodeProto]] = {}
-        removed: set[int] = set()
         initializers: list[onnx.TensorProto] = []
         folded, kept = {}, {}
         for bn in [n for n in out.graph.node if n.op_type == "BatchNormalization"]:
@@ -96,7 +95,7 @@ class FoldBatchNormPass(Pass):
                                                          name=f"{name}/Add")]
             folded[name] = linear.name
         if replacements:
-            rebuild(out, replacements, removed, initializers)
+            rebuild(out, replacements, set(), initializers)
             _drop_identities(out)
         ctx.notes.update(folded=folded, kept=kept, batchnorms=len(folded) + len(kept))
         return out
