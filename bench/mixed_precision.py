@@ -24,7 +24,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from onnxvit.benchmark import measure_latency  # noqa: E402
+from onnxvit.benchmark import measure_latency, onnx_runner  # noqa: E402
 from onnxvit.compress import Run  # noqa: E402
 from onnxvit.config import load_config  # noqa: E402
 from onnxvit.engine import Cache, cache_key, model_sha256, run_passes  # noqa: E402
@@ -32,7 +32,6 @@ from onnxvit.evaluate import onnx_eval_logits, score  # noqa: E402
 from onnxvit.fileio import atomic_write_bytes, atomic_write_json  # noqa: E402
 from onnxvit.progress import Reporter  # noqa: E402
 from onnxvit.report import save_figure  # noqa: E402
-from onnxvit.runtime import make_session  # noqa: E402
 from passes.mixed_precision import MixedPrecisionPass  # noqa: E402
 
 EXAMPLE = REPO / "examples" / "deit_tiny_mixed.yaml"
@@ -87,12 +86,7 @@ def main() -> None:
         logits[name] = run.cache.array(f"logits-{name}", key, produce)
 
     bench = run.config.benchmark
-    image = images[:1]
-    runners = {}
-    for name, path in paths.items():
-        session = make_session(path, threads)
-        feed = {session.get_inputs()[0].name: image}
-        runners[name] = (lambda session=session, feed=feed: session.run(None, feed))
+    runners = {name: onnx_runner(path, run.input_shape, bench) for name, path in paths.items()}
     reporter.log(f"timing {len(runners)} models together")
     timed = measure_latency(runners, bench.warmup, bench.runs, bench.rounds)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import onnx
 import torch
 
 from onnxvit.config import BenchmarkConfig
@@ -50,8 +51,8 @@ def benchmark_input(shape: tuple[int, ...], batch_size: int) -> np.ndarray:
     return np.random.default_rng(0).standard_normal((batch_size, *shape)).astype(np.float32)
 
 
-def onnx_runner(path: Path, shape: tuple[int, ...], config: BenchmarkConfig) -> Runner:
-    session = make_session(path, config.threads)
+def onnx_runner(model: Path | onnx.ModelProto, shape: tuple[int, ...], config: BenchmarkConfig) -> Runner:
+    session = make_session(model, config.threads)
     feed = {session.get_inputs()[0].name: benchmark_input(shape, config.batch_size)}
     return lambda: session.run(None, feed)
 

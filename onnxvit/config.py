@@ -262,7 +262,7 @@ def _validate_steps(config: Config, source: Path) -> list[Any]:
             parsed.append(pass_cls.Config.model_validate(step.options))
         except ValidationError as exc:
             _raise_for(exc, source, pass_cls.Config, ("passes", index, "options"))
-        if getattr(parsed[-1], "requires_labels", False) and config.model.random_init:
+        if parsed[-1].requires_labels and config.model.random_init:
             raise UserError(f"{where}.options: top-1 needs real weights (random weights' top-1 means nothing); "
                             "use objective: sqnr and select.min_agreement instead")
         source_name = step.input or previous

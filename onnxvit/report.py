@@ -189,10 +189,11 @@ def _mixed_precision_sections(report: dict[str, Any]) -> list[str]:
     for step in mixed_precision_steps(report):
         notes = step["notes"]
         lines += ["", f"## Mixed precision: `{step['name']}`", "",
-                  f"One character per block ({_block_span(notes['blocks'])}): F float, 8 int8, 4 w4, W w8, A a16w8; other "
-                  f"linear layers: {notes['points'][0]['rest']}. Measured on the search split against the float "
-                  f"input; {notes['explored']} assignments scored by the per-block model, {len(notes['points'])} "
-                  f"built and timed together. Chosen: `{notes['chosen']}` ({notes['select']}).", "",
+                  f"One character per block ({_block_span(notes['blocks'])}): F float, 8 int8, 4 w4, W w8, "
+                  f"A a16w8; other linear layers: {notes['points'][0]['rest']}. Measured on the search split "
+                  f"against the float input; {notes['explored']} assignments scored by the per-block model, "
+                  f"{len(notes['points'])} built and timed together. "
+                  f"Chosen: `{notes['chosen']}` ({notes['select']}).", "",
                   "| assignment | front | top-1 % (search) | agree % | SQNR dB | median ms | x float | size MB | "
                   "x int8 | constraints |", "|---|---|---|---|---|---|---|---|---|---|"]
         for p in sorted(notes["points"], key=lambda p: p["latency_ms"]):

@@ -20,6 +20,11 @@ class PassConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    @property
+    def requires_labels(self) -> bool:
+        """Whether these options judge by top-1, which random weights make meaningless (refused at load)."""
+        return False
+
 
 @dataclass
 class PassContext:

@@ -52,6 +52,7 @@ class FoldBatchNormPass(Pass):
         index = GraphIndex(out)
         replacements: dict[int, list[onnx.NodeProto]] = {}
         initializers: list[onnx.TensorProto] = []
+        aliases: dict[str, str] = {}  # a removed BatchNorm's output -> the tensor that now carries it
         folded, kept = {}, {}
         for bn in [n for n in out.graph.node if n.op_type == "BatchNormalization"]:
             name = bn.name or bn.output[0]
@@ -76,7 +77,8 @@ class FoldBatchNormPass(Pass):
             has_bias = len(linear.input) > 2 and linear.input[2] and linear.op_type != "MatMul"
             if has_bias:
                 bias = index.constant(linear.input[2])
-                initializers.append(numpy_helper.from_array((bias * scale + shift).astype(bias.dtype), f"{prefix}/bias"))
+                folded_bias = (bias * scale + shift).astype(bias.dtype)
+                initializers.append(numpy_helper.from_array(folded_bias, f"{prefix}/bias"))
                 inputs.append(f"{prefix}/bias")
             elif linear.op_type == "Conv":
                 initializers.append(numpy_helper.from_array(shift.astype(weight.dtype), f"{prefix}/bias"))
@@ -87,7 +89,11 @@ class FoldBatchNormPass(Pass):
             replacements[id(linear)] = [new_linear]
             if has_bias:  # the BatchNorm's output is now the linear output (through Flatten)
                 carrier = flatten.output[0] if flatten else linear.output[0]
-                replacements[id(bn)] = [helper.make_node("Identity", [carrier], [bn.output[0]], name=name)]
+                if bn.output[0] in index.graph_outputs:  # a graph output keeps its name
+                    replacements[id(bn)] = [helper.make_node("Identity", [carrier], [bn.output[0]], name=name)]
+                else:
+                    replacements[id(bn)] = []
+                    aliases[bn.output[0]] = carrier
             else:
                 # MatMul: the shift stays as an Add on the channel axis (last, or axis 1 after Flatten)
                 initializers.append(numpy_helper.from_array(shift.astype(weight.dtype), f"{prefix}/shift"))
@@ -96,7 +102,8 @@ class FoldBatchNormPass(Pass):
             folded[name] = linear.name
         if replacements:
             rebuild(out, replacements, set(), initializers)
-            _drop_identities(out)
+            for node in out.graph.node:
+                node.input[:] = [aliases.get(name, name) for name in node.input]
         ctx.notes.update(folded=folded, kept=kept, batchnorms=len(folded) + len(kept))
         return out
 
@@ -132,17 +139,3 @@ class FoldBatchNormPass(Pass):
             return "a MatMul's channels are its last axis, BatchNorm's are axis 1"
         return None
 
-
-def _drop_identities(model: onnx.ModelProto) -> None:
-    """Route readers of the Identity nodes left by folding to their inputs (graph outputs keep theirs)."""
-    graph = model.graph
-    outputs = {o.name for o in graph.output}
-    alias = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "Identity" and n.output[0] not in outputs}
-    kept = [n for n in graph.node if not (n.op_type == "Identity" and n.output[0] in alias)]
-    for node in kept:
-        for i, name in enumerate(node.input):
-            while name in alias:
-                name = alias[name]
-            node.input[i] = name
-    del graph.node[:]
-    graph.node.extend(kept)

@@ -35,11 +35,12 @@ import numpy as np
 import onnx
 from pydantic import Field, model_validator
 
-from onnxvit.benchmark import measure_latency
+from onnxvit.benchmark import measure_latency, onnx_runner
+from onnxvit.config import BenchmarkConfig
 from onnxvit.errors import UserError
 from onnxvit.evaluate import SQNR_CEILING_DB
 from onnxvit.metrics import top1_agreement, topk_accuracy
-from onnxvit.runtime import make_session, model_logits
+from onnxvit.runtime import model_logits
 from passes import register_pass
 from passes.base import Pass, PassConfig, PassContext
 from passes.graph import copy_model, gemms_as_matmul
@@ -286,7 +287,7 @@ class _Search:
         self.reference_top1 = (topk_accuracy(self.reference, self.labels, 1)
                                if self.labels is not None else None)
         self.base: Choice = "int8" if "int8" in self.cfg.choices else self.cfg.choices[0]
-        self.image = ctx.search[0][:1]
+        self.input_shape = tuple(ctx.search[0].shape[1:])
 
     def assignment(self, genome: tuple[int, ...]) -> Assignment:
         return {b: self.cfg.choices[g] for b, g in zip(self.blocks, genome)}
@@ -308,11 +309,9 @@ class _Search:
 
     def latencies(self, assignments: dict[str, Assignment]) -> dict[str, float]:
         """Median ms of each assignment's model, all timed together (interleaved rounds)."""
-        runners = {}
-        for name, assignment in assignments.items():
-            session = make_session(self.owner.build(self.prepared, self.layers, assignment), self.ctx.threads)
-            feed = {session.get_inputs()[0].name: self.image}
-            runners[name] = (lambda session=session, feed=feed: session.run(None, feed))
+        config = BenchmarkConfig(threads=self.ctx.threads, batch_size=1)
+        runners = {name: onnx_runner(self.owner.build(self.prepared, self.layers, assignment), self.input_shape, config)
+                   for name, assignment in assignments.items()}
         timed = measure_latency(runners, self.cfg.latency_warmup, self.cfg.latency_runs, rounds=5)
         return {name: t["median"] for name, t in timed.items()}
 
@@ -406,7 +405,8 @@ class _Search:
                      "size_vs_int8": round(m.size / measured["uniform-int8"].size, 4), "measured": m}
             if not point["reference"]:
                 sqnr, p_ms, p_size = model.predict(self.genome(assignment))
-                point["predicted"] = {"sqnr_db": round(sqnr, 3), "latency_ms": round(p_ms, 3), "size_bytes": int(p_size)}
+                point["predicted"] = {"sqnr_db": round(sqnr, 3), "latency_ms": round(p_ms, 3),
+                                      "size_bytes": int(p_size)}
             point["violates"] = violations(cfg, set(assignment.values()), point["latency_vs_float"],
                                            point["size_vs_int8"])
             points.append(point)

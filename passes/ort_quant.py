@@ -1,6 +1,6 @@
 """What the passes built on ``onnxruntime.quantization`` share: our calibration images as its data
-reader, its file-to-file quantizers run quietly on a ModelProto, and how to name the layers it
-may quantize."""
+reader, its file-to-file quantizers run quietly on a ModelProto, how to name the layers it may
+quantize, and the activation ranges the calibration images give."""
 
 from __future__ import annotations
 
@@ -13,6 +13,11 @@ from typing import Callable, Iterator
 
 import numpy as np
 import onnx
+from onnx import helper
+
+from onnxvit.runtime import make_session
+from passes.base import PassContext
+from passes.graph import copy_model
 
 
 class CalibrationReader:
@@ -69,3 +74,20 @@ def run_ort_quantizer(model: onnx.ModelProto, quantize: Callable[[Path, Path], N
         onnx.save(model, source)
         quantize(source, output)
         return onnx.load(output)
+
+
+def channel_ranges(model: onnx.ModelProto, names: list[str],
+                   ctx: PassContext) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per-channel (last axis) min and max of tensors ``names`` over the calibration images."""
+    probe = copy_model(model)
+    del probe.graph.output[:]
+    probe.graph.output.extend(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names)
+    session = make_session(probe, ctx.threads)
+    lows: dict[str, np.ndarray] = {}
+    highs: dict[str, np.ndarray] = {}
+    for batch in ctx.calibration:
+        for name, value in zip(names, session.run(names, {ctx.input_name: batch})):
+            flat = value.reshape(-1, value.shape[-1])
+            lows[name] = np.minimum(lows.get(name, np.inf), flat.min(0))
+            highs[name] = np.maximum(highs.get(name, -np.inf), flat.max(0))
+    return {name: (lows[name], highs[name]) for name in names}

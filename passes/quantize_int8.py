@@ -100,9 +100,10 @@ class QuantizeInt8Pass(Pass):
         bridge_layers = {b[side] for b in bridges for side in ("conv", "linear")} if cfg.bridges == "float" else set()
         excluded = set(cfg.exclude_nodes) | bridge_layers
         self._excluded = sorted(excluded) or None
-        layers = [n for n in weighted_nodes(prepared, cfg.op_types) if n not in excluded]
+        candidates = weighted_nodes(prepared, cfg.op_types)
+        layers = [n for n in candidates if n not in excluded]
         if bridges:
-            ctx.notes.update(bridges=bridges, bridges_float=sorted(bridge_layers & set(weighted_nodes(prepared, cfg.op_types))))
+            ctx.notes.update(bridges=bridges, bridges_float=sorted(bridge_layers & set(candidates)))
 
         def quantize(nodes: list[str] | None) -> onnx.ModelProto:
             return self._quantize(prepared, nodes, reduce_range, ctx)

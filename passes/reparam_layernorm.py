@@ -19,10 +19,10 @@ import onnx
 from onnx import helper, numpy_helper
 from pydantic import Field
 
-from onnxvit.runtime import make_session
 from passes import register_pass
 from passes.base import Pass, PassConfig, PassContext
 from passes.graph import GraphIndex, attribute, copy_model, prune_initializers
+from passes.ort_quant import channel_ranges
 
 
 class ReparamLayerNormConfig(PassConfig):
@@ -61,22 +61,6 @@ def find_sites(model: onnx.ModelProto) -> list[Site]:
             adds.append(add if add is not None and index.is_constant(add.input[1]) else None)
         sites.append(Site(norm, readers, adds))
     return sites
-
-
-def channel_ranges(model: onnx.ModelProto, names: list[str], ctx: PassContext) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Per-channel (last axis) min and max of tensors ``names`` over the calibration images."""
-    probe = copy_model(model)
-    del probe.graph.output[:]
-    probe.graph.output.extend(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names)
-    session = make_session(probe, ctx.threads)
-    lows: dict[str, np.ndarray] = {}
-    highs: dict[str, np.ndarray] = {}
-    for batch in ctx.calibration:
-        for name, value in zip(names, session.run(names, {ctx.input_name: batch})):
-            flat = value.reshape(-1, value.shape[-1])
-            lows[name] = np.minimum(lows.get(name, np.inf), flat.min(0))
-            highs[name] = np.maximum(highs.get(name, -np.inf), flat.max(0))
-    return {name: (lows[name], highs[name]) for name in names}
 
 
 def channel_scales(low: np.ndarray, high: np.ndarray, weights: list[np.ndarray], config: ReparamLayerNormConfig

@@ -15,15 +15,18 @@ zero. Other tensors are listed with the reason they were kept, per tensor.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 from pydantic import Field
 
+from onnxvit.data import batches
 from passes import register_pass
 from passes.base import Pass, PassConfig, PassContext
 from passes.graph import GraphIndex, attribute, copy_model, rebuild
-from onnxvit.runtime import make_session
+from passes.ort_quant import channel_ranges
 
 QMAX = 255  # uint8, the activation type ONNX Runtime's static quantizer defaults to
 
@@ -31,32 +34,6 @@ QMAX = 255  # uint8, the activation type ONNX Runtime's static quantizer default
 class ZeroPointGuardConfig(PassConfig):
     min_lost: float = Field(0.25, gt=0, lt=1, description="Act when at least this share of the 8-bit codes is wasted.")
     calibration_images: int | None = Field(None, gt=0, description="Use at most this many calibration images.")
-
-
-def tensor_ranges(model: onnx.ModelProto, names: list[str], batches: list[np.ndarray], threads: int,
-                  limit: int | None = None) -> dict[str, tuple[float, float]]:
-    """Min and max of each named tensor over the images (the model's first input)."""
-    probe = copy_model(model)
-    known = {o.name for o in probe.graph.output}
-    for name in names:
-        if name not in known:
-            probe.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    session = make_session(probe, threads)
-    input_name = session.get_inputs()[0].name
-    outputs = [o.name for o in session.get_outputs()]
-    low = {n: np.inf for n in names}
-    high = {n: -np.inf for n in names}
-    seen = 0
-    for batch in batches:
-        if limit is not None and seen >= limit:
-            break
-        batch = batch if limit is None else batch[: limit - seen]
-        seen += len(batch)
-        for name, value in zip(outputs, session.run(None, {input_name: batch})):
-            if name in low:
-                low[name] = min(low[name], float(value.min()))
-                high[name] = max(high[name], float(value.max()))
-    return {n: (low[n], high[n]) for n in names}
 
 
 @register_pass
@@ -71,7 +48,11 @@ class ZeroPointGuardPass(Pass):
         index = GraphIndex(out)
         linear_inputs = sorted({n.input[0] for n in out.graph.node
                                 if n.op_type in ("MatMul", "Gemm", "Conv") and index.constant(n.input[0]) is None})
-        ranges = tensor_ranges(out, linear_inputs, ctx.calibration, ctx.threads, self.config.calibration_images)
+        calibration = ctx.calibration
+        if self.config.calibration_images:
+            calibration = batches(np.concatenate(calibration)[: self.config.calibration_images], 8)
+        per_channel = channel_ranges(out, linear_inputs, dataclasses.replace(ctx, calibration=calibration))
+        ranges = {name: (float(low.min()), float(high.max())) for name, (low, high) in per_channel.items()}
         initializers: list[onnx.TensorProto] = []
         shifted_readers: list[tuple[onnx.NodeProto, str, float]] = []
         subs: dict[int, list[onnx.NodeProto]] = {}  # Sub nodes to put after a tensor's producer

@@ -21,8 +21,8 @@ def _bn_inputs(prefix: str, channels: int) -> list[onnx.TensorProto]:
 
 
 def _bn(prefix: str, source: str, output: str) -> onnx.NodeProto:
-    return helper.make_node("BatchNormalization", [source, *(f"{prefix}.{k}" for k in ("scale", "bias", "mean", "var"))],
-                            [output], name=prefix, epsilon=1e-5)
+    statistics = [f"{prefix}.{k}" for k in ("scale", "bias", "mean", "var")]
+    return helper.make_node("BatchNormalization", [source, *statistics], [output], name=prefix, epsilon=1e-5)
 
 
 def _model(nodes, inputs, initializers, output: str, shape) -> onnx.ModelProto:

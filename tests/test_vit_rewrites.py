@@ -8,7 +8,8 @@ import pytest
 from onnxvit.runtime import model_logits
 from passes.base import PassContext
 from passes.fuse_vit import FuseVitConfig, FuseVitPass
-from passes.reparam_layernorm import ReparamLayerNormConfig, ReparamLayerNormPass, channel_ranges, find_sites
+from passes.ort_quant import channel_ranges
+from passes.reparam_layernorm import ReparamLayerNormConfig, ReparamLayerNormPass, find_sites
 
 
 def _count(model: onnx.ModelProto, op: str) -> int:
