@@ -3,14 +3,17 @@
 For each example in examples/hybrids/ (random weights, BatchNorm re-estimated on the calibration
 images): `fp32`, onnxvit `int8`, `fp16` and `ort-default`, with agreement and SQNR against the
 model's own FP32 outputs (never top-1: the weights are random), median latency and size. Each
-family's variants are timed together. Ablation (Q-HyViT's Table IV, for the fixes built so far):
-`int8-nofold` is `int8` without fold_batchnorm; `int8-static` / `int8-static-nofold` the same with
-static (calibrated QDQ) int8; `int8-bridges-float` keeps the layers on either side of each
-conv <-> token bridge (found from the graph) in float, to show how much the bridges cost. Where
-fold_batchnorm finds nothing to fold, a row and its -nofold twin
-are the same model: their latency difference is the run's noise. With --json PATH writes the table
-and the `headline` object: families_total, families_ok, families_int8_beats_ort_default,
-families_int8_faster_than_fp32.
+family's variants are timed together. Ablation (Q-HyViT's Table IV): each row is the example's
+`int8` (fold_batchnorm, then dynamic int8 with measured weight schemes and bridge reconstruction)
+with one fix taken out: `int8-nofold`, `int8-noschemes` (per-channel symmetric weights for every
+layer), `int8-noreconstruct` (bridge blocks not tuned); `int8-bridges-float` keeps the layers on
+either side of each conv <-> token bridge in float instead, to show what the bridges cost at most.
+`int8-static` is the same recipe with static (calibrated QDQ) int8 after zero_point_guard, and
+`int8-static-noguard` without the guard. Where a fix finds nothing to change (nothing to fold, no
+bridge), its row and `int8` are the same model: their latency difference is the run's noise.
+With --json PATH writes the table and the `headline` object: families_total, families_ok,
+families_int8_beats_ort_default, families_int8_faster_than_fp32, and ablation_sqnr_gain_db (per
+fix, per family: SQNR with the fix minus without it).
 
     python bench/hybrid.py [--output DIR] [--json PATH] [--families mobilevit_xxs,levit_128s]
 """
@@ -37,19 +40,36 @@ from onnxvit.report import variant_table  # noqa: E402
 EXAMPLES = REPO / "examples" / "hybrids"
 
 
-# Ablation rows beside the example's own steps (its `int8` is dynamic int8 after fold_batchnorm).
-ABLATION = [
-    {"pass": "quantize_int8", "name": "int8-nofold", "input": "fp32"},
-    {"pass": "quantize_int8", "name": "int8-static", "input": "folded", "options": {"mode": "static"}},
-    {"pass": "quantize_int8", "name": "int8-static-nofold", "input": "fp32", "options": {"mode": "static"}},
-    {"pass": "quantize_int8", "name": "int8-bridges-float", "input": "folded", "options": {"bridges": "float"}},
-]
+def ablation(int8: dict[str, Any]) -> list[dict[str, Any]]:
+    """The example's int8 step (after fold_batchnorm) with one fix taken out per row."""
+    options = int8.get("options", {})
+
+    def row(name: str, source: str, **changes: Any) -> dict[str, Any]:
+        return {"pass": "quantize_int8", "name": name, "input": source, "options": {**options, **changes}}
+
+    return [
+        row("int8-nofold", "fp32"),
+        row("int8-noschemes", "folded", schemes="fixed"),
+        row("int8-noreconstruct", "folded", reconstruct_bridges=False),
+        row("int8-bridges-float", "folded", bridges="float", reconstruct_bridges=False),
+        {"pass": "zero_point_guard", "name": "guarded", "input": "folded", "report": False},
+        row("int8-static", "guarded", mode="static"),
+        row("int8-static-noguard", "folded", mode="static"),
+    ]
 
 
-def run_family(path: Path, output: Path, ablation: bool = True) -> dict[str, Any]:
+FIXES = {  # fix: (row with it, row without it)
+    "fold_batchnorm": ("int8", "int8-nofold"),
+    "weight_schemes": ("int8", "int8-noschemes"),
+    "bridge_reconstruction": ("int8", "int8-noreconstruct"),
+    "zero_point_guard (static)": ("int8-static", "int8-static-noguard"),
+}
+
+
+def run_family(path: Path, output: Path, with_ablation: bool = True) -> dict[str, Any]:
     doc = yaml.safe_load(path.read_text())
-    if ablation:
-        doc["passes"] += ABLATION
+    if with_ablation:
+        doc["passes"] += ablation(next(step for step in doc["passes"] if step["name"] == "int8"))
     for section, field in (("data", "root"), ("data", "manifest")):
         doc[section][field] = str((path.parent / doc[section][field]).resolve())
     doc["output"] = {"dir": str(output / path.stem)}
@@ -99,6 +119,9 @@ def main() -> None:
                                                for r in ok)),
         "families_int8_faster_than_fp32": int(sum(r["rows"]["int8"]["speedup_vs_fp32"] > 1 for r in ok)),
         "export_max_abs_worst": max((r["export_max_abs"] for r in ok), default=None),
+        "ablation_sqnr_gain_db": {fix: {r["family"]: round(r["rows"][with_][
+            "sqnr_db"] - r["rows"][without]["sqnr_db"], 2) for r in ok if without in r["rows"]}
+            for fix, (with_, without) in FIXES.items()},
     }
     print(json.dumps(head, indent=2))
     if args.json:

@@ -15,7 +15,8 @@ SCHEMA_VERSION = 1
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 PLOT_PNG = "accuracy_vs_latency.png"
-MIXED_PRECISION_TABLED = {"points", "sensitivity"}  # a mixed_precision step's notes shown as tables
+TABLED = {"mixed_precision": {"points", "sensitivity"},  # step notes their kind's own section shows as tables
+          "quantize_int8": {"schemes", "bridge_reconstruction"}}
 
 
 def front_plot_name(step: str) -> str:
@@ -116,7 +117,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         text = ", ".join(f"{k} {_fmt(v, 4)}" for k, v in check.items())
         parts.append(f"| {step['name']} | {step['kind']} | {step['input'] or '-'} | {step['cached']} | "
                      f"{step['seconds']:.1f} | {text} |")
-    parts += _mixed_precision_sections(report)
+    parts += _mixed_precision_sections(report) + _weight_scheme_sections(report)
     notes = [f"- `{s['name']}`: {json.dumps(_untabled(s))}" for s in report.get("steps", []) if s.get("notes")]
     if notes:
         parts += ["", "## What each step did", "", *notes]
@@ -126,9 +127,32 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 def _untabled(step: dict[str, Any]) -> dict[str, Any]:
     """A step's notes less what its own section shows as tables."""
-    if step["kind"] != "mixed_precision":
-        return step["notes"]
-    return {k: v for k, v in step["notes"].items() if k not in MIXED_PRECISION_TABLED}
+    return {k: v for k, v in step["notes"].items() if k not in TABLED.get(step["kind"], set())}
+
+
+def _weight_scheme_sections(report: dict[str, Any]) -> list[str]:
+    """Per int8 step, the layers whose measured weight scheme or bridge clipping differs from the default."""
+    lines = []
+    for step in report.get("steps", []):
+        schemes, bridges = step.get("notes", {}).get("schemes"), step.get("notes", {}).get("bridge_reconstruction")
+        if not schemes and not bridges:
+            continue
+        lines += ["", f"## Weight schemes: `{step['name']}`", ""]
+        if schemes:
+            changed = {layer: e for layer, e in schemes.items() if "sqnr_db" in e and e["chosen"] != e["default"]}
+            lines += [f"{len(changed)} of {len(schemes)} layers measured better (output SQNR on the calibration "
+                      "images, ONNX Runtime's kernels) with another scheme than the default:", "",
+                      "| layer | chosen | SQNR default dB | SQNR chosen dB |", "|---|---|---|---|"]
+            lines += [f"| {layer} | {e['chosen']} | {e['sqnr_db'][e['default']]:.2f} | "
+                      f"{e['sqnr_db'][e['chosen']]:.2f} |" for layer, e in changed.items()]
+        if bridges:
+            lines += ["", "Bridge blocks (conv <-> tokens), weight clipping tuned to the block's output:", "",
+                      "| layer | bridge | clip | block SQNR before dB | after dB |", "|---|---|---|---|---|"]
+            lines += [f"| {layer} | {e['bridge']} | {e.get('clip', '-')} | "
+                      f"{e['block_sqnr_db']['before']:.2f} | {e['block_sqnr_db']['after']:.2f} |"
+                      if "block_sqnr_db" in e else f"| {layer} | {e['bridge']} | {e['why']} | | |"
+                      for layer, e in bridges.items()]
+    return lines
 
 
 def _precision_section(report: dict[str, Any]) -> list[str]:

@@ -76,17 +76,26 @@ def run_ort_quantizer(model: onnx.ModelProto, quantize: Callable[[Path, Path], N
         return onnx.load(output)
 
 
+def tensor_values(model: onnx.ModelProto, names: list[str], batches: list[np.ndarray], input_name: str,
+                  threads: int) -> Iterator[dict[str, np.ndarray]]:
+    """The float values of tensors ``names`` (any, not only outputs; the image input too) for each batch."""
+    computed = [name for name in names if name != input_name]
+    probe = copy_model(model)
+    del probe.graph.output[:]
+    probe.graph.output.extend(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in computed)
+    session = make_session(probe, threads) if computed else None
+    for batch in batches:
+        values = dict(zip(computed, session.run(computed, {input_name: batch}))) if session else {}
+        yield {name: batch if name == input_name else values[name] for name in names}
+
+
 def channel_ranges(model: onnx.ModelProto, names: list[str],
                    ctx: PassContext) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per-channel (last axis) min and max of tensors ``names`` over the calibration images."""
-    probe = copy_model(model)
-    del probe.graph.output[:]
-    probe.graph.output.extend(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names)
-    session = make_session(probe, ctx.threads)
     lows: dict[str, np.ndarray] = {}
     highs: dict[str, np.ndarray] = {}
-    for batch in ctx.calibration:
-        for name, value in zip(names, session.run(names, {ctx.input_name: batch})):
+    for values in tensor_values(model, names, ctx.calibration, ctx.input_name, ctx.threads):
+        for name, value in values.items():
             flat = value.reshape(-1, value.shape[-1])
             lows[name] = np.minimum(lows.get(name, np.inf), flat.min(0))
             highs[name] = np.maximum(highs.get(name, -np.inf), flat.max(0))

@@ -21,14 +21,17 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import onnx
 from pydantic import Field
 
+from onnxvit.data import batches
 from passes import register_pass
 from passes.accuracy_budget import Budget, FidelityProbe, fit_budget
 from passes.base import Pass, PassConfig, PassContext, count_ops
 from passes.graph import copy_model, find_bridges, gemms_as_matmul
-from passes.ort_quant import CalibrationReader, ensure_node_names, run_ort_quantizer, weighted_nodes
+from passes.ort_quant import CalibrationReader, ensure_node_names, run_ort_quantizer, tensor_values, weighted_nodes
+from passes.weight_schemes import Overrides, WeightScheme, WeightTuner
 
 QuantTypeName = Literal["int8", "uint8"]
 
@@ -46,6 +49,12 @@ class QuantizeInt8Config(PassConfig):
     exclude_nodes: list[str] = Field([], description="Node names kept in float.")
     bridges: Literal["int8", "float"] = Field(
         "int8", description="Hybrids: the layers on either side of a conv <-> token bridge (found from the graph).")
+    schemes: Literal["fixed", "search"] = Field(
+        "fixed", description="Weights: fixed: per_channel, symmetric, for every layer; search: per layer, per-channel "
+        "or per-tensor, symmetric or asymmetric, whichever gives its output the least error on calibration images.")
+    reconstruct_bridges: bool = Field(
+        False, description="Hybrids: tune the weight clipping of each conv <-> token bridge block's quantized layers "
+        "to the block's least output error on calibration images.")
     # static mode
     calibrate_method: Literal["minmax", "entropy", "percentile"] = Field(
         "percentile", description="static: ONNX Runtime calibrator for activation ranges."
@@ -55,7 +64,8 @@ class QuantizeInt8Config(PassConfig):
     quantize_outputs: bool = Field(
         False, description="static: also quantize the outputs of the quantized ops (QDQ after Gemm / MatMul)."
     )
-    calibration_images: int | None = Field(None, gt=0, description="static: use at most this many calibration images.")
+    calibration_images: int | None = Field(
+        None, gt=0, description="Use at most this many calibration images (static ranges, schemes, reconstruction).")
     extra_options: dict[str, Any] = Field({}, description="static: passed to quantize_static's extra_options as is.")
     # accuracy budget, measured on the search split against this pass's input
     min_sqnr_db: float | None = Field(None, description="Budget: logit SQNR vs the float input on the search split.")
@@ -104,9 +114,10 @@ class QuantizeInt8Pass(Pass):
         layers = [n for n in candidates if n not in excluded]
         if bridges:
             ctx.notes.update(bridges=bridges, bridges_float=sorted(bridge_layers & set(candidates)))
+        overrides = self._tune_weights(prepared, layers, bridges, reduce_range, ctx)
 
         def quantize(nodes: list[str] | None) -> onnx.ModelProto:
-            return self._quantize(prepared, nodes, reduce_range, ctx)
+            return self._quantize(prepared, nodes, reduce_range, self._calibration(ctx), overrides)
 
         if budget.active:
             probe = FidelityProbe(model, ctx.search, ctx.threads)
@@ -120,8 +131,47 @@ class QuantizeInt8Pass(Pass):
         ctx.notes.update(count_ops(quantized, "QuantizeLinear", "DynamicQuantizeLinear"))
         return quantized
 
+    def _calibration(self, ctx: PassContext) -> list[np.ndarray]:
+        if not self.config.calibration_images or not ctx.calibration:
+            return ctx.calibration
+        return batches(np.concatenate(ctx.calibration)[: self.config.calibration_images], len(ctx.calibration[0]))
+
+    def _tune_weights(self, model: onnx.ModelProto, layers: list[str], bridges: list[dict[str, Any]],
+                      reduce_range: bool, ctx: PassContext) -> Overrides:
+        """Per-layer weight schemes and bridge clipping, measured; the notes say what each layer got."""
+        cfg = self.config
+        tuned_bridges = bridges if cfg.reconstruct_bridges else []
+        if cfg.schemes == "fixed" and not tuned_bridges:
+            return {}
+        ctx.require_calibration("quantize_int8 (schemes / reconstruct_bridges)")
+        calibration = self._calibration(ctx)
+
+        def values(names: list[str]) -> list[dict[str, np.ndarray]]:
+            return list(tensor_values(model, names, calibration, ctx.input_name, ctx.threads))
+
+        def quantize_piece(piece: onnx.ModelProto, nodes: list[str], overrides: Overrides,
+                           feeds: list[dict[str, np.ndarray]]) -> onnx.ModelProto:
+            return self._quantize(piece, nodes, reduce_range, feeds, overrides)
+
+        qtype = onnx.TensorProto.INT8 if cfg.weight_type == "int8" else onnx.TensorProto.UINT8
+        work = len(layers) * (cfg.schemes == "search") + len(tuned_bridges)
+        with ctx.progress("int8: weight schemes", work) as advance:
+            tuner = WeightTuner(model, layers, quantize_piece, values, qtype, reduce_range, ctx.threads, advance)
+            default = WeightScheme(per_channel=cfg.per_channel)
+            schemes = {layer: default for layer in tuner.layers}
+            if cfg.schemes == "search":
+                schemes, table = tuner.choose_schemes(default)
+                ctx.notes["schemes"] = table
+            if tuned_bridges:
+                schemes, table = tuner.reconstruct(tuned_bridges, schemes)
+                ctx.notes["bridge_reconstruction"] = table
+        return tuner.overrides(schemes)
+
     def _quantize(self, model: onnx.ModelProto, nodes: list[str] | None, reduce_range: bool,
-                  ctx: PassContext) -> onnx.ModelProto:
+                  samples: list[np.ndarray] | list[dict[str, np.ndarray]], overrides: Overrides) -> onnx.ModelProto:
+        """Quantize ``nodes`` (None: every op of ``op_types``) with ONNX Runtime's quantizer; ``samples`` are
+        calibration batches for the model's image input or feeds for a piece of it (static mode);
+        ``overrides`` are explicit per-weight scales and zero points."""
         from onnxruntime.quantization import (
             CalibrationMethod,
             QuantFormat,
@@ -134,22 +184,25 @@ class QuantizeInt8Pass(Pass):
         types = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
         if nodes is not None and not nodes:
             return model
+        # explicit scales are per-channel lists (one entry for a per-tensor scheme)
+        per_channel = cfg.per_channel or bool(overrides)
         if cfg.mode == "dynamic":
             return run_ort_quantizer(model, lambda source, output: quantize_dynamic(
-                source, output, per_channel=cfg.per_channel, reduce_range=reduce_range,
+                source, output, per_channel=per_channel, reduce_range=reduce_range,
                 weight_type=types[cfg.weight_type], op_types_to_quantize=cfg.op_types,
                 nodes_to_quantize=nodes, nodes_to_exclude=self._excluded,
                 # ONNX shape inference cannot type outputs of com.microsoft ops (fuse_vit's); they are float
-                extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT}))
-        samples = ctx.calibration_samples()
-        if cfg.calibration_images:
-            samples = (sample for _, sample in zip(range(cfg.calibration_images), samples))
+                extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT, "TensorQuantOverrides": overrides}))
+        input_name = model.graph.input[0].name
+        feeds = [sample if isinstance(sample, dict) else {input_name: sample} for sample in samples]
         methods = {
             "minmax": CalibrationMethod.MinMax,
             "entropy": CalibrationMethod.Entropy,
             "percentile": CalibrationMethod.Percentile,
         }
         extra = dict(cfg.extra_options)
+        if overrides:
+            extra["TensorQuantOverrides"] = {**extra.get("TensorQuantOverrides", {}), **overrides}
         if not cfg.quantize_outputs:
             extra.setdefault("OpTypesToExcludeOutputQuantization", list(cfg.op_types))
         if cfg.calibrate_method == "percentile":
@@ -157,10 +210,10 @@ class QuantizeInt8Pass(Pass):
         return run_ort_quantizer(model, lambda source, output: quantize_static(
             source,
             output,
-            CalibrationReader(samples),
+            CalibrationReader(iter(feeds)),
             quant_format=QuantFormat.QDQ,
             op_types_to_quantize=cfg.op_types,
-            per_channel=cfg.per_channel,
+            per_channel=per_channel,
             reduce_range=reduce_range,
             activation_type=types[cfg.activation_type],
             weight_type=types[cfg.weight_type],

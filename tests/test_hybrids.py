@@ -47,6 +47,8 @@ def test_hybrid_compresses_end_to_end(name, tmp_path, image_folder):
     if name == "mobilevit_xxs":  # three MobileViT blocks: conv -> tokens -> conv, six bridges
         steps.append({"pass": "quantize_int8", "name": "int8-bridges", "input": "folded", "report": False,
                       "options": {"bridges": "float"}})
+        steps.append({"pass": "quantize_int8", "name": "int8-tuned", "input": "folded", "report": False,
+                      "options": {"schemes": "search", "reconstruct_bridges": True, "calibration_images": 4}})
     config = write_config(tmp_path, image_folder, model=model, passes=steps,
                           benchmark={"warmup": 1, "runs": 2, "rounds": 1, "torch": False})
     result = CliRunner().invoke(main, ["compress", str(config), "--quiet"])
@@ -64,6 +66,12 @@ def test_hybrid_compresses_end_to_end(name, tmp_path, image_folder):
         kept = steps_by_name["int8-bridges"]["notes"]
         assert kept["bridges_float"] and kept["quantized_nodes"] == (
             steps_by_name["int8"]["notes"]["quantized_nodes"] - len(kept["bridges_float"]))
+        tuned = steps_by_name["int8-tuned"]["notes"]
+        assert len(tuned["schemes"]) == tuned["quantized_nodes"]
+        assert set(tuned["bridge_reconstruction"]) == {b["linear"] for b in bridges}  # the conv stays float
+        for entry in tuned["bridge_reconstruction"].values():  # tuned from the chosen scheme, never worse
+            assert entry["block_sqnr_db"]["after"] >= entry["block_sqnr_db"]["before"]
+        assert "## Weight schemes: `int8-tuned`" in (tmp_path / "out" / "report.md").read_text()
     if name == "efficientformerv2_s0":  # attention on 4-D maps: no token sequence, no bridge
         assert "bridges" not in steps_by_name["int8"]["notes"]
     assert variants["int8"]["sqnr_db"] > 15

@@ -1,0 +1,228 @@
+"""Per-layer weight quantization parameters chosen by measurement: Q-HyViT's granularity / scheme
+choice per layer and its bridge-block reconstruction, for what ONNX Runtime's int8 kernels run.
+
+Q-HyViT picks per-tensor or per-channel, symmetric or asymmetric, for each layer by its
+reconstruction error, and tunes the quantizer scales of the blocks where a conv feature map becomes
+a token sequence (or back) to the block's output error. ONNX Runtime's int8 linear kernels
+(``DynamicQuantizeMatMul``, QDQ ``MatMul`` / ``Conv``) take one weight scale and zero point per
+output channel, so that is the freedom here: a ``WeightScheme`` per weight, written as explicit
+scales and zero points in ``TensorQuantOverrides`` that ONNX Runtime's own quantizer applies.
+Activations of dynamic kernels are quantized per call; there is nothing of theirs to choose.
+
+Every candidate is judged the same way: the layer (or bridge block) is cut out of the float model,
+quantized by ONNX Runtime's quantizer with the candidate's overrides, and run by ONNX Runtime on the
+float inputs it sees on the calibration images; the error is its output SQNR against float.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import onnx
+import onnx.utils
+from onnx import helper
+from onnxruntime.quantization.quant_utils import compute_scale_zp, get_qmin_qmax_for_qType
+
+from onnxvit.metrics import sqnr_db
+from onnxvit.runtime import make_session
+from passes.graph import GraphIndex, attribute
+
+CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6, 0.5)
+
+
+@dataclass(frozen=True)
+class WeightScheme:
+    """How one weight maps to integers: one range per output channel or one for the tensor,
+    centred on zero or fitted to [min, max], and shrunk by ``clip`` (the scale that trades clipped
+    outliers for finer steps)."""
+
+    per_channel: bool = True
+    symmetric: bool = True
+    clip: float = 1.0
+
+    @property
+    def label(self) -> str:
+        label = f"{'per-channel' if self.per_channel else 'per-tensor'} {'symmetric' if self.symmetric else 'asymmetric'}"
+        return label if self.clip == 1.0 else f"{label}, clip {self.clip:g}"
+
+    def overrides(self, weight: np.ndarray, axis: int, qtype: int, reduce_range: bool) -> list[dict[str, Any]]:
+        """ONNX Runtime per-channel TensorQuantOverrides for ``weight``: one entry per channel, the same
+        for each when per-tensor (its QDQ quantizer does not broadcast a single entry)."""
+        qmin, qmax = get_qmin_qmax_for_qType(qtype, reduce_range, self.symmetric)
+        rows = np.moveaxis(weight, axis, 0).reshape(weight.shape[axis], -1)
+        lows, highs = rows.min(1), rows.max(1)
+        if not self.per_channel:
+            lows, highs = np.full_like(lows, lows.min()), np.full_like(highs, highs.max())
+        entries = []
+        for low, high in zip(lows * self.clip, highs * self.clip):
+            zero_point, scale = compute_scale_zp(np.float32(low), np.float32(high), qmin, qmax, self.symmetric)
+            entries.append({"axis": axis, "scale": np.float32(scale), "zero_point": zero_point})
+        return entries
+
+
+DEFAULT = WeightScheme()
+SCHEMES = (DEFAULT, WeightScheme(True, False), WeightScheme(False, True), WeightScheme(False, False))
+
+
+def weight_axis(node: onnx.NodeProto, weight: np.ndarray) -> int:
+    """The output-channel axis of a layer's weight, as ONNX Runtime's per-channel quantizer takes it."""
+    if node.op_type == "Conv":
+        return 0
+    if node.op_type == "Gemm":
+        return 0 if attribute(node, "transB", 0) else 1
+    return weight.ndim - 1
+
+
+def _typed(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with a type for every tensor, as onnx's Extractor needs: inferred where ONNX can, float
+    elsewhere (outputs of rewrites and of com.microsoft ops)."""
+    typed = onnx.shape_inference.infer_shapes(model)
+    known = {vi.name for vi in [*typed.graph.value_info, *typed.graph.input, *typed.graph.output]}
+    typed.graph.value_info.extend(helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, None)
+                                  for node in typed.graph.node for out in node.output if out and out not in known)
+    return typed
+
+
+class NotSeparable(ValueError):
+    """The layers between two tensors also read something else (the image, a shape)."""
+
+
+class BlockProbe:
+    """A piece of the float model between ``inputs`` and ``outputs``, with the float values the
+    calibration images give its inputs: the output SQNR of quantized copies, run by ONNX Runtime."""
+
+    def __init__(self, model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], threads: int) -> None:
+        self.model, self.feeds, self.threads = model, feeds, threads
+        self.reference = self._run(model)
+
+    @staticmethod
+    def cut(extractor: onnx.utils.Extractor, inputs: list[str], outputs: list[str], image: str) -> onnx.ModelProto:
+        """The nodes between ``inputs`` and ``outputs``; the image input joins ``inputs`` when shapes
+        computed from it are read inside (a dynamic batch size)."""
+        for names in (inputs, [*inputs, image]):
+            piece = extractor.extract_model(names, outputs)
+            known = {i.name for i in piece.graph.input} | {i.name for i in piece.graph.initializer} | \
+                {out for node in piece.graph.node for out in node.output}
+            missing = {name for node in piece.graph.node for name in node.input if name and name not in known}
+            if not missing:
+                return piece
+            if missing != {image}:
+                break
+        raise NotSeparable(f"the layers between also read {sorted(missing)}")
+
+    def _run(self, model: onnx.ModelProto) -> list[np.ndarray]:
+        session = make_session(model, self.threads)
+        return [out for feed in self.feeds for out in session.run(None, feed)]
+
+    def sqnr(self, quantized: onnx.ModelProto) -> float:
+        outputs = self._run(quantized)
+        return float(sqnr_db(np.concatenate([r.ravel() for r in self.reference]),
+                             np.concatenate([o.ravel() for o in outputs])))
+
+
+Overrides = dict[str, list[dict[str, Any]]]
+# (piece of the float model, layers in it to quantize, weight overrides, calibration feeds) -> quantized piece
+QuantizePiece = Callable[[onnx.ModelProto, list[str], Overrides, list[dict[str, np.ndarray]]], onnx.ModelProto]
+
+
+class WeightTuner:
+    """Chooses a ``WeightScheme`` per layer by measured output error, on one float model."""
+
+    def __init__(self, model: onnx.ModelProto, layers: list[str], quantize: QuantizePiece,
+                 values: Callable[[list[str]], list[dict[str, np.ndarray]]], qtype: int, reduce_range: bool,
+                 threads: int, advance: Callable[[int], None] = lambda n: None) -> None:
+        """``values(names)`` gives the float values of tensors ``names``, one dict per calibration batch."""
+        self.index = GraphIndex(model)
+        self.nodes = {node.name: node for node in model.graph.node if node.name in set(layers)}
+        self.layers = [name for name in layers if name in self.nodes]
+        self.extractor = onnx.utils.Extractor(_typed(model))
+        self.image = model.graph.input[0].name
+        self.quantize, self.values = quantize, values
+        self.qtype, self.reduce_range, self.threads, self.advance = qtype, reduce_range, threads, advance
+
+    def overrides(self, schemes: dict[str, WeightScheme]) -> Overrides:
+        result = {}
+        for layer, scheme in schemes.items():
+            node = self.nodes[layer]
+            weight = self.index.constant(node.input[1])
+            result[node.input[1]] = scheme.overrides(weight, weight_axis(node, weight), self.qtype, self.reduce_range)
+        return result
+
+    def _probe(self, inputs: list[str], outputs: list[str]) -> BlockProbe:
+        piece = BlockProbe.cut(self.extractor, inputs, outputs, self.image)
+        return BlockProbe(piece, self.values([i.name for i in piece.graph.input]), self.threads)
+
+    def _score(self, probe: BlockProbe, schemes: dict[str, WeightScheme]) -> float:
+        quantized = self.quantize(probe.model, list(schemes), self.overrides(schemes), probe.feeds)
+        return round(probe.sqnr(quantized), 3)
+
+    def choose_schemes(self, default: WeightScheme = DEFAULT, candidates: Iterable[WeightScheme] = SCHEMES,
+                       clips: Iterable[float] = CLIP_GRID,
+                       min_gain_db: float = 0.1) -> tuple[dict[str, WeightScheme], dict[str, dict[str, Any]]]:
+        """Per layer, the candidate with the highest output SQNR, then the clip that raises it most;
+        ``default`` unless another beats it by ``min_gain_db`` (less is calibration noise)."""
+        candidates, clips = list(dict.fromkeys([default, *candidates])), [clip for clip in clips if clip != 1.0]
+        chosen, table = {}, {}
+        for layer in self.layers:
+            node = self.nodes[layer]
+            try:
+                probe = self._probe([node.input[0]], [node.output[0]])
+            except NotSeparable as error:
+                table[layer] = {"chosen": default.label, "why": f"not measured: {error}"}
+                chosen[layer] = default
+                self.advance(1)
+                continue
+            scores = {scheme: self._score(probe, {layer: scheme}) for scheme in candidates}
+            best = max(scores, key=scores.get)
+            scores.update({dataclasses.replace(best, clip=clip): self._score(probe, {layer: dataclasses.replace(
+                best, clip=clip)}) for clip in clips})
+            best = max(scores, key=scores.get)
+            if scores[best] < scores[default] + min_gain_db:
+                best = default
+            chosen[layer] = best
+            table[layer] = {"chosen": best.label, "default": default.label,
+                            "sqnr_db": {s.label: v for s, v in scores.items()}}
+            self.advance(1)
+        return chosen, table
+
+    def reconstruct(self, bridges: list[dict[str, Any]], schemes: dict[str, WeightScheme],
+                    grid: Iterable[float] = CLIP_GRID) -> tuple[dict[str, WeightScheme], dict[str, dict[str, Any]]]:
+        """For each bridge block (conv <-> token reshape <-> linear), the clip of each of its quantized
+        layers, one at a time, that gives the block's output the highest SQNR."""
+        schemes = dict(schemes)
+        table: dict[str, dict[str, Any]] = {}
+        for bridge in bridges:
+            first, last = (bridge["conv"], bridge["linear"]) if bridge["kind"] == "to_tokens" \
+                else (bridge["linear"], bridge["conv"])
+            tuned = [name for name in (first, last) if name in self.nodes and name not in table]
+            if not tuned:
+                self.advance(1)
+                continue
+            try:
+                probe = self._probe([self._node(first).input[0]], [self._node(last).output[0]])
+            except NotSeparable as error:
+                for name in tuned:
+                    table[name] = {"bridge": bridge["at"], "why": f"not tuned: {error}"}
+                self.advance(1)
+                continue
+            block = {name: schemes[name] for name in tuned}
+            before = self._score(probe, block)
+            best_score = before
+            for name in tuned:
+                for clip in grid:
+                    trial = {**block, name: dataclasses.replace(block[name], clip=clip)}
+                    score = self._score(probe, trial)
+                    if score > best_score:
+                        best_score, block = score, trial
+            for name in tuned:
+                schemes[name] = block[name]
+                table[name] = {"bridge": bridge["at"], "clip": block[name].clip,
+                               "block_sqnr_db": {"before": before, "after": best_score}}
+            self.advance(1)
+        return schemes, table
+
+    def _node(self, name: str) -> onnx.NodeProto:
+        return self.nodes.get(name) or next(n for n in self.index.model.graph.node if n.name == name)

@@ -1,0 +1,87 @@
+"""Per-layer weight schemes: the measured choice is right for weights built to need it, and the model
+ONNX Runtime's quantizer writes carries the chosen scales."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from onnxvit.metrics import sqnr_db
+from onnxvit.runtime import make_session
+from passes.base import PassContext
+from passes.quantize_int8 import QuantizeInt8Config, QuantizeInt8Pass
+from passes.weight_schemes import WeightScheme
+
+K = 256
+
+
+def _weights(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    loud = rng.standard_normal((K, 16))
+    loud[:, 0] *= 50
+    return {
+        "skewed": rng.uniform(0.5, 1.5, (K, 16)),        # never crosses zero: a symmetric range wastes half
+        "loud": loud,                                    # one output channel 50x the others
+        "laplace": rng.laplace(0, 1, (K, 16)),           # long tails: clipping them buys finer steps
+    }
+
+
+def _model(weights: dict[str, np.ndarray]) -> onnx.ModelProto:
+    nodes = [helper.make_node("MatMul", ["x", f"{name}/w"], [name], name=name) for name in weights]
+    graph = helper.make_graph(
+        nodes, "layers", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", K])],
+        [helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, ["n", 16]) for name in weights],
+        [numpy_helper.from_array(w.astype(np.float32), f"{name}/w") for name, w in weights.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+
+
+def _outputs(model: onnx.ModelProto, x: np.ndarray) -> dict[str, np.ndarray]:
+    session = make_session(model, 1)
+    return dict(zip([o.name for o in session.get_outputs()], session.run(None, {"x": x})))
+
+
+@pytest.fixture(scope="module")
+def searched():
+    rng = np.random.default_rng(0)
+    model = _model(_weights(rng))
+    calibration = [rng.standard_normal((64, K)).astype(np.float32) for _ in range(2)]
+    results = {}
+    for schemes in ("fixed", "search"):
+        ctx = PassContext(calibration=calibration, input_name="x")
+        results[schemes] = (QuantizeInt8Pass(QuantizeInt8Config(schemes=schemes, reduce_range=True)).run(model, ctx),
+                            ctx.notes)
+    fresh = rng.standard_normal((128, K)).astype(np.float32)  # not the calibration inputs
+    return model, results, fresh
+
+
+def test_each_layer_gets_the_scheme_its_weights_need(searched):
+    _, results, _ = searched
+    chosen = {layer: entry["chosen"] for layer, entry in results["search"][1]["schemes"].items()}
+    assert "asymmetric" in chosen["skewed"]
+    assert chosen["loud"].startswith("per-channel")
+    assert "clip" in chosen["laplace"]
+    assert "schemes" not in results["fixed"][1]
+
+
+def test_chosen_schemes_measure_better_on_new_inputs(searched):
+    model, results, fresh = searched
+    reference = _outputs(model, fresh)
+    fixed, search = (_outputs(results[key][0], fresh) for key in ("fixed", "search"))
+    gain = {name: sqnr_db(reference[name], search[name]) - sqnr_db(reference[name], fixed[name]) for name in reference}
+    assert gain["skewed"] > 0.5 and gain["laplace"] > 1.5 and gain["loud"] > -0.2, gain
+
+
+def test_onnx_runtime_writes_the_chosen_scales(searched):
+    model, results, _ = searched
+    quantized, notes = results["search"]
+    written = {init.name: numpy_helper.to_array(init) for init in quantized.graph.initializer}
+    by_label = {scheme.label: scheme for scheme in (
+        WeightScheme(pc, sym, clip) for pc in (True, False) for sym in (True, False)
+        for clip in (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6, 0.5))}
+    weights = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    for layer, entry in notes["schemes"].items():
+        scheme = by_label[entry["chosen"]]
+        expected = scheme.overrides(weights[f"{layer}/w"], 1, onnx.TensorProto.INT8, reduce_range=True)
+        scales = [e["scale"] for e in expected]
+        np.testing.assert_allclose(written[f"{layer}/w_scale"], scales, rtol=1e-6)
