@@ -9,8 +9,9 @@ with one fix taken out: `int8-nofold`, `int8-noschemes` (per-channel symmetric w
 layer), `int8-noreconstruct` (bridge blocks not tuned); `int8-bridges-float` keeps the layers on
 either side of each conv <-> token bridge in float instead, to show what the bridges cost at most.
 `int8-static` is static (calibrated QDQ) int8 after fold_batchnorm and zero_point_guard, with
-fixed schemes, and `int8-static-noguard` the same without the guard. Where a fix finds nothing to change (nothing to fold, no
-bridge), its row and `int8` are the same model: their latency difference is the run's noise.
+fixed schemes, and `int8-static-noguard` the same without the guard. Where a fix finds nothing to
+change (nothing to fold, no bridge), its row and `int8` are the same model: their latency
+difference is the run's noise.
 With --json PATH writes the table and the `headline` object: families_total, families_ok,
 families_int8_beats_ort_default, families_int8_faster_than_fp32, and ablation_sqnr_gain_db (per
 fix, per family: SQNR with the fix minus without it).

@@ -51,7 +51,8 @@ class QuantizeInt8Config(PassConfig):
         "int8", description="Hybrids: the layers on either side of a conv <-> token bridge (found from the graph).")
     schemes: Literal["fixed", "search"] = Field(
         "fixed", description="Weights: fixed: per_channel, symmetric, for every layer; search: per layer, per-channel "
-        "or per-tensor, symmetric or asymmetric, whichever gives its output the least error on calibration images.")
+        "or per-tensor, symmetric or asymmetric, then clipped, whichever gives its output the least error on "
+        "calibration images (measured with ONNX Runtime's kernels).")
     reconstruct_bridges: bool = Field(
         False, description="Hybrids: tune the weight clipping of each conv <-> token bridge block's quantized layers "
         "to the block's least output error on calibration images.")
@@ -184,7 +185,7 @@ class QuantizeInt8Pass(Pass):
         types = {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}
         if nodes is not None and not nodes:
             return model
-        # explicit scales are per-channel lists (one entry for a per-tensor scheme)
+        # explicit scales come as per-channel lists (the same entry repeated for a per-tensor scheme)
         per_channel = cfg.per_channel or bool(overrides)
         if cfg.mode == "dynamic":
             return run_ort_quantizer(model, lambda source, output: quantize_dynamic(
@@ -202,7 +203,7 @@ class QuantizeInt8Pass(Pass):
         }
         extra = dict(cfg.extra_options)
         if overrides:
-            extra["TensorQuantOverrides"] = {**extra.get("TensorQuantOverrides", {}), **overrides}
+            extra["TensorQuantOverrides"] = {**overrides, **extra.get("TensorQuantOverrides", {})}  # the user's win
         if not cfg.quantize_outputs:
             extra.setdefault("OpTypesToExcludeOutputQuantization", list(cfg.op_types))
         if cfg.calibrate_method == "percentile":

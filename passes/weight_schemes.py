@@ -45,7 +45,8 @@ class WeightScheme:
 
     @property
     def label(self) -> str:
-        label = f"{'per-channel' if self.per_channel else 'per-tensor'} {'symmetric' if self.symmetric else 'asymmetric'}"
+        granularity = "per-channel" if self.per_channel else "per-tensor"
+        label = f"{granularity} {'symmetric' if self.symmetric else 'asymmetric'}"
         return label if self.clip == 1.0 else f"{label}, clip {self.clip:g}"
 
     def overrides(self, weight: np.ndarray, axis: int, qtype: int, reduce_range: bool) -> list[dict[str, Any]]:
@@ -103,7 +104,10 @@ class BlockProbe:
         """The nodes between ``inputs`` and ``outputs``; the image input joins ``inputs`` when shapes
         computed from it are read inside (a dynamic batch size)."""
         for names in (inputs, [*inputs, image]):
-            piece = extractor.extract_model(names, outputs)
+            try:
+                piece = extractor.extract_model(names, outputs)
+            except ValueError as error:  # a tensor onnx cannot type
+                raise NotSeparable(str(error)) from error
             known = {i.name for i in piece.graph.input} | {i.name for i in piece.graph.initializer} | \
                 {out for node in piece.graph.node for out in node.output}
             missing = {name for node in piece.graph.node for name in node.input if name and name not in known}
@@ -177,8 +181,8 @@ class WeightTuner:
                 continue
             scores = {scheme: self._score(probe, {layer: scheme}) for scheme in candidates}
             best = max(scores, key=scores.get)
-            scores.update({dataclasses.replace(best, clip=clip): self._score(probe, {layer: dataclasses.replace(
-                best, clip=clip)}) for clip in clips})
+            clipped = [dataclasses.replace(best, clip=clip) for clip in clips]
+            scores.update({scheme: self._score(probe, {layer: scheme}) for scheme in clipped})
             best = max(scores, key=scores.get)
             if scores[best] < scores[default] + min_gain_db:
                 best = default
