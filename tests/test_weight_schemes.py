@@ -85,3 +85,35 @@ def test_onnx_runtime_writes_the_chosen_scales(searched):
         expected = scheme.overrides(weights[f"{layer}/w"], 1, onnx.TensorProto.INT8, reduce_range=True)
         scales = [e["scale"] for e in expected]
         np.testing.assert_allclose(written[f"{layer}/w_scale"], scales, rtol=1e-6)
+
+
+def _bridge_model(rng: np.random.Generator) -> onnx.ModelProto:
+    """Conv feature map -> token sequence -> a linear layer with long-tailed weights: one bridge."""
+    initializers = [numpy_helper.from_array(rng.standard_normal((64, 8, 1, 1)).astype(np.float32), "conv/w"),
+                    numpy_helper.from_array(np.array([0, 64, 16], np.int64), "tokens/shape"),
+                    numpy_helper.from_array(rng.laplace(0, 1, (64, 32)).astype(np.float32), "linear/w")]
+    nodes = [helper.make_node("Conv", ["x", "conv/w"], ["map"], name="conv"),
+             helper.make_node("Reshape", ["map", "tokens/shape"], ["flat"], name="tokens"),
+             helper.make_node("Transpose", ["flat"], ["seq"], perm=[0, 2, 1], name="to_seq"),
+             helper.make_node("MatMul", ["seq", "linear/w"], ["y"], name="linear")]
+    graph = helper.make_graph(nodes, "bridge", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT,
+                                                                              ["n", 8, 4, 4])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], initializers)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+
+
+def test_bridge_reconstruction_tunes_the_block_and_the_model_keeps_it():
+    rng = np.random.default_rng(1)
+    model = _bridge_model(rng)
+    calibration = [rng.standard_normal((16, 8, 4, 4)).astype(np.float32) for _ in range(2)]
+    fresh = rng.standard_normal((64, 8, 4, 4)).astype(np.float32)
+    reference = make_session(model, 1).run(None, {"x": fresh})[0]
+    sqnr = {}
+    for reconstruct in (False, True):
+        ctx = PassContext(calibration=calibration, input_name="x")
+        quantized = QuantizeInt8Pass(QuantizeInt8Config(reconstruct_bridges=reconstruct)).run(model, ctx)
+        sqnr[reconstruct] = sqnr_db(reference, make_session(quantized, 1).run(None, {"x": fresh})[0])
+    assert ctx.notes["bridges"] == [{"at": "tokens", "kind": "to_tokens", "conv": "conv", "linear": "linear"}]
+    entry = ctx.notes["bridge_reconstruction"]["linear"]
+    assert entry["clip"] < 1 and entry["block_sqnr_db"]["after"] > entry["block_sqnr_db"]["before"] + 1
+    assert sqnr[True] > sqnr[False] + 1, sqnr  # on inputs the tuning never saw
