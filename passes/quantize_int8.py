@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import numpy as np
 import onnx
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from onnxvit.data import batches
 from passes import register_pass
@@ -73,6 +73,13 @@ class QuantizeInt8Config(PassConfig):
     min_agreement: float | None = Field(
         None, ge=0, le=100, description="Budget: top-1 agreement (%) with the float input on the search split.")
     max_float_layers: int = Field(8, ge=0, description="Budget: at most this many layers kept in float.")
+
+    @model_validator(mode="after")
+    def _checks(self) -> "QuantizeInt8Config":
+        if self.reconstruct_bridges and self.bridges == "float":
+            raise ValueError("reconstruct_bridges: the bridge layers are kept float (bridges: float); "
+                             "set bridges: int8 to tune them")
+        return self
 
 
 @lru_cache(maxsize=1)

@@ -47,6 +47,9 @@ def test_relative_paths_follow_the_yaml_folder(tmp_path, image_folder):
     (lambda d: d["passes"][0].update(options={"calibrate_metod": "minmax"}),
      "passes[0].options.calibrate_metod: unknown key; did you mean 'calibrate_method'?"),
     (lambda d: d["passes"][0].update(options={"calibrate_method": "median"}), "passes[0].options.calibrate_method:"),
+    (lambda d: d["passes"][0].update(options={"schemes": "auto"}), "passes[0].options.schemes:"),
+    (lambda d: d["passes"][0].update(options={"reconstruct_bridges": True, "bridges": "float"}),
+     "reconstruct_bridges: the bridge layers are kept float"),
     (lambda d: d["passes"][1].update(input="int4"), "passes[1].input: no model named 'int4'"),
     (lambda d: d["passes"][1].update(name="int8"), "passes[1].name: 'int8' is already taken"),
 ])
