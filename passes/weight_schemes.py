@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import onnx
@@ -97,7 +97,7 @@ class BlockProbe:
 
     def __init__(self, model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], threads: int) -> None:
         self.model, self.feeds, self.threads = model, feeds, threads
-        self.reference = self._run(model)
+        self.reference = np.concatenate([out.ravel() for out in self._run(model)])
 
     @staticmethod
     def cut(extractor: onnx.utils.Extractor, inputs: list[str], outputs: list[str], image: str) -> onnx.ModelProto:
@@ -122,9 +122,7 @@ class BlockProbe:
         return [out for feed in self.feeds for out in session.run(None, feed)]
 
     def sqnr(self, quantized: onnx.ModelProto) -> float:
-        outputs = self._run(quantized)
-        return float(sqnr_db(np.concatenate([r.ravel() for r in self.reference]),
-                             np.concatenate([o.ravel() for o in outputs])))
+        return float(sqnr_db(self.reference, np.concatenate([out.ravel() for out in self._run(quantized)])))
 
 
 Overrides = dict[str, list[dict[str, Any]]]
@@ -155,9 +153,25 @@ class WeightTuner:
             result[node.input[1]] = scheme.overrides(weight, weight_axis(node, weight), self.qtype, self.reduce_range)
         return result
 
-    def _probe(self, inputs: list[str], outputs: list[str]) -> BlockProbe:
-        piece = BlockProbe.cut(self.extractor, inputs, outputs, self.image)
-        return BlockProbe(piece, self.values([i.name for i in piece.graph.input]), self.threads)
+    def _probes(self, ends: list[tuple[str, str]], chunk: int = 8) -> Iterator[BlockProbe | NotSeparable]:
+        """A probe per (input, output) pair, or why there is none; the float inputs of ``chunk`` pieces
+        are captured in one pass over the calibration images."""
+        for start in range(0, len(ends), chunk):
+            pieces: list[onnx.ModelProto | NotSeparable] = []
+            for first, last in ends[start:start + chunk]:
+                try:
+                    pieces.append(BlockProbe.cut(self.extractor, [first], [last], self.image))
+                except NotSeparable as error:
+                    pieces.append(error)
+            names = sorted({i.name for piece in pieces if isinstance(piece, onnx.ModelProto)
+                            for i in piece.graph.input})
+            values = self.values(names) if names else []
+            for piece in pieces:
+                if isinstance(piece, NotSeparable):
+                    yield piece
+                    continue
+                inputs = [i.name for i in piece.graph.input]
+                yield BlockProbe(piece, [{name: batch[name] for name in inputs} for batch in values], self.threads)
 
     def _score(self, probe: BlockProbe, schemes: dict[str, WeightScheme]) -> float:
         quantized = self.quantize(probe.model, list(schemes), self.overrides(schemes), probe.feeds)
@@ -170,14 +184,12 @@ class WeightTuner:
         ``default`` unless another beats it by ``min_gain_db`` (less is calibration noise)."""
         candidates, clips = list(dict.fromkeys([default, *candidates])), [clip for clip in clips if clip != 1.0]
         chosen, table = {}, {}
-        for layer in self.layers:
-            node = self.nodes[layer]
-            try:
-                probe = self._probe([node.input[0]], [node.output[0]])
-            except NotSeparable as error:
-                table[layer] = {"chosen": default.label, "why": f"not measured: {error}"}
+        ends = [(self.nodes[layer].input[0], self.nodes[layer].output[0]) for layer in self.layers]
+        for layer, probe in zip(self.layers, self._probes(ends)):
+            self.advance(1)
+            if isinstance(probe, NotSeparable):
+                table[layer] = {"chosen": default.label, "why": f"not measured: {probe}"}
                 chosen[layer] = default
-                self.advance(1)
                 continue
             scores = {scheme: self._score(probe, {layer: scheme}) for scheme in candidates}
             best = max(scores, key=scores.get)
@@ -189,7 +201,6 @@ class WeightTuner:
             chosen[layer] = best
             table[layer] = {"chosen": best.label, "default": default.label,
                             "sqnr_db": {s.label: v for s, v in scores.items()}}
-            self.advance(1)
         return chosen, table
 
     def reconstruct(self, bridges: list[dict[str, Any]], schemes: dict[str, WeightScheme],
@@ -198,19 +209,23 @@ class WeightTuner:
         layers, one at a time, that gives the block's output the highest SQNR."""
         schemes = dict(schemes)
         table: dict[str, dict[str, Any]] = {}
+        blocks = []  # (bridge, its quantized layers not tuned by an earlier bridge)
         for bridge in bridges:
+            tuned = [name for name in (bridge["conv"], bridge["linear"]) if name in self.nodes
+                     and all(name not in layers for _, layers in blocks)]
+            if tuned:
+                blocks.append((bridge, tuned))
+        self.advance(len(bridges) - len(blocks))
+
+        def ends(bridge: dict[str, Any]) -> tuple[str, str]:
             first, last = (bridge["conv"], bridge["linear"]) if bridge["kind"] == "to_tokens" \
                 else (bridge["linear"], bridge["conv"])
-            tuned = [name for name in (first, last) if name in self.nodes and name not in table]
-            if not tuned:
-                self.advance(1)
-                continue
-            try:
-                probe = self._probe([self._node(first).input[0]], [self._node(last).output[0]])
-            except NotSeparable as error:
-                for name in tuned:
-                    table[name] = {"bridge": bridge["at"], "why": f"not tuned: {error}"}
-                self.advance(1)
+            return self._node(first).input[0], self._node(last).output[0]
+
+        for (bridge, tuned), probe in zip(blocks, self._probes([ends(bridge) for bridge, _ in blocks])):
+            self.advance(1)
+            if isinstance(probe, NotSeparable):
+                table.update({name: {"bridge": bridge["at"], "why": f"not tuned: {probe}"} for name in tuned})
                 continue
             block = {name: schemes[name] for name in tuned}
             before = self._score(probe, block)
@@ -225,7 +240,6 @@ class WeightTuner:
                 schemes[name] = block[name]
                 table[name] = {"bridge": bridge["at"], "clip": block[name].clip,
                                "block_sqnr_db": {"before": before, "after": best_score}}
-            self.advance(1)
         return schemes, table
 
     def _node(self, name: str) -> onnx.NodeProto:
