@@ -117,3 +117,25 @@ def test_bridge_reconstruction_tunes_the_block_and_the_model_keeps_it():
     entry = ctx.notes["bridge_reconstruction"]["linear"]
     assert entry["clip"] < 1 and entry["block_sqnr_db"]["after"] > entry["block_sqnr_db"]["before"] + 1
     assert sqnr[True] > sqnr[False] + 1, sqnr  # on inputs the tuning never saw
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+def test_static_gemm_weights_take_their_channel_axis(trans_b):
+    """QDQ per-channel overrides must name the axis ONNX Runtime uses for a Gemm's weight, or it refuses them."""
+    rng = np.random.default_rng(2)
+    weight = rng.laplace(0, 1, (16, K) if trans_b else (K, 16)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="gemm", transB=trans_b)], "gemm",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", K])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", 16])],
+        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(np.zeros(16, np.float32), "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    calibration = [rng.standard_normal((64, K)).astype(np.float32)]
+    fresh = rng.standard_normal((64, K)).astype(np.float32)
+    reference = _outputs(model, fresh)["y"]
+    sqnr = {}
+    for schemes in ("fixed", "search"):
+        ctx = PassContext(calibration=calibration, input_name="x")
+        quantized = QuantizeInt8Pass(QuantizeInt8Config(mode="static", schemes=schemes)).run(model, ctx)
+        sqnr[schemes] = sqnr_db(reference, _outputs(quantized, fresh)["y"])
+    assert "clip" in ctx.notes["schemes"]["gemm"]["chosen"] and sqnr["search"] > sqnr["fixed"] + 1, sqnr
