@@ -14,6 +14,8 @@ import numpy as np
 import onnx
 from pydantic import BaseModel, ConfigDict
 
+from onnxvit.data import batches
+
 
 class PassConfig(BaseModel):
     """Base of every pass's options: unknown keys are errors, not silently ignored."""
@@ -53,6 +55,12 @@ class PassContext:
     def require_calibration(self, who: str) -> None:
         if not self.calibration:
             raise ValueError(f"{who} needs calibration images")
+
+    def calibration_batches(self, limit: int | None) -> list[np.ndarray]:
+        """The calibration batches cut to their first ``limit`` images (None: all), batched as before."""
+        if not limit or not self.calibration:
+            return self.calibration
+        return batches(np.concatenate(self.calibration)[:limit], len(self.calibration[0]))
 
     def calibration_samples(self) -> Iterator[dict[str, np.ndarray]]:
         """Calibration data one image at a time, as ONNX Runtime feeds."""

@@ -20,7 +20,7 @@ from pydantic import Field
 
 from passes import register_pass
 from passes.base import Pass, PassConfig, PassContext
-from passes.graph import GraphIndex, attribute, copy_model, rebuild
+from passes.graph import GraphIndex, attribute, copy_model, rebuild, weight_channel_axis
 
 LINEAR = ("Conv", "MatMul", "Gemm")
 
@@ -30,16 +30,12 @@ class FoldBatchNormConfig(PassConfig):
 
 
 def _channel_axis_of_weight(node: onnx.NodeProto) -> int | None:
-    """Which axis of the weight holds output channels."""
-    if node.op_type == "Conv":
-        return 0
-    if node.op_type == "MatMul":
-        return -1
-    if node.op_type == "Gemm":
-        if attribute(node, "transA", 0) or attribute(node, "alpha", 1.0) != 1.0 or attribute(node, "beta", 1.0) != 1.0:
-            return None
-        return 0 if attribute(node, "transB", 0) else -1
-    return None
+    """Which axis of the weight holds output channels; None where a fold would not be exact (a Gemm
+    that transposes or scales its input)."""
+    if node.op_type == "Gemm" and (attribute(node, "transA", 0) or attribute(node, "alpha", 1.0) != 1.0
+                                   or attribute(node, "beta", 1.0) != 1.0):
+        return None
+    return weight_channel_axis(node)
 
 
 @register_pass

@@ -23,6 +23,15 @@ def attribute(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
     return default
 
 
+def weight_channel_axis(node: onnx.NodeProto) -> int | None:
+    """The output-channel axis of a Conv / MatMul / Gemm's weight (its second input); None for other ops."""
+    if node.op_type == "Conv":
+        return 0
+    if node.op_type == "Gemm" and attribute(node, "transB", 0):
+        return 0
+    return -1 if node.op_type in ("MatMul", "Gemm") else None
+
+
 class GraphIndex:
     """Producers, consumers and constants of one graph, as they were when the index was built."""
 

@@ -46,7 +46,7 @@ from passes.base import Pass, PassConfig, PassContext
 from passes.graph import copy_model, gemms_as_matmul
 from passes.ort_quant import CalibrationReader, ensure_node_names, run_ort_quantizer, weighted_nodes
 from passes.pareto import nsga2, pareto_front, spread_pick
-from passes.quantize_int8 import u8s8_saturates
+from passes.quantize_int8 import QuantizeInt8Config, QuantizeInt8Pass, u8s8_saturates
 
 Choice = Literal["float", "int8", "w4", "w8", "a16w8"]
 SYMBOL = {"float": "F", "int8": "8", "w4": "4", "w8": "W", "a16w8": "A"}
@@ -245,13 +245,9 @@ class MixedPrecisionPass(Pass):
                            "DefaultTensorType": onnx.TensorProto.FLOAT}))
 
     def _int8(self, model: onnx.ModelProto, layers: list[str]) -> onnx.ModelProto:
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
         reduce_range = u8s8_saturates() if self.config.reduce_range == "auto" else self.config.reduce_range
-        return run_ort_quantizer(model, lambda source, output: quantize_dynamic(
-            source, output, per_channel=True, reduce_range=reduce_range, weight_type=QuantType.QInt8,
-            op_types_to_quantize=["MatMul"], nodes_to_quantize=layers,
-            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT}))
+        return QuantizeInt8Pass(QuantizeInt8Config(op_types=["MatMul"])).quantize_layers(
+            model, layers, reduce_range, [], {})
 
     # ---- the pass ------------------------------------------------------------------------------
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:

@@ -25,7 +25,6 @@ import numpy as np
 import onnx
 from pydantic import Field, model_validator
 
-from onnxvit.data import batches
 from passes import register_pass
 from passes.accuracy_budget import Budget, FidelityProbe, fit_budget
 from passes.base import Pass, PassConfig, PassContext, count_ops
@@ -122,10 +121,11 @@ class QuantizeInt8Pass(Pass):
         layers = [n for n in candidates if n not in excluded]
         if bridges:
             ctx.notes.update(bridges=bridges, bridges_float=sorted(bridge_layers & set(candidates)))
-        overrides = self._tune_weights(prepared, layers, bridges, reduce_range, ctx)
+        calibration = ctx.calibration_batches(cfg.calibration_images)
+        overrides = self._tune_weights(prepared, layers, bridges, reduce_range, calibration, ctx)
 
         def quantize(nodes: list[str] | None) -> onnx.ModelProto:
-            return self._quantize(prepared, nodes, reduce_range, self._calibration(ctx), overrides)
+            return self.quantize_layers(prepared, nodes, reduce_range, calibration, overrides)
 
         if budget.active:
             probe = FidelityProbe(model, ctx.search, ctx.threads)
@@ -139,27 +139,21 @@ class QuantizeInt8Pass(Pass):
         ctx.notes.update(count_ops(quantized, "QuantizeLinear", "DynamicQuantizeLinear"))
         return quantized
 
-    def _calibration(self, ctx: PassContext) -> list[np.ndarray]:
-        if not self.config.calibration_images or not ctx.calibration:
-            return ctx.calibration
-        return batches(np.concatenate(ctx.calibration)[: self.config.calibration_images], len(ctx.calibration[0]))
-
     def _tune_weights(self, model: onnx.ModelProto, layers: list[str], bridges: list[dict[str, Any]],
-                      reduce_range: bool, ctx: PassContext) -> Overrides:
+                      reduce_range: bool, calibration: list[np.ndarray], ctx: PassContext) -> Overrides:
         """Per-layer weight schemes and bridge clipping, measured; the notes say what each layer got."""
         cfg = self.config
         tuned_bridges = bridges if cfg.reconstruct_bridges else []
         if cfg.schemes == "fixed" and not tuned_bridges:
             return {}
         ctx.require_calibration("quantize_int8 (schemes / reconstruct_bridges)")
-        calibration = self._calibration(ctx)
 
         def values(names: list[str]) -> list[dict[str, np.ndarray]]:
             return list(tensor_values(model, names, calibration, ctx.input_name, ctx.threads))
 
         def quantize_piece(piece: onnx.ModelProto, nodes: list[str], overrides: Overrides,
                            feeds: list[dict[str, np.ndarray]]) -> onnx.ModelProto:
-            return self._quantize(piece, nodes, reduce_range, feeds, overrides)
+            return self.quantize_layers(piece, nodes, reduce_range, feeds, overrides)
 
         qtype = onnx.TensorProto.INT8 if cfg.weight_type == "int8" else onnx.TensorProto.UINT8
         work = len(layers) * (cfg.schemes == "search") + len(tuned_bridges)
@@ -175,8 +169,8 @@ class QuantizeInt8Pass(Pass):
                 ctx.notes["bridge_reconstruction"] = table
         return tuner.overrides(schemes)
 
-    def _quantize(self, model: onnx.ModelProto, nodes: list[str] | None, reduce_range: bool,
-                  samples: list[np.ndarray] | list[dict[str, np.ndarray]], overrides: Overrides) -> onnx.ModelProto:
+    def quantize_layers(self, model: onnx.ModelProto, nodes: list[str] | None, reduce_range: bool,
+                        samples: list[np.ndarray] | list[dict[str, np.ndarray]], overrides: Overrides) -> onnx.ModelProto:
         """Quantize ``nodes`` (None: every op of ``op_types``) with ONNX Runtime's quantizer; ``samples`` are
         calibration batches for the model's image input or feeds for a piece of it (static mode);
         ``overrides`` are explicit per-weight scales and zero points."""

@@ -28,7 +28,7 @@ from onnxruntime.quantization.quant_utils import compute_scale_zp, get_qmin_qmax
 
 from onnxvit.metrics import sqnr_db
 from onnxvit.runtime import make_session
-from passes.graph import GraphIndex, attribute
+from passes.graph import GraphIndex, weight_channel_axis
 
 CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6, 0.5)
 
@@ -66,15 +66,6 @@ class WeightScheme:
 
 DEFAULT = WeightScheme()
 SCHEMES = (DEFAULT, WeightScheme(True, False), WeightScheme(False, True), WeightScheme(False, False))
-
-
-def weight_axis(node: onnx.NodeProto, weight: np.ndarray) -> int:
-    """The output-channel axis of a layer's weight, as ONNX Runtime's per-channel quantizer takes it."""
-    if node.op_type == "Conv":
-        return 0
-    if node.op_type == "Gemm":
-        return 0 if attribute(node, "transB", 0) else 1
-    return weight.ndim - 1
 
 
 def _typed(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -150,7 +141,8 @@ class WeightTuner:
         for layer, scheme in schemes.items():
             node = self.nodes[layer]
             weight = self.index.constant(node.input[1])
-            result[node.input[1]] = scheme.overrides(weight, weight_axis(node, weight), self.qtype, self.reduce_range)
+            axis = weight_channel_axis(node) % weight.ndim  # ONNX Runtime's overrides name it non-negative
+            result[node.input[1]] = scheme.overrides(weight, axis, self.qtype, self.reduce_range)
         return result
 
     def _probes(self, ends: list[tuple[str, str]], chunk: int = 8) -> Iterator[BlockProbe | NotSeparable]:

@@ -22,7 +22,6 @@ import onnx
 from onnx import helper, numpy_helper
 from pydantic import Field
 
-from onnxvit.data import batches
 from passes import register_pass
 from passes.base import Pass, PassConfig, PassContext
 from passes.graph import GraphIndex, attribute, copy_model, rebuild
@@ -48,9 +47,7 @@ class ZeroPointGuardPass(Pass):
         index = GraphIndex(out)
         linear_inputs = sorted({n.input[0] for n in out.graph.node
                                 if n.op_type in ("MatMul", "Gemm", "Conv") and index.constant(n.input[0]) is None})
-        calibration = ctx.calibration
-        if self.config.calibration_images:
-            calibration = batches(np.concatenate(calibration)[: self.config.calibration_images], 8)
+        calibration = ctx.calibration_batches(self.config.calibration_images)
         per_channel = channel_ranges(out, linear_inputs, dataclasses.replace(ctx, calibration=calibration))
         ranges = {name: (float(low.min()), float(high.max())) for name, (low, high) in per_channel.items()}
         initializers: list[onnx.TensorProto] = []
