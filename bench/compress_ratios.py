@@ -9,29 +9,22 @@ writes it with a `headline` object.
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from _common import REPO, arguments, write_json
 
-from onnxvit.compress import compress  # noqa: E402
-from onnxvit.fileio import atomic_write_json  # noqa: E402
-from onnxvit.report import markdown_table, variant_table  # noqa: E402
+from onnxvit.compress import compress
+from onnxvit.report import markdown_table, variant_table
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", type=Path, default=REPO / "examples" / "deit_tiny.yaml")
-    parser.add_argument("--output", type=Path, default=REPO / "out" / "bench-compress")
-    parser.add_argument("--json", type=Path, help="write the table and headline here")
-    args = parser.parse_args()
+    args = arguments(__doc__, "bench-compress",
+                     config=dict(type=Path, default=REPO / "examples" / "deit_tiny.yaml")).parse_args()
 
     start = time.perf_counter()
-    compress(args.config, force=True, output=args.output)
+    compress(args.config, force=True, quiet=args.quiet, output=args.output)
     first = time.perf_counter() - start
     start = time.perf_counter()
     report = compress(args.config, quiet=True, output=args.output)
@@ -58,8 +51,7 @@ def main() -> None:
         "cached_over_first": round(second / first, 3),
     }
     print(json.dumps(headline, indent=2))
-    if args.json:
-        atomic_write_json(args.json, {"table": rows, "headline": headline, "machine": report["machine"]})
+    write_json(args.json, table=rows, headline=headline, machine=report["machine"])
 
 
 if __name__ == "__main__":

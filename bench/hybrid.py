@@ -21,22 +21,14 @@ fix, per family: SQNR with the fix minus without it).
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
-import yaml
+from _common import REPO, arguments, compress_doc, example, write_json
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from onnxvit.compress import compress  # noqa: E402
-from onnxvit.errors import UserError  # noqa: E402
-from onnxvit.fileio import atomic_write_json  # noqa: E402
-from onnxvit.report import variant_table  # noqa: E402
+from onnxvit.errors import UserError
+from onnxvit.report import variant_table
 
 EXAMPLES = REPO / "examples" / "hybrids"
 
@@ -69,21 +61,15 @@ FIXES = {  # fix: (row with it, row without it)
 
 
 def run_family(path: Path, output: Path, with_ablation: bool = True) -> dict[str, Any]:
-    doc = yaml.safe_load(path.read_text())
+    doc = example(path)
     if with_ablation:
         doc["passes"] += ablation(next(step for step in doc["passes"] if step["name"] == "int8"))
-    for section, field in (("data", "root"), ("data", "manifest")):
-        doc[section][field] = str((path.parent / doc[section][field]).resolve())
-    doc["output"] = {"dir": str(output / path.stem)}
-    with tempfile.TemporaryDirectory() as tmp:
-        config = Path(tmp) / path.name
-        config.write_text(yaml.safe_dump(doc))
-        try:
-            report = compress(config, quiet=True)
-        except UserError as exc:
-            return {"family": path.stem, "ok": False, "error": str(exc)}
-        except Exception as exc:  # a family that breaks the pipeline is a result, not the end of the bench
-            return {"family": path.stem, "ok": False, "error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+    try:
+        report = compress_doc(doc, output / path.stem, quiet=True)
+    except UserError as exc:
+        return {"family": path.stem, "ok": False, "error": str(exc)}
+    except Exception as exc:  # a family that breaks the pipeline is a result, not the end of the bench
+        return {"family": path.stem, "ok": False, "error": f"{type(exc).__name__}: {str(exc)[:200]}"}
     rows = {row["name"]: row for row in variant_table(report)}
     export = next(s for s in report["steps"] if s["name"] == "fp32")
     return {"family": path.stem, "ok": True, "export_max_abs": export["check"]["max_abs_vs_torch"],
@@ -92,12 +78,9 @@ def run_family(path: Path, output: Path, with_ablation: bool = True) -> dict[str
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output", type=Path, default=REPO / "out" / "bench-hybrid")
-    parser.add_argument("--json", type=Path)
-    parser.add_argument("--families", help="comma-separated example names; default: all of examples/hybrids")
-    parser.add_argument("--no-ablation", action="store_true", help="only the examples' own steps")
-    args = parser.parse_args()
+    args = arguments(__doc__, "bench-hybrid",
+                     families=dict(help="comma-separated example names; default: all of examples/hybrids"),
+                     no_ablation=dict(action="store_true", help="only the examples' own steps")).parse_args()
     paths = sorted(EXAMPLES.glob("*.yaml"))
     if args.families:
         paths = [p for p in paths if p.stem in args.families.split(",")]
@@ -126,8 +109,7 @@ def main() -> None:
             for fix, (with_, without) in FIXES.items()},
     }
     print(json.dumps(head, indent=2))
-    if args.json:
-        atomic_write_json(args.json, {"results": results, "headline": head})
+    write_json(args.json, results=results, headline=head)
 
 
 if __name__ == "__main__":

@@ -13,46 +13,32 @@ across models. Prints the table; with --json PATH writes it with the `headline` 
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
-import yaml
+from _common import REPO, arguments, compress_doc, example, write_json
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from onnxvit.compress import compress  # noqa: E402
-from onnxvit.fileio import atomic_write_json  # noqa: E402
-from onnxvit.report import markdown_table, variant_table  # noqa: E402
+from onnxvit.report import markdown_table, variant_table
 
 EXAMPLE = REPO / "examples" / "deit_tiny.yaml"
 VARIANTS = ["fp32", "ort-default", "ort-dynamic", "int8"]
 SPEED_ONLY = {"deit_small": "deit_small_patch16_224", "vit_small": "vit_small_patch16_224"}
 
 
-def config_for(key: str, output: Path) -> dict[str, Any]:
-    """The example's recipe, for the real DeiT-tiny or a random-init model; paths made absolute."""
-    doc = yaml.safe_load(EXAMPLE.read_text())
-    for section, field in (("model", "checkpoint"), ("data", "root"), ("data", "manifest")):
-        doc[section][field] = str((EXAMPLE.parent / doc[section][field]).resolve())
+def config_for(key: str) -> dict[str, Any]:
+    """The example's recipe, for the real DeiT-tiny or a random-init model."""
+    doc = example(EXAMPLE)
     doc["passes"] = [step for step in doc["passes"] if step.get("name", step["pass"]) != "fp16"]
     doc["benchmark"]["torch"] = False
     if key != "deit_tiny":
         doc["model"] = {"name": SPEED_ONLY[key], "random_init": True}
         doc["data"]["max_eval_images"] = 64
-    doc["output"] = {"dir": str(output / key)}
     return doc
 
 
-def run_model(key: str, output: Path) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / f"{key}.yaml"
-        path.write_text(yaml.safe_dump(config_for(key, output)))
-        report = compress(path)
+def run_model(key: str, output: Path, quiet: bool) -> dict[str, Any]:
+    report = compress_doc(config_for(key), output / key, quiet=quiet)
     rows = [row for row in variant_table(report) if row["name"] in VARIANTS]
     random_init = report["weights"] == "random_init"
     for row in rows:
@@ -85,23 +71,19 @@ def headline(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output", type=Path, default=REPO / "out" / "bench-int8")
-    parser.add_argument("--json", type=Path, help="write the table and headline here")
-    parser.add_argument("--models", default="deit_tiny,deit_small,vit_small",
-                        help="comma-separated: deit_tiny (real weights; always run), deit_small, vit_small")
-    args = parser.parse_args()
+    args = arguments(__doc__, "bench-int8", models=dict(
+        default="deit_tiny,deit_small,vit_small",
+        help="comma-separated: deit_tiny (real weights; always run), deit_small, vit_small")).parse_args()
     keys = ["deit_tiny"] + [k for k in args.models.split(",") if k in SPEED_ONLY]
-    results = {key: run_model(key, args.output.resolve()) for key in keys}
+    results = {key: run_model(key, args.output.resolve(), args.quiet) for key in keys}
     rows = [row for key in keys for row in results[key]["rows"]]
     for key in keys:
         print(f"\n{key}")
         print(markdown_table([row for row in rows if row["model"] == key]))
     head = headline(results)
     print(json.dumps(head, indent=2))
-    if args.json:
-        atomic_write_json(args.json, {"table": rows, "headline": head, "machine": results["deit_tiny"]["machine"],
-                                      "int8_notes": {key: results[key]["int8_notes"] for key in keys}})
+    write_json(args.json, table=rows, headline=head, machine=results["deit_tiny"]["machine"],
+               int8_notes={key: results[key]["int8_notes"] for key in keys})
 
 
 if __name__ == "__main__":

@@ -13,26 +13,18 @@ Prints the table; with --json PATH writes it with the `headline` object of issue
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from _common import REPO, arguments, open_run, print_table, write_json
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from onnxvit.benchmark import measure_latency, onnx_runner  # noqa: E402
-from onnxvit.compress import Run  # noqa: E402
-from onnxvit.config import load_config  # noqa: E402
-from onnxvit.engine import Cache, cache_key, model_sha256, run_passes  # noqa: E402
-from onnxvit.evaluate import onnx_eval_logits, score  # noqa: E402
-from onnxvit.fileio import atomic_write_bytes, atomic_write_json  # noqa: E402
-from onnxvit.progress import Reporter  # noqa: E402
-from onnxvit.report import save_figure  # noqa: E402
-from passes.mixed_precision import MixedPrecisionPass  # noqa: E402
+from onnxvit.config import EXPORT_VARIANT
+from onnxvit.report import save_figure
+from onnxvit.stages import benchmark, evaluate, export, passes
+from onnxvit.stages.evaluate import score
+from onnxvit.stages.load import Run
+from passes.mixed_precision import MixedPrecisionPass
 
 EXAMPLE = REPO / "examples" / "deit_tiny_mixed.yaml"
 STEP = "mixed"
@@ -40,62 +32,41 @@ POMQ = {"top1_delta": -1.17, "time_ratio": 0.73, "size_ratio": 0.91}  # DeiT-tin
 WITHIN = 1.0  # top-1 points below uniform int8
 
 
-def run_search(output: Path, force: bool, reporter: Reporter) -> tuple[Run, dict[str, Any], dict[str, Any]]:
-    config, pass_configs = load_config(EXAMPLE)
-    config.output.dir = output
-    run = Run(config, pass_configs, reporter, Cache(output / "cache", force), config.sha256())
-    fp32, record = run.export()
-    models, records = run_passes(fp32, record, config.passes, pass_configs, run.cache, run.context,
-                                 {s: run.fingerprint(s) for s in ("calibrate", "search")}, run.check, reporter.log)
+def run_search(output: Path, force: bool, quiet: bool) -> tuple[Run, dict[str, Any], dict[str, Any]]:
+    run = open_run(EXAMPLE, output, force=force, quiet=quiet)
+    fp32, record = export.export(run, run.dense_model, run.weights_id, EXPORT_VARIANT)
+    models, records = passes.apply(run, fp32, record)
     step = next(r for r in records if r.name == STEP)
-    index = [s.output for s in config.passes].index(STEP)
-    source = config.passes[index].input or config.passes[index - 1].output
-    return run, {"fp32": fp32, "source": models[source], "config": pass_configs[index]}, step.to_json()
+    steps = run.config.passes
+    index = [s.output for s in steps].index(STEP)
+    source = steps[index].input or steps[index - 1].output
+    return run, {"fp32": fp32, "source": models[source], "config": run.pass_configs[index]}, step.to_json()
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output", type=Path, default=REPO / "out" / "bench-mixed")
-    parser.add_argument("--json", type=Path, help="write the table and headline here")
-    parser.add_argument("--force", action="store_true", help="redo the search (its time is a headline field)")
-    parser.add_argument("--quiet", action="store_true")
-    args = parser.parse_args()
-    output = args.output.resolve()
-    reporter = Reporter(args.quiet)
-    run, models, step = run_search(output, args.force, reporter)
+    args = arguments(__doc__, "bench-mixed", force=dict(action="store_true",
+                                                        help="redo the search (its time is a headline field)"))
+    args = args.parse_args()
+    run, models, step = run_search(args.output.resolve(), args.force, args.quiet)
     notes = step["notes"]
     labels = run.dataset.labels("evaluate")
-    images = run.evaluation_images
-    threads = run.config.benchmark.threads
     builder = MixedPrecisionPass(models["config"])
-
     built = {"fp32": models["fp32"]}
     built.update({p["name"]: builder.apply(models["source"], p["assignment"]) for p in notes["points"]})
-    paths = {name: output / ("fp32.onnx" if name == "fp32" else f"point-{name}.onnx") for name in built}
-    for name, model in built.items():
-        atomic_write_bytes(paths[name], model.SerializeToString())
-
-    logits = {}
-    for name, path in paths.items():
-        key = cache_key(model=model_sha256(built[name]), evaluate=run.fingerprint("evaluate"))
-
-        def produce(name: str = name, path: Path = path) -> np.ndarray:
-            with reporter.task(f"evaluating {name}", len(images)) as advance:
-                return onnx_eval_logits(path, images, 32, threads, advance)
-
-        logits[name] = run.cache.array(f"logits-{name}", key, produce)
-
-    bench = run.config.benchmark
-    runners = {name: onnx_runner(path, run.input_shape, bench) for name, path in paths.items()}
-    reporter.log(f"timing {len(runners)} models together")
-    timed = measure_latency(runners, bench.warmup, bench.runs, bench.rounds)
+    counts: dict[str, int] = {}
+    variants = [passes.write_variant(run, name, model, counts,
+                                     file_name="fp32.onnx" if name == "fp32" else f"point-{name}.onnx")
+                for name, model in built.items()]
+    logits = {v.name: evaluate.logits(run, v) for v in variants}
+    timed = benchmark.latency(run, variants)
 
     fp32_scores = score(logits["fp32"], labels, logits["fp32"])
     by_name = {p["name"]: p for p in notes["points"]}
     int8 = "uniform-int8"
     int8_top1 = score(logits[int8], labels, logits["fp32"])["top1"]
     rows = []
-    for name, path in paths.items():
+    for variant in variants:
+        name = variant.name
         s = score(logits[name], labels, logits["fp32"])
         point = by_name.get(name, {})
         rows.append({
@@ -105,7 +76,7 @@ def main() -> None:
             "top1_vs_fp32": round(s["top1"] - fp32_scores["top1"], 3), "top1_vs_int8": round(s["top1"] - int8_top1, 3),
             "agree_top1": s["agree_top1"], "sqnr_db": s["sqnr_db"],
             "median_ms": timed[name]["median"], "p90_ms": timed[name]["p90"],
-            "size_bytes": path.stat().st_size})
+            "size_bytes": variant.size_bytes})
     int8_row = next(r for r in rows if r["name"] == int8)
     for r in rows:
         r["speedup_vs_int8"] = round(int8_row["median_ms"] / r["median_ms"], 4)
@@ -130,18 +101,15 @@ def main() -> None:
         best = min(smaller, key=lambda r: r["size_vs_int8"])
         head["smallest_within_1pt"] = {k: best[k] for k in ("name", "top1_vs_int8", "speedup_vs_int8", "size_vs_int8")}
 
-    columns = ["name", "on_front", "chosen", "search_sqnr_db", "top1", "top1_vs_int8", "agree_top1", "sqnr_db",
-               "median_ms", "speedup_vs_int8", "size_vs_int8"]
-    print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
-    for row in sorted(rows, key=lambda r: r["median_ms"]):
-        print("| " + " | ".join(f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c]) for c in columns) + " |")
+    print_table(sorted(rows, key=lambda r: r["median_ms"]),
+                ["name", "on_front", "chosen", "search_sqnr_db", "top1", "top1_vs_int8", "agree_top1", "sqnr_db",
+                 "median_ms", "speedup_vs_int8", "size_vs_int8"])
     print(json.dumps(head, indent=2))
-    plot_path = output / "mixed_precision.png"
+    plot_path = run.config.output.dir / "mixed_precision.png"
     plot(rows, int8_row, plot_path)
     print(f"plot: {plot_path}")
-    if args.json:
-        atomic_write_json(args.json, {"table": rows, "headline": head, "plot": str(plot_path),
-                                      "search_notes": {k: v for k, v in notes.items() if k != "points"}})
+    write_json(args.json, table=rows, headline=head, plot=str(plot_path),
+               search_notes={k: v for k, v in notes.items() if k != "points"})
 
 
 def plot(rows: list[dict[str, Any]], int8: dict[str, Any], path: Path) -> None:

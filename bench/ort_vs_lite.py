@@ -12,47 +12,32 @@ plot is the report's accuracy_vs_latency.png. With --json PATH writes the table 
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
-import tempfile
-from pathlib import Path
 from typing import Any
 
-import yaml
+from _common import REPO, arguments, compress_doc, example, print_table, write_json
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from onnxvit.compress import compress  # noqa: E402
-from onnxvit.fileio import atomic_write_json  # noqa: E402
-from onnxvit.report import PLOT_PNG, variant_table  # noqa: E402
+from onnxvit.report import PLOT_PNG, variant_table
 
 EXAMPLE = REPO / "examples" / "deit_tiny_mobile.yaml"
 
 
-def example() -> dict[str, Any]:
-    return yaml.safe_load(EXAMPLE.read_text())
-
-
-def run(output: Path) -> dict[str, Any]:
-    doc = example()
-    for section, field in (("model", "checkpoint"), ("data", "root"), ("data", "manifest")):
-        doc[section][field] = str((EXAMPLE.parent / doc[section][field]).resolve())
-    doc["output"] = {"dir": str(output)}
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "mobile.yaml"
-        path.write_text(yaml.safe_dump(doc))
-        return compress(path)
+def precision(variant: dict[str, Any]) -> str:
+    """int8 when the variant computes its heavy ops in integer (ONNX: its graph; Lite: its quantized
+    engine), whatever its name says."""
+    if variant["runtime"] == "torch-lite":
+        return "int8" if variant["name"].startswith("lite-int8") else "fp32"
+    return "int8" if variant.get("compute_ops", {}).get("integer") else "fp32"
 
 
 def rows_of(report: dict[str, Any]) -> list[dict[str, Any]]:
+    by_name = {v["name"]: v for v in report["variants"]}
     rows = []
     for row in variant_table(report):
         name = row["name"]
         lite = row["runtime"] == "torch-lite"
         rows.append({"name": name, "runtime": "pytorch-lite" if lite else row["runtime"],
-                     "precision": "int8" if "int8" in name else "fp32",
+                     "precision": precision(by_name[name]),
                      "engine": name.removeprefix("lite-int8-") if lite and "int8" in name else "-",
                      "median_ms": row["median_ms"], "p90_ms": row["p90_ms"], "size_mb": round(row["size_mb"], 3),
                      "top1": row["top1"], "agree_top1": row["agree_top1"], "sqnr_db": row["sqnr_db"]})
@@ -75,7 +60,7 @@ def headline(report: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, An
     best_lite = min(lite_int8, key=lambda r: r["median_ms"])
     artifacts = report["mobile"]["artifacts"]
     fp32_ort = next(a for a in artifacts if a["variant"] == "fp32")
-    lite = example()["lite"]
+    lite = example(EXAMPLE)["lite"]
     expected_lite = int(lite.get("fp32", True)) + len(lite["int8_engines"])  # every Lite variant asked for was built
     return {
         "ort_int8_vs_lite_int8_speedup": round(best_lite["median_ms"] / best_ort["median_ms"], 3),
@@ -94,23 +79,16 @@ def headline(report: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, An
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output", type=Path, default=REPO / "out" / "bench-ort-vs-lite")
-    parser.add_argument("--json", type=Path, help="write the table and headline here")
-    args = parser.parse_args()
-    report = run(args.output.resolve())
+    args = arguments(__doc__, "bench-ort-vs-lite").parse_args()
+    report = compress_doc(example(EXAMPLE), args.output.resolve(), quiet=args.quiet)
     rows = rows_of(report)
-    columns = ["name", "runtime", "precision", "engine", "median_ms", "p90_ms", "size_mb", "top1", "agree_top1",
-               "sqnr_db"]
-    print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
-    for row in rows:
-        print("| " + " | ".join(f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c]) for c in columns) + " |")
+    print_table(rows, ["name", "runtime", "precision", "engine", "median_ms", "p90_ms", "size_mb", "top1",
+                       "agree_top1", "sqnr_db"])
     head = headline(report, rows)
     print(json.dumps(head, indent=2))
     print(f"plot: {args.output.resolve() / PLOT_PNG}")
-    if args.json:
-        atomic_write_json(args.json, {"table": rows, "headline": head, "mobile": report["mobile"],
-                                      "machine": report["machine"], "plot": str(args.output.resolve() / PLOT_PNG)})
+    write_json(args.json, table=rows, headline=head, mobile=report["mobile"], machine=report["machine"],
+               plot=str(args.output.resolve() / PLOT_PNG))
 
 
 if __name__ == "__main__":

@@ -19,34 +19,27 @@ search images. With --json PATH writes the table and issue 5's `headline` object
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
-import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+import torch_pruning as tp
+from _common import REPO, arguments, open_run, print_table, write_json
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-import torch_pruning as tp  # noqa: E402
-
-from onnxvit.benchmark import measure_latency, onnx_runner  # noqa: E402
-from onnxvit.compress import Run  # noqa: E402
-from onnxvit.config import PruneConfig, load_config  # noqa: E402
-from onnxvit.engine import Cache, cache_key, model_sha256, run_passes  # noqa: E402
-from onnxvit.evaluate import onnx_eval_logits, score, torch_eval_logits  # noqa: E402
-from onnxvit.fileio import atomic_write_bytes, atomic_write_json  # noqa: E402
-from onnxvit.lite import dynamic_int8_linear, load_lite, quantized_engine, save_lite  # noqa: E402
-from onnxvit.progress import Reporter  # noqa: E402
-from onnxvit.report import save_figure  # noqa: E402
-from onnxvit.prune import Prunable, count_params_macs, sync_attention  # noqa: E402
-from passes import get_pass  # noqa: E402
+from onnxvit.config import EXPORT_VARIANT, PruneConfig
+from onnxvit.engine import cache_key
+from onnxvit.lite import dynamic_int8_linear, load_lite, quantized_engine, save_lite
+from onnxvit.prune import Prunable, count_params_macs, sync_attention
+from onnxvit.report import save_figure
+from onnxvit.stages import benchmark, evaluate, export, passes, prune
+from onnxvit.stages.evaluate import score
+from onnxvit.variant import Variant
+from passes import get_pass
 
 EXAMPLE = REPO / "examples" / "deit_tiny_pruned.yaml"
 PQV_RATIO = 0.09375
@@ -77,107 +70,64 @@ def pqv_recipe_prune(dense: torch.nn.Module, images: np.ndarray, labels: np.ndar
 
 
 class Bench:
+    """The rows of the experiment: each a variant of the pipeline's stages, with the bench's own columns."""
+
     def __init__(self, output: Path, quiet: bool) -> None:
         self.output = output
-        self.reporter = Reporter(quiet)
-        self.cache = Cache(output / "cache")
-        config, self.pass_configs = load_config(EXAMPLE)
-        config.output.dir = output
-        self.config = config
-        self.base = self._run(None)
-        self.base.dense_model, self.base.dataset  # noqa: B018  (fail early on missing data)
-        self.labels = self.base.dataset.labels("evaluate")
+        self.run = open_run(EXAMPLE, output, quiet=quiet)
+        self.run.dense_model, self.run.dataset  # noqa: B018  (fail early on missing data)
+        self.labels = self.run.dataset.labels("evaluate")
         self.rows: dict[str, dict[str, Any]] = {}
-        self.runners: dict[str, Any] = {}
-        self.lite_paths: dict[str, Path] = {}
+        self.variants: dict[str, Variant] = {}
+        self.dense_params = count_params_macs(self.run.dense_model, self.run.input_shape)["params"]
 
-    def _run(self, prune: PruneConfig | None) -> Run:
-        config = self.config.model_copy(update={"prune": prune})
-        run = Run(config, self.pass_configs, self.reporter, self.cache, config.sha256())
-        if hasattr(self, "base"):  # share the model and the decoded images
-            for name in ("dense_model", "dataset", "preprocessing", "calibration_images", "search_images",
-                         "evaluation_images"):
-                setattr(run, name, getattr(self.base, name))
-        return run
+    def _add(self, variant: Variant, **columns: Any) -> None:
+        self.variants[variant.name] = variant
+        self.rows[variant.name] = {"name": variant.name, "size_mb": variant.size_bytes / 1e6, **variant.counts,
+                                   **columns, "logits": evaluate.logits(self.run, variant)}
 
-    @property
-    def threads(self) -> int:
-        return self.config.benchmark.threads
-
-    def _eval_onnx(self, name: str, path: Path, model_sha: str) -> np.ndarray:
-        key = cache_key(model=model_sha, evaluate=self.base.fingerprint("evaluate"))
-        images = self.base.evaluation_images
-
-        def produce() -> np.ndarray:
-            with self.reporter.task(f"evaluating {name}", len(images)) as advance:
-                return onnx_eval_logits(path, images, 32, self.threads, advance)
-
-        return self.cache.array(f"logits-{name}", key, produce)
-
-    def onnx_arm(self, name: str, prune: PruneConfig | None, budget: bool) -> None:
+    def onnx_arm(self, name: str, prune_config: PruneConfig | None, budget: bool) -> None:
         """Export (pruned or not), the example's int8 recipe; rows for the int8 model (and fp32 when dense)."""
-        run = self._run(prune)
-        fp32, record = run.export()
-        steps = list(self.config.passes)
-        configs = list(self.pass_configs)
+        run = self.run
+        if prune_config is not None:
+            pruned = prune.prune(run, prune_config)
+            model, model_id, counts = pruned.model, pruned.key, pruned.summary["pruned"]
+            removed = pruned.summary["removed"]["params"]
+        else:
+            model, model_id = run.dense_model, run.weights_id
+            counts, removed = count_params_macs(model, run.input_shape), 0.0
+        fp32, record = export.export(run, model, model_id, EXPORT_VARIANT)
+        configs = list(run.pass_configs)
         if not budget:  # the sweep: int8 everywhere, no sensitivity ranking
             configs[-1] = get_pass("quantize_int8").Config.model_validate(
-                {k: v for k, v in configs[-1].model_dump().items()
+                {k: v for k, v in configs[-1].model_dump(exclude_unset=True).items()
                  if k not in ("min_sqnr_db", "min_agreement", "max_float_layers")})
-        models, records = run_passes(fp32, record, steps, configs, self.cache, run.context,
-                                     {s: run.fingerprint(s) for s in ("calibrate", "search")}, run.check,
-                                     self.reporter.log)
-        counts = run.pruned[1]["pruned"] if prune else count_params_macs(run.dense_model, run.input_shape)
-        wanted = {name: models["int8"]} if prune else {"fp32": fp32, name: models["int8"]}
-        notes = records[-1].notes
+        models, records = passes.apply(run, fp32, record, run.config.passes, configs)
+        kept_float = len(records[-1].notes.get("kept_float", []))
+        wanted = {name: models["int8"]} if prune_config else {"fp32": fp32, name: models["int8"]}
         for row_name, proto in wanted.items():
-            path = self.output / f"{row_name}.onnx"
-            atomic_write_bytes(path, proto.SerializeToString())
-            logits = self._eval_onnx(row_name, path, model_sha256(proto))
-            self.rows[row_name] = {"name": row_name, "runtime": "onnxruntime", "method": prune.method if prune else "none",
-                                   "prune_ratio": prune.ratio if prune else 0.0, "budget": budget and row_name != "fp32",
-                                   "kept_float": len(notes.get("kept_float", [])) if row_name != "fp32" else 0,
-                                   "size_mb": path.stat().st_size / 1e6, **counts, "logits": logits,
-                                   "removed_params": run.pruned[1]["removed"]["params"] if prune else 0.0}
-            self.runners[row_name] = onnx_runner(path, run.input_shape, self.config.benchmark)
+            variant = passes.write_variant(run, row_name, proto, counts, file_name=f"{row_name}.onnx")
+            self._add(variant, runtime="onnxruntime", method=prune_config.method if prune_config else "none",
+                      prune_ratio=prune_config.ratio if prune_config else 0.0, budget=budget and row_name != "fp32",
+                      kept_float=kept_float if row_name != "fp32" else 0, removed_params=removed)
 
     def lite_arm(self, name: str, model: torch.nn.Module, int8: bool, key: str) -> None:
         path = self.output / f"{name}.ptl"
-        example = torch.from_numpy(self.base.calibration_images[:1])
+        example = torch.from_numpy(self.run.calibration_images[:1])
+        counts = count_params_macs(model, self.run.input_shape)
         with quantized_engine(ENGINE):
-            body = dynamic_int8_linear(model, ENGINE) if int8 else model
-            save_lite(body, example, path, ENGINE)
-            lite = load_lite(path)
-            images = self.base.evaluation_images
-
-            def produce() -> np.ndarray:
-                with self.reporter.task(f"evaluating {name}", len(images)) as advance:
-                    return torch_eval_logits(lite, images, 32, self.threads, advance)
-
-            logits = self.cache.array(f"logits-{name}", cache_key(lite=key, int8=int8, engine=ENGINE,
-                                                                  torch=torch.__version__,
-                                                                  evaluate=self.base.fingerprint("evaluate")), produce)
-        counts = count_params_macs(model, self.base.input_shape)
-        self.rows[name] = {"name": name, "runtime": f"torch-lite ({ENGINE})" if int8 else "torch-lite",
-                           "method": "pqv-taylor" if "pqv" in name else "none",
-                           "prune_ratio": PQV_RATIO if "pqv" in name else 0.0, "budget": False, "kept_float": 0,
-                           "size_mb": path.stat().st_size / 1e6, **counts, "logits": logits,
-                           "removed_params": 1 - counts["params"] / count_params_macs(
-                               self.base.dense_model, self.base.input_shape)["params"]}
-        x = torch.from_numpy(np.random.default_rng(0).standard_normal((1, *self.base.input_shape)).astype(np.float32))
-
-        def run_lite() -> object:
-            with torch.inference_mode():
-                return lite(x)
-
-        self.runners[name] = run_lite
+            save_lite(dynamic_int8_linear(model, ENGINE) if int8 else model, example, path, ENGINE)
+            identity = cache_key(lite=key, int8=int8, engine=ENGINE, torch=torch.__version__)
+            variant = Variant(name, "torch-lite", identity, module=load_lite(path), path=path,
+                              size_bytes=path.stat().st_size, counts=counts)
+            self._add(variant, runtime=f"torch-lite ({ENGINE})" if int8 else "torch-lite",
+                      method="pqv-taylor" if "pqv" in name else "none",
+                      prune_ratio=PQV_RATIO if "pqv" in name else 0.0, budget=False, kept_float=0,
+                      removed_params=1 - counts["params"] / self.dense_params)
 
     def time_all(self) -> None:
-        bench = self.config.benchmark
-        torch.set_num_threads(self.threads)
-        with quantized_engine(ENGINE), self.reporter.task(f"timing {len(self.runners)} models",
-                                                          bench.rounds, live=False) as advance:
-            latency = measure_latency(self.runners, bench.warmup, bench.runs, bench.rounds, lambda: advance(1))
+        with quantized_engine(ENGINE):
+            latency = benchmark.latency(self.run, list(self.variants.values()))
         for name, value in latency.items():
             self.rows[name]["latency_ms"] = value
 
@@ -247,44 +197,37 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output", type=Path, default=REPO / "out" / "bench-pqv")
-    parser.add_argument("--json", type=Path, help="write the table and headline here")
-    parser.add_argument("--methods", default="l1,taylor,hessian")
-    parser.add_argument("--ratios", default="0.2,0.3,0.5", help="sweep: fractions of the parameters")
-    parser.add_argument("--quiet", action="store_true")
-    args = parser.parse_args()
+    args = arguments(__doc__, "bench-pqv", methods=dict(default="l1,taylor,hessian"),
+                     ratios=dict(default="0.2,0.3,0.5", help="sweep: fractions of the parameters")).parse_args()
     methods = args.methods.split(",")
     bench = Bench(args.output.resolve(), args.quiet)
-    dense = bench.base.dense_model
+    base = bench.run
+    dense = base.dense_model
 
-    bench.lite_arm("lite-fp32", dense, int8=False, key=bench.base.weights_id)
-    bench.lite_arm("lite-int8", dense, int8=True, key=bench.base.weights_id)
-    calibration = bench.base.calibration_images
-    pqv = pqv_recipe_prune(dense, calibration, bench.base.dataset.labels("calibrate"))
-    bench.lite_arm("pqv-recipe", pqv, int8=True, key=cache_key(pqv=bench.base.weights_id, ratio=PQV_RATIO,
-                                                                 calibration=bench.base.fingerprint("calibrate")))
+    bench.lite_arm("lite-fp32", dense, int8=False, key=base.weights_id)
+    bench.lite_arm("lite-int8", dense, int8=True, key=base.weights_id)
+    pqv = pqv_recipe_prune(dense, base.calibration_images, base.dataset.labels("calibrate"))
+    bench.lite_arm("pqv-recipe", pqv, int8=True, key=cache_key(pqv=base.weights_id, ratio=PQV_RATIO,
+                                                                 calibration=base.fingerprint("calibrate")))
     bench.onnx_arm("int8", None, budget=True)
-    prune = bench.config.prune
+    example = base.config.prune
+    assert example is not None
     for method in methods:
-        bench.onnx_arm(f"{method}-int8", prune.model_copy(update={"method": method, "ratio": PQV_RATIO}), budget=True)
+        bench.onnx_arm(f"{method}-int8", example.model_copy(update={"method": method, "ratio": PQV_RATIO}),
+                       budget=True)
         for ratio in (float(r) for r in args.ratios.split(",") if r):
-            bench.onnx_arm(f"{method}-{ratio:g}", prune.model_copy(update={"method": method, "ratio": ratio}),
+            bench.onnx_arm(f"{method}-{ratio:g}", example.model_copy(update={"method": method, "ratio": ratio}),
                            budget=False)
     bench.time_all()
     rows = table(bench)
-    columns = ["name", "runtime", "method", "removed_params", "top1", "top1_drop", "agree_top1", "median_ms",
-               "speedup_vs_dense_fp32_lite", "speedup_vs_pqv_recipe", "size_mb", "kept_float"]
-    print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
-    for row in rows:
-        print("| " + " | ".join(f"{row[c]:.3f}" if isinstance(row[c], float) else str(row[c]) for c in columns) + " |")
+    print_table(rows, ["name", "runtime", "method", "removed_params", "top1", "top1_drop", "agree_top1", "median_ms",
+                       "speedup_vs_dense_fp32_lite", "speedup_vs_pqv_recipe", "size_mb", "kept_float"])
     head = headline(rows, methods)
     print(json.dumps(head, indent=2))
     plot(rows, bench.output / "pqv_mobile.png")
     print(f"plot: {bench.output / 'pqv_mobile.png'}")
-    if args.json:
-        atomic_write_json(args.json, {"table": rows, "headline": head, "plot": str(bench.output / "pqv_mobile.png"),
-                                      "evaluate_images": len(bench.labels)})
+    write_json(args.json, table=rows, headline=head, plot=str(bench.output / "pqv_mobile.png"),
+               evaluate_images=len(bench.labels))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ folder, so a config means the same whatever the working directory.
 from __future__ import annotations
 
 import difflib
+import json
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -16,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from onnxvit.errors import UserError
 from onnxvit.fileio import sha256_json
+from passes import get_pass, pass_names
 
 EXPORT_VARIANT = "fp32"  # the name of the exported (and simplified) model
 TORCH_VARIANT = "torch-fp32"
@@ -172,16 +174,16 @@ class OutputConfig(StrictModel):
 
 
 class Config(StrictModel):
-    model: ModelConfig
-    data: DataConfig
+    model: ModelConfig = Field(description="The timm model and where its weights come from.")
+    data: DataConfig = Field(description="The image folder and its calibrate / search / evaluate splits.")
     prune: PruneConfig | None = Field(None, description="Structured pruning in PyTorch before export.")
     finetune: FinetuneConfig | None = Field(None, description="Distill the pruned model from the dense one.")
-    export: ExportConfig = ExportConfig()
+    export: ExportConfig = Field(ExportConfig(), description="PyTorch to ONNX.")
     passes: list[StepConfig] = Field([], description="Graph passes in order.")
-    benchmark: BenchmarkConfig = BenchmarkConfig()
+    benchmark: BenchmarkConfig = Field(BenchmarkConfig(), description="How latency is measured.")
     mobile: MobileConfig | None = Field(None, description="ONNX Runtime Mobile artifacts.")
     lite: LiteConfig | None = Field(None, description="PyTorch Lite interpreter variants, with parity.")
-    output: OutputConfig
+    output: OutputConfig = Field(description="Where models, cache and report go.")
 
     @model_validator(mode="after")
     def _finetune_needs_prune(self) -> "Config":
@@ -243,11 +245,41 @@ def _raise_for(exc: ValidationError, source: Path, root: type[BaseModel], prefix
     raise UserError(f"{source}: {'; '.join(lines)}") from None
 
 
-def _validate_steps(config: Config, source: Path) -> list[Any]:
-    """Check pass names, their options and the step graph; return each step's parsed pass config."""
-    from passes import get_pass, pass_names
+def split_sizes(config: Config) -> dict[str, int] | None:
+    """How many images the calibrate and search splits will hold, read without decoding any image
+    (from the manifest when there is one); None when the manifest cannot be read (its own check,
+    when the data is loaded, says why)."""
+    d = config.data
+    if d.manifest is None:
+        return {"calibrate": d.calibrate_images, "search": d.search_images}
+    try:
+        splits = json.loads(d.manifest.read_text(encoding="utf-8"))["splits"]
+        return {split: len(splits[split]) for split in ("calibrate", "search")}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
+
+_SPLIT_OF = {"calibration": ("calibrate", "data.calibrate_images"), "search": ("search", "data.search_images")}
+
+
+def _check_requirements(pass_name: str, needs: frozenset[str], config: Config, sizes: dict[str, int] | None,
+                        where: str) -> None:
+    """Refuse, at load, a step whose pass needs what this config cannot give it."""
+    if "labels" in needs and config.model.random_init:
+        raise UserError(f"{where}.options: {pass_name} with these options judges by top-1, which needs real "
+                        "weights (random weights' top-1 means nothing); use objective: sqnr and select.min_agreement instead")
+    for need, (split, field_name) in _SPLIT_OF.items():
+        if need in needs and sizes is not None and sizes[split] == 0:
+            how = f"the manifest's {split} split" if config.data.manifest else f"{field_name} > 0"
+            raise UserError(f"{where}: {pass_name} with these options needs {split} images, and the {split} split "
+                            f"is empty; give it images ({how}) or change the pass's options")
+
+
+def _validate_steps(config: Config, source: Path) -> list[Any]:
+    """Check pass names, their options, what each needs and the step graph; return each step's parsed
+    pass config."""
     parsed = []
+    sizes = split_sizes(config)
     known = {EXPORT_VARIANT}
     previous = EXPORT_VARIANT
     for index, step in enumerate(config.passes):
@@ -262,9 +294,7 @@ def _validate_steps(config: Config, source: Path) -> list[Any]:
             parsed.append(pass_cls.Config.model_validate(step.options))
         except ValidationError as exc:
             _raise_for(exc, source, pass_cls.Config, ("passes", index, "options"))
-        if parsed[-1].requires_labels and config.model.random_init:
-            raise UserError(f"{where}.options: top-1 needs real weights (random weights' top-1 means nothing); "
-                            "use objective: sqnr and select.min_agreement instead")
+        _check_requirements(pass_cls.name, pass_cls.requirements(parsed[-1]), config, sizes, where)
         source_name = step.input or previous
         if source_name not in known:
             raise UserError(f"{where}.input: no model named '{source_name}' before this step; "
@@ -320,11 +350,3 @@ def _validate_mobile(config: Config, source: Path) -> None:
             if name not in reported:
                 raise UserError(f"{source}: mobile.variants: '{name}' is not a reported ONNX variant; "
                                 f"known: {', '.join(reported)}")
-    if config.lite is not None:
-        from onnxvit.lite import quantized_engines
-
-        for field_name in ("int8_engines", "static_engines"):
-            for engine in getattr(config.lite, field_name):
-                if engine not in quantized_engines():
-                    raise UserError(f"{source}: lite.{field_name}: '{engine}' is not a quantized engine of this torch "
-                                    f"build; available: {', '.join(quantized_engines())}")

@@ -155,7 +155,3 @@ def load_images(folder: ImageFolder, files: list[str], transform: Callable[[Any]
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         return np.stack(list(pool.map(one, files))).astype(np.float32)
-
-
-def batches(array: np.ndarray, size: int) -> list[np.ndarray]:
-    return [array[i:i + size] for i in range(0, len(array), size)]

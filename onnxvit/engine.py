@@ -1,7 +1,8 @@
 """Runs steps in order and caches each one's output, keyed by what it was made from.
 
-A key is the hash of (input model, step name and config, onnxvit version, and the data it read),
-so changing one pass redoes that pass and the ones after it, and nothing else. Every artifact is
+A key is the hash of (input model, pass name, version and config, onnxvit version, and the data it
+read), so changing one pass (its options or its code) redoes that pass and the ones after it, and
+nothing else. Every artifact is
 written atomically; a record beside each cached model keeps what the step did and its numeric
 check, so a cache hit reports the same as a fresh run.
 """
@@ -21,6 +22,7 @@ import onnx
 from onnxvit import __version__
 from onnxvit.errors import UserError
 from onnxvit.fileio import atomic_write_bytes, atomic_write_json, sha256_bytes, sha256_json
+from passes import PassContext, PassError, get_pass
 
 
 def model_sha256(model: onnx.ModelProto) -> str:
@@ -181,7 +183,7 @@ def run_passes(
     steps: list[Any],
     pass_configs: list[Any],
     cache: Cache,
-    make_context: Callable[[], Any],
+    make_context: Callable[[], PassContext],
     data_fingerprints: dict[str, str],
     check: Callable[[onnx.ModelProto, onnx.ModelProto], dict[str, float]],
     log: Callable[[str], None] = lambda message: None,
@@ -192,12 +194,10 @@ def run_passes(
     ``data_fingerprints`` names the calibrate / search images in the keys of passes that read them;
     ``check(before, after)`` is the numeric check recorded for every step that runs.
     """
-    from passes import get_pass
-
     models = {start_record.name: start}
     records = {start_record.name: start_record}
     previous = start_record.name
-    context = None
+    context: PassContext | None = None
     for step, pass_config in zip(steps, pass_configs):
         pass_cls = get_pass(step.pass_)
         source = step.input or previous
@@ -206,10 +206,12 @@ def run_passes(
             config=pass_config.model_dump(mode="json"),
             key="",
         )
-        key_parts: dict[str, Any] = {"input": records[source].sha256, "pass": step.pass_, "config": record.config}
-        if pass_cls.uses_calibration:
+        needs = pass_cls.requirements(pass_config)
+        key_parts: dict[str, Any] = {"input": records[source].sha256, "pass": step.pass_,
+                                     "pass_version": pass_cls.version, "config": record.config}
+        if "calibration" in needs:
             key_parts["calibration"] = data_fingerprints["calibrate"]
-        if pass_cls.uses_search:
+        if "search" in needs or "labels" in needs:
             key_parts["search"] = data_fingerprints["search"]
         record.key = cache_key(**key_parts)
 
@@ -220,7 +222,7 @@ def run_passes(
             context.memo = cache.memo(record.name, record.key)
             try:
                 output = pass_cls(pass_config).run(models[source], context)
-            except UserError as exc:
+            except (UserError, PassError) as exc:
                 raise UserError(f"step '{record.name}' ({step.pass_}): {exc}") from None
             record.notes = dict(context.notes)
             record.check = check(models[source], output)

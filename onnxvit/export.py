@@ -15,8 +15,8 @@ import torch
 
 from onnxvit.config import ExportConfig
 from onnxvit.errors import UserError
-from onnxvit.metrics import max_abs_diff
-from onnxvit.runtime import model_logits
+from passes.metrics import max_abs_diff
+from passes.runtime import model_logits
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"

@@ -32,6 +32,15 @@ def quantized_engines() -> list[str]:
     return [e for e in torch.backends.quantized.supported_engines if e != "none"]
 
 
+def check_engines(config: LiteConfig) -> None:
+    """Refuse, before anything runs, a Lite section naming an engine this torch build does not have."""
+    for field_name in ("int8_engines", "static_engines"):
+        for engine in getattr(config, field_name):
+            if engine not in quantized_engines():
+                raise UserError(f"lite.{field_name}: '{engine}' is not a quantized engine of this torch build; "
+                                f"available: {', '.join(quantized_engines())}")
+
+
 @contextlib.contextmanager
 def quantized_engine(engine: str | None) -> Iterator[None]:
     """Run quantized ops on ``engine``: it is a process-wide setting, restored after."""
@@ -150,14 +159,13 @@ def parity_table(logits: dict[str, np.ndarray], pairs: list[tuple[str, str, str]
     FP32 pairs must agree to ``parity_atol`` on every logit; int8 pairs, whose two quantizers
     differ by design, to ``parity_min_agreement`` percent of top-1 classes.
     """
-    from onnxvit.evaluate import SQNR_CEILING_DB
-    from onnxvit.metrics import max_abs_diff, sqnr_db, top1_agreement
+    from passes.metrics import capped_sqnr_db, max_abs_diff, top1_agreement
 
     rows = []
     for onnx_name, torch_name, kind in pairs:
         a, b = logits[onnx_name], logits[torch_name]
         row = {"onnx": onnx_name, "torch": torch_name, "kind": kind, "max_abs": round(max_abs_diff(a, b), 6),
-               "agree_top1": round(top1_agreement(a, b), 4), "sqnr_db": round(min(sqnr_db(a, b), SQNR_CEILING_DB), 3)}
+               "agree_top1": round(top1_agreement(a, b), 4), "sqnr_db": round(capped_sqnr_db(a, b), 3)}
         row["ok"] = row["max_abs"] <= config.parity_atol if kind == "fp32" else \
             row["agree_top1"] >= config.parity_min_agreement
         rows.append(row)

@@ -19,8 +19,8 @@ import onnxruntime as ort
 
 from onnxvit.config import MobileConfig
 from onnxvit.fileio import atomic_write_text, atomic_write_via
-from onnxvit.metrics import max_abs_diff, top1_agreement
-from onnxvit.runtime import make_session, run_logits
+from passes.metrics import max_abs_diff, top1_agreement
+from passes.runtime import make_session, run_logits
 from passes.graph import QUANTIZED_OPS
 
 OPERATORS_CONFIG = "required_operators.config"

@@ -4,43 +4,17 @@ from __future__ import annotations
 
 import json
 import math
-import platform
 from pathlib import Path
 from typing import Any
 
 from onnxvit.errors import UserError
 from onnxvit.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
+from passes import PASS_MODULES, Pass, get_pass
 
 SCHEMA_VERSION = 1
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 PLOT_PNG = "accuracy_vs_latency.png"
-TABLED = {"mixed_precision": {"points", "sensitivity"},  # step notes their kind's own section shows as tables
-          "quantize_int8": {"schemes", "bridge_reconstruction"}}
-
-
-def front_plot_name(step: str) -> str:
-    return f"pareto_{step}.png"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_info(threads: int) -> dict[str, Any]:
-    import onnxruntime
-    import torch
-
-    return {"cpu": cpu_name(), "threads": threads, "onnxruntime": onnxruntime.__version__,
-            "torch": torch.__version__}
-
-
 def _fmt(value: Any, digits: int = 2) -> str:
     if value is None:
         return "-"
@@ -117,7 +91,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         text = ", ".join(f"{k} {_fmt(v, 4)}" for k, v in check.items())
         parts.append(f"| {step['name']} | {step['kind']} | {step['input'] or '-'} | {step['cached']} | "
                      f"{step['seconds']:.1f} | {text} |")
-    parts += _mixed_precision_sections(report) + _weight_scheme_sections(report)
+    for step in report.get("steps", []):
+        parts += _pass_of(step).report_section(step)
     notes = [f"- `{s['name']}`: {json.dumps(_untabled(s))}" for s in report.get("steps", []) if s.get("notes")]
     if notes:
         parts += ["", "## What each step did", "", *notes]
@@ -125,34 +100,14 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
+def _pass_of(step: dict[str, Any]) -> type[Pass]:
+    """The pass that made a step (the export, which no pass makes, renders as the base class)."""
+    return get_pass(step["kind"]) if step["kind"] in PASS_MODULES else Pass
+
+
 def _untabled(step: dict[str, Any]) -> dict[str, Any]:
-    """A step's notes less what its own section shows as tables."""
-    return {k: v for k, v in step["notes"].items() if k not in TABLED.get(step["kind"], set())}
-
-
-def _weight_scheme_sections(report: dict[str, Any]) -> list[str]:
-    """Per int8 step, the layers whose measured weight scheme or bridge clipping differs from the default."""
-    lines = []
-    for step in report.get("steps", []):
-        schemes, bridges = step.get("notes", {}).get("schemes"), step.get("notes", {}).get("bridge_reconstruction")
-        if not schemes and not bridges:
-            continue
-        lines += ["", f"## Weight schemes: `{step['name']}`", ""]
-        if schemes:
-            changed = {layer: e for layer, e in schemes.items() if "sqnr_db" in e and e["chosen"] != e["default"]}
-            lines += [f"{len(changed)} of {len(schemes)} layers measured better (output SQNR on the calibration "
-                      "images, ONNX Runtime's kernels) with another scheme than the default:", "",
-                      "| layer | chosen | SQNR default dB | SQNR chosen dB |", "|---|---|---|---|"]
-            lines += [f"| {layer} | {e['chosen']} | {e['sqnr_db'][e['default']]:.2f} | "
-                      f"{e['sqnr_db'][e['chosen']]:.2f} |" for layer, e in changed.items()]
-        if bridges:
-            lines += ["", "Bridge blocks (conv <-> tokens), weight clipping tuned to the block's output:", "",
-                      "| layer | bridge | clip | block SQNR before dB | after dB |", "|---|---|---|---|---|"]
-            lines += [f"| {layer} | {e['bridge']} | {e.get('clip', '-')} | "
-                      f"{e['block_sqnr_db']['before']:.2f} | {e['block_sqnr_db']['after']:.2f} |"
-                      if "block_sqnr_db" in e else f"| {layer} | {e['bridge']} | {e['why']} | | |"
-                      for layer, e in bridges.items()]
-    return lines
+    """A step's notes less what its pass's own section shows as tables."""
+    return {k: v for k, v in step["notes"].items() if k not in _pass_of(step).tabled_notes}
 
 
 def _precision_section(report: dict[str, Any]) -> list[str]:
@@ -204,62 +159,6 @@ def _mobile_section(report: dict[str, Any]) -> list[str]:
     return lines
 
 
-def mixed_precision_steps(report: dict[str, Any]) -> list[dict[str, Any]]:
-    return [s for s in report.get("steps", []) if s["kind"] == "mixed_precision" and s.get("notes", {}).get("points")]
-
-
-def _mixed_precision_sections(report: dict[str, Any]) -> list[str]:
-    lines: list[str] = []
-    for step in mixed_precision_steps(report):
-        notes = step["notes"]
-        lines += ["", f"## Mixed precision: `{step['name']}`", "",
-                  f"One character per block ({_block_span(notes['blocks'])}): F float, 8 int8, 4 w4, W w8, "
-                  f"A a16w8; other linear layers: {notes['points'][0]['rest']}. Measured on the search split "
-                  f"against the float input; {notes['explored']} assignments scored by the per-block model, "
-                  f"{len(notes['points'])} built and timed together. "
-                  f"Chosen: `{notes['chosen']}` ({notes['select']}).", "",
-                  "| assignment | front | top-1 % (search) | agree % | SQNR dB | median ms | x float | size MB | "
-                  "x int8 | constraints |", "|---|---|---|---|---|---|---|---|---|---|"]
-        for p in sorted(notes["points"], key=lambda p: p["latency_ms"]):
-            mark = "**chosen**" if p["name"] == notes["chosen"] else ("yes" if p["on_front"] else "")
-            label = p["name"] if p["reference"] else f"`{p['code']}`"
-            lines.append(f"| {label} | {mark} | {_fmt(p['top1'])} | {p['agreement']:.1f} | {p['sqnr_db']:.2f} | "
-                         f"{p['latency_ms']:.2f} | {p['latency_vs_float']:.2f} | {p['size_bytes'] / 1e6:.2f} | "
-                         f"{p['size_vs_int8']:.2f} | {'; '.join(p['violates']) or 'ok'} |")
-        lines += ["", f"![Pareto front of {step['name']}]({front_plot_name(step['name'])})"]
-    return lines
-
-
-def _block_span(blocks: dict[str, int]) -> str:
-    names = [b for b in blocks if b != "rest"]
-    return ", ".join(names) if len(names) <= 3 else f"{names[0]} ... {names[-1]}"
-
-
-def render_front_plot(step: dict[str, Any], path: Path) -> None:
-    """A mixed-precision step's measured points, logit SQNR (the search objective; 31 images' top-1
-    moves in 3-point steps) against latency and against size: the two faces of a 3-D front."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    notes = step["notes"]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 4), dpi=120, sharey=True)
-    for ax, key, label, scale in ((axes[0], "latency_ms", "median latency, ms", 1.0),
-                                  (axes[1], "size_bytes", "size, MB", 1e-6)):
-        for p in notes["points"]:
-            color = "tab:red" if p["name"] == notes["chosen"] else ("tab:blue" if p["on_front"] else "tab:gray")
-            x = p[key] * scale
-            ax.scatter([x], [p["sqnr_db"]], s=40, color=color, alpha=0.7, marker="s" if p["reference"] else "o")
-            ax.annotate(p["name"] if p["reference"] else p["code"], (x, p["sqnr_db"]),
-                        textcoords="offset points", xytext=(4, 3), fontsize=6)
-        ax.set_xlabel(label)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("logit SQNR vs float, dB (search split)")
-    fig.suptitle(f"{step['name']}: blue on the front, red chosen, squares uniform", fontsize=9)
-    save_figure(fig, path)
-
-
 def render_plot(report: dict[str, Any], path: Path) -> None:
     """Top-1 (or agreement, for random weights) against median latency, one point per variant."""
 
@@ -298,8 +197,9 @@ def save_figure(fig: Any, path: Path) -> None:
 def write_report(report: dict[str, Any], folder: Path) -> None:
     report = {"schema_version": SCHEMA_VERSION, **report}
     render_plot(report, folder / PLOT_PNG)
-    for step in mixed_precision_steps(report):
-        render_front_plot(step, folder / front_plot_name(step["name"]))
+    for step in report.get("steps", []):
+        for name, figure in _pass_of(step).report_figures(step).items():
+            save_figure(figure, folder / name)
     atomic_write_text(folder / REPORT_MD, render_markdown(report))
     atomic_write_json(folder / REPORT_JSON, report)
 

@@ -1,8 +1,28 @@
-"""ONNX graph passes, one module each, found by their YAML name through a registry (as timm's models)."""
+"""ONNX graph passes, one module each, found by their YAML name through a lazy registry (as timm's
+models): naming a pass imports its module and nothing else, and ``import passes`` imports no pass.
+
+This package is the lower layer: it never imports ``onnxvit`` (the pipeline above it), nor torch.
+"""
 
 from __future__ import annotations
 
-from passes.base import Pass, PassConfig, PassContext
+import importlib
+
+from passes.base import Pass, PassConfig, PassContext, PassError
+
+# YAML name -> module under passes/ that defines it. A test checks this table against the classes.
+PASS_MODULES: dict[str, str] = {
+    "fold_batchnorm": "fold_batchnorm",
+    "fp16": "fp16",
+    "fuse_vit": "fuse_vit",
+    "mixed_precision": "mixed_precision",
+    "ort_default": "ort_baselines",
+    "ort_dynamic": "ort_baselines",
+    "quantize_int8": "quantize_int8",
+    "reparam_layernorm": "reparam_layernorm",
+    "simplify": "simplify",
+    "zero_point_guard": "zero_point_guard",
+}
 
 _REGISTRY: dict[str, type[Pass]] = {}
 
@@ -16,25 +36,15 @@ def register_pass(cls: type[Pass]) -> type[Pass]:
 
 
 def pass_names() -> list[str]:
-    return sorted(_REGISTRY)
+    return sorted(PASS_MODULES)
 
 
 def get_pass(name: str) -> type[Pass]:
-    """The pass class for a YAML name; KeyError when there is none."""
+    """The pass class for a YAML name (its module imported on first use); KeyError when there is none."""
+    if name not in _REGISTRY:
+        importlib.import_module(f"passes.{PASS_MODULES[name]}")
     return _REGISTRY[name]
 
 
-# Importing the modules registers their passes.
-from passes import (  # noqa: E402,F401
-    fold_batchnorm,
-    fp16,
-    fuse_vit,
-    mixed_precision,
-    ort_baselines,
-    quantize_int8,
-    reparam_layernorm,
-    simplify,
-    zero_point_guard,
-)
-
-__all__ = ["Pass", "PassConfig", "PassContext", "get_pass", "pass_names", "register_pass"]
+__all__ = ["PASS_MODULES", "Pass", "PassConfig", "PassContext", "PassError", "get_pass", "pass_names",
+           "register_pass"]

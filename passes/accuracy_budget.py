@@ -13,9 +13,9 @@ from typing import Any, Callable
 import numpy as np
 import onnx
 
-from onnxvit.evaluate import SQNR_CEILING_DB
-from onnxvit.metrics import sqnr_db, top1_agreement
-from onnxvit.runtime import model_logits
+from passes.metrics import SQNR_CEILING_DB
+from passes.metrics import sqnr_db, top1_agreement
+from passes.runtime import model_logits
 
 Quantize = Callable[[list[str]], onnx.ModelProto]
 

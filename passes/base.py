@@ -8,24 +8,32 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, ContextManager, Iterator, MutableMapping
+from typing import Any, Callable, ClassVar, ContextManager, Iterator, Literal, MutableMapping
 
 import numpy as np
 import onnx
 from pydantic import BaseModel, ConfigDict
 
-from onnxvit.data import batches
+from passes.runtime import batches
+
+
+class PassError(Exception):
+    """A failure the user can fix (an option, the data a pass is given): the engine turns it into one
+    line naming the step, with no traceback."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(message.split()))
+
+
+Requirement = Literal["calibration", "search", "labels"]
+"""What a pass may need from the run: calibration images, search images, or labels that mean something
+(real weights, so that top-1 is not noise)."""
 
 
 class PassConfig(BaseModel):
     """Base of every pass's options: unknown keys are errors, not silently ignored."""
 
     model_config = ConfigDict(extra="forbid")
-
-    @property
-    def requires_labels(self) -> bool:
-        """Whether these options judge by top-1, which random weights make meaningless (refused at load)."""
-        return False
 
 
 @dataclass
@@ -54,7 +62,7 @@ class PassContext:
 
     def require_calibration(self, who: str) -> None:
         if not self.calibration:
-            raise ValueError(f"{who} needs calibration images")
+            raise PassError(f"{who} needs calibration images; set data.calibrate_images > 0")
 
     def calibration_batches(self, limit: int | None) -> list[np.ndarray]:
         """The calibration batches cut to their first ``limit`` images (None: all), batched as before."""
@@ -75,16 +83,39 @@ def count_ops(model: onnx.ModelProto, *op_types: str) -> dict[str, int]:
 
 
 class Pass:
-    """A graph pass. Subclasses set ``name``, ``Config`` and ``run``; ``uses_calibration`` and
-    ``uses_search`` add those splits' images to the pass's cache key."""
+    """A graph pass: ``name`` (its YAML name), ``Config``, ``run``, and
+
+    - ``version``: part of the cache key; bump it when the pass's output for the same input changes;
+    - ``requirements(config)``: what it needs from the run; the config loader refuses a run that cannot
+      give it, and the splits it names are part of the cache key;
+    - ``report_section(step)`` / ``report_figures(step)``: the pass's own part of report.md (the report
+      writer knows no pass's notes), and ``tabled_notes``, the note keys that section shows, so that the
+      generic list of notes leaves them out.
+    """
 
     name: ClassVar[str]
+    version: ClassVar[int] = 1
     Config: ClassVar[type[PassConfig]] = PassConfig
-    uses_calibration: ClassVar[bool] = False
-    uses_search: ClassVar[bool] = False
+    requires: ClassVar[frozenset[Requirement]] = frozenset()
+    tabled_notes: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, config: PassConfig | None = None) -> None:
         self.config = config if config is not None else self.Config()
 
+    @classmethod
+    def requirements(cls, config: PassConfig) -> frozenset[Requirement]:
+        """What the pass needs with these options (default: ``requires``)."""
+        return cls.requires
+
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
         raise NotImplementedError
+
+    @classmethod
+    def report_section(cls, step: dict[str, Any]) -> list[str]:
+        """Markdown lines for report.md from one step's record (``notes`` as the pass wrote them)."""
+        return []
+
+    @classmethod
+    def report_figures(cls, step: dict[str, Any]) -> dict[str, Any]:
+        """Figures for the report: file name -> matplotlib figure; the report writer saves them."""
+        return {}

@@ -27,7 +27,7 @@ class OrtDefaultConfig(PassConfig):
 class OrtDefaultPass(Pass):
     name = "ort_default"
     Config = OrtDefaultConfig
-    uses_calibration = True
+    requires = frozenset({"calibration"})
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
         from onnxruntime.quantization import quantize_static

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from onnxvit.runtime import make_session
+from passes.runtime import make_session
 from passes.base import PassContext
 from passes.graph import copy_model
 

@@ -27,12 +27,15 @@ from pydantic import Field, model_validator
 
 from passes import register_pass
 from passes.accuracy_budget import Budget, FidelityProbe, fit_budget
-from passes.base import Pass, PassConfig, PassContext, count_ops
+from passes.base import Pass, PassConfig, PassContext, PassError, Requirement, count_ops
 from passes.graph import copy_model, find_bridges, gemms_as_matmul
 from passes.ort_quant import CalibrationReader, ensure_node_names, run_ort_quantizer, tensor_values, weighted_nodes
 from passes.weight_schemes import Overrides, WeightScheme, WeightTuner
 
 QuantTypeName = Literal["int8", "uint8"]
+
+
+STATIC_ONLY = frozenset({"calibrate_method", "percentile", "activation_type", "quantize_outputs", "extra_options"})
 
 
 class QuantizeInt8Config(PassConfig):
@@ -75,6 +78,11 @@ class QuantizeInt8Config(PassConfig):
 
     @model_validator(mode="after")
     def _checks(self) -> "QuantizeInt8Config":
+        if self.mode == "dynamic":
+            ignored = sorted(STATIC_ONLY & self.model_fields_set)
+            if ignored:
+                raise ValueError(f"{', '.join(ignored)}: only used with mode: static (dynamic mode measures "
+                                 "activation ranges per call); remove them or set mode: static")
         if self.reconstruct_bridges and self.bridges == "float":
             raise ValueError("reconstruct_bridges: the bridge layers are kept float (bridges: float); "
                              "set bridges: int8 to tune them")
@@ -97,9 +105,18 @@ def u8s8_saturates() -> bool:
 class QuantizeInt8Pass(Pass):
     name = "quantize_int8"
     Config = QuantizeInt8Config
-    uses_calibration = True
-    uses_search = True
+    tabled_notes = frozenset({"schemes", "bridge_reconstruction"})
     _excluded: list[str] | None = None  # exclude_nodes and, with bridges: float, the bridge layers
+
+    @classmethod
+    def requirements(cls, config: PassConfig) -> frozenset[Requirement]:
+        assert isinstance(config, QuantizeInt8Config)
+        needs: set[Requirement] = set()
+        if config.mode == "static" or config.schemes == "search" or config.reconstruct_bridges:
+            needs.add("calibration")
+        if Budget(config.min_sqnr_db, config.min_agreement).active:
+            needs.add("search")
+        return frozenset(needs)
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
         cfg = self.config
@@ -107,7 +124,7 @@ class QuantizeInt8Pass(Pass):
         if cfg.mode == "static":
             ctx.require_calibration("quantize_int8 (static)")
         if budget.active and not ctx.search:
-            raise ValueError("quantize_int8: an accuracy budget needs search images; set data.search_images > 0")
+            raise PassError("an accuracy budget needs search images; set data.search_images > 0")
         prepared = copy_model(model)
         ensure_node_names(prepared)
         if cfg.mode == "dynamic":
@@ -224,3 +241,26 @@ class QuantizeInt8Pass(Pass):
             calibrate_method=methods[cfg.calibrate_method],
             extra_options=extra,
         ))
+
+    @classmethod
+    def report_section(cls, step: dict[str, Any]) -> list[str]:
+        """The layers whose measured weight scheme or bridge clipping differs from the default."""
+        schemes, bridges = step.get("notes", {}).get("schemes"), step.get("notes", {}).get("bridge_reconstruction")
+        if not schemes and not bridges:
+            return []
+        lines = ["", f"## Weight schemes: `{step['name']}`", ""]
+        if schemes:
+            changed = {layer: e for layer, e in schemes.items() if "sqnr_db" in e and e["chosen"] != e["default"]}
+            lines += [f"{len(changed)} of {len(schemes)} layers measured better (output SQNR on the calibration "
+                      "images, ONNX Runtime's kernels) with another scheme than the default:", "",
+                      "| layer | chosen | SQNR default dB | SQNR chosen dB |", "|---|---|---|---|"]
+            lines += [f"| {layer} | {e['chosen']} | {e['sqnr_db'][e['default']]:.2f} | "
+                      f"{e['sqnr_db'][e['chosen']]:.2f} |" for layer, e in changed.items()]
+        if bridges:
+            lines += ["", "Bridge blocks (conv <-> tokens), weight clipping tuned to the block's output:", "",
+                      "| layer | bridge | clip | block SQNR before dB | after dB |", "|---|---|---|---|---|"]
+            lines += [f"| {layer} | {e['bridge']} | {e.get('clip', '-')} | "
+                      f"{e['block_sqnr_db']['before']:.2f} | {e['block_sqnr_db']['after']:.2f} |"
+                      if "block_sqnr_db" in e else f"| {layer} | {e['bridge']} | {e['why']} | | |"
+                      for layer, e in bridges.items()]
+        return lines

@@ -85,11 +85,11 @@ def _store(model: onnx.ModelProto, value: np.ndarray, name: str) -> str:
 class ReparamLayerNormPass(Pass):
     name = "reparam_layernorm"
     Config = ReparamLayerNormConfig
-    uses_calibration = True
+    requires = frozenset({"calibration"})
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
-        from onnxvit.metrics import max_abs_diff
-        from onnxvit.runtime import model_logits
+        from passes.metrics import max_abs_diff
+        from passes.runtime import model_logits
 
         ctx.require_calibration("reparam_layernorm")
         cfg = self.config

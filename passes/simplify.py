@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 from pydantic import Field
 
-from onnxvit.runtime import model_logits
+from passes.runtime import model_logits
 from passes import register_pass
 from passes.base import Pass, PassConfig, PassContext
 
@@ -23,7 +23,7 @@ class SimplifyConfig(PassConfig):
 class SimplifyPass(Pass):
     name = "simplify"
     Config = SimplifyConfig
-    uses_calibration = True
+    requires = frozenset({"calibration"})
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
         import onnxsim

@@ -26,8 +26,8 @@ import onnx.utils
 from onnx import helper
 from onnxruntime.quantization.quant_utils import compute_scale_zp, get_qmin_qmax_for_qType
 
-from onnxvit.metrics import sqnr_db
-from onnxvit.runtime import make_session
+from passes.metrics import sqnr_db
+from passes.runtime import make_session
 from passes.graph import GraphIndex, weight_channel_axis
 
 CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6, 0.5)

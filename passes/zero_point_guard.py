@@ -39,7 +39,7 @@ class ZeroPointGuardConfig(PassConfig):
 class ZeroPointGuardPass(Pass):
     name = "zero_point_guard"
     Config = ZeroPointGuardConfig
-    uses_calibration = True
+    requires = frozenset({"calibration"})
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
         ctx.require_calibration("zero_point_guard")

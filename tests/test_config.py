@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,14 @@ def test_relative_paths_follow_the_yaml_folder(tmp_path, image_folder):
     (lambda d: d["passes"][0].update(options={"reconstruct_bridges": True, "bridges": "float"}),
      "reconstruct_bridges: the bridge layers are kept float"),
     (lambda d: d["passes"][1].update(input="int4"), "passes[1].input: no model named 'int4'"),
+    # what a pass needs and what an option does are checked at load, not half-way through a run
+    (lambda d: (d["data"].update(search_images=0), d["passes"][0].update(options={"min_sqnr_db": 20})),
+     "passes[0]: quantize_int8 with these options needs search images, and the search split is empty"),
+    (lambda d: d["passes"][0].update(options={"calibrate_method": "minmax"}),
+     "calibrate_method: only used with mode: static"),
+    (lambda d: d["passes"][0].update({"pass": "mixed_precision", "options": {"choices": ["float", "int8"],
+                                                                             "block_size": 64}}),
+     "block_size: only used by the w4 / w8 choices"),
     (lambda d: d["passes"][1].update(name="int8"), "passes[1].name: 'int8' is already taken"),
 ])
 def test_bad_config_names_the_field(tmp_path, image_folder, mutate, expected):
@@ -64,3 +73,16 @@ def test_missing_and_unparsable_files(tmp_path):
     assert "not valid YAML" in _error(bad)
     bad.write_text("- a list\n")
     assert "expected a mapping" in _error(bad)
+
+
+def test_requirements_read_a_manifest_without_decoding_images(tmp_path, image_folder):
+    from onnxvit.data import hash_split, manifest_document, scan_image_folder
+
+    splits = hash_split(scan_image_folder(image_folder).files, 8, 0)
+    manifest = tmp_path / "split.json"
+    manifest.write_text(json.dumps(manifest_document(splits, "no search images")))
+    path = _write(tmp_path, image_folder, lambda d: (d["data"].update(manifest=str(manifest)),
+                                                     d["passes"][0].update(options={"min_agreement": 99})))
+    assert "the manifest's search split" in _error(path)
+    path = _write(tmp_path, image_folder, lambda d: d["data"].update(manifest=str(manifest)))
+    load_config(path)  # no pass needs search images: fine

@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxvit.runtime import model_logits
+from passes.runtime import model_logits
 from passes.base import PassContext
 from passes.fold_batchnorm import FoldBatchNormPass
 

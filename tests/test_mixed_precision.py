@@ -12,12 +12,14 @@ import yaml
 
 from onnxvit.engine import JsonMemo
 from onnxvit.errors import UserError
-from onnxvit.evaluate import SQNR_CEILING_DB
-from onnxvit.metrics import sqnr_db, top1_agreement
-from onnxvit.runtime import model_logits
+from passes.metrics import SQNR_CEILING_DB
+from passes.metrics import sqnr_db, top1_agreement
+from passes.runtime import model_logits
 from passes.base import PassContext
 from passes.fuse_vit import FuseVitPass
-from passes.mixed_precision import MixedPrecisionConfig, MixedPrecisionPass, find_blocks
+from passes import PassError
+from passes.blocks import find_blocks
+from passes.mixed_precision import MixedPrecisionConfig, MixedPrecisionPass
 from passes.ort_quant import weighted_nodes
 from tests.conftest import write_config
 
@@ -103,7 +105,8 @@ def test_the_search_resumes_from_its_memo(tiny_onnx, tiny_images, tmp_path, monk
 
 
 def test_a_front_point_round_trips_through_the_report(tmp_path, image_folder):
-    from onnxvit.compress import Run, compress
+    from onnxvit.compress import compress
+    from onnxvit.stages.load import Run
     from onnxvit.config import load_config
     from onnxvit.engine import Cache
     from onnxvit.progress import Reporter
@@ -118,7 +121,7 @@ def test_a_front_point_round_trips_through_the_report(tmp_path, image_folder):
     assert "## Mixed precision: `mixed`" in (tmp_path / "out" / "report.md").read_text()
 
     config, pass_configs = load_config(path)
-    run = Run(config, pass_configs, Reporter(quiet=True), Cache(tmp_path / "scratch"), "")
+    run = Run(config, pass_configs, Reporter(quiet=True), Cache(tmp_path / "scratch"))
     search = [run.search_images]
     fp32 = onnx.load(tmp_path / "out" / "model.fp32.onnx")
     reference = model_logits(fp32, search)
@@ -154,7 +157,7 @@ def test_memo_is_a_file_backed_dict(tmp_path):
 
 def test_a16w8_blocks_are_qdq_with_int16_activations(tiny_onnx, tiny_images):
     mp = MixedPrecisionPass(MixedPrecisionConfig(choices=["int8", "a16w8"]))
-    with pytest.raises(UserError, match="calibration"):
+    with pytest.raises(PassError, match="calibration"):
         mp.apply(tiny_onnx, {"blocks.0": "a16w8", "blocks.1": "int8"})
     built = mp.apply(tiny_onnx, {"blocks.0": "a16w8", "blocks.1": "int8"}, calibration=[tiny_images[:4]])
     quantizers = [n for n in built.graph.node if n.op_type == "QuantizeLinear"]

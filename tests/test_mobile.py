@@ -15,7 +15,7 @@ from onnxvit.cli import main
 from onnxvit.config import LiteConfig, MobileConfig
 from onnxvit.lite import build_lite_variants, load_lite, parity_table, quantized_engine, save_lite, static_int8
 from onnxvit.mobile import OPERATORS_CONFIG, build_artifacts
-from onnxvit.runtime import model_logits
+from passes.runtime import model_logits
 from tests.conftest import write_config
 
 

@@ -1,10 +1,12 @@
 import numpy as np
 import onnx
 import pytest
+
+from passes import PassError
 from onnx import numpy_helper
 
-from onnxvit.metrics import sqnr_db
-from onnxvit.runtime import model_logits
+from passes.metrics import sqnr_db
+from passes.runtime import model_logits
 from passes.base import PassContext
 from passes.fp16 import Fp16Config, Fp16Pass
 from passes.ort_quant import weighted_nodes
@@ -116,7 +118,7 @@ def test_accuracy_budget_keeps_the_most_harmful_layers_in_float(tiny_onnx, tiny_
 
 
 def test_accuracy_budget_without_search_images_is_a_clear_error(tiny_onnx, ctx):
-    with pytest.raises(ValueError, match="search_images"):
+    with pytest.raises(PassError, match="search_images"):
         QuantizeInt8Pass(QuantizeInt8Config(min_agreement=99.0)).run(tiny_onnx, ctx)
 
 

@@ -188,7 +188,7 @@ def test_compress_with_prune_reports_each_stage(tmp_path, image_folder):
 
 def test_reconstruction_brings_the_pruned_model_closer_to_the_dense_one(tiny_model, tiny_images):
     """Refit on 8 images, judged on 4 others: the refit must generalize, not only fit."""
-    from onnxvit.metrics import sqnr_db
+    from passes.metrics import sqnr_db
 
     held_out = tiny_images[8:12]
     reference = _logits(tiny_model, held_out).numpy()

@@ -5,7 +5,7 @@ import numpy as np
 import onnx
 import pytest
 
-from onnxvit.runtime import model_logits
+from passes.runtime import model_logits
 from passes.base import PassContext
 from passes.fuse_vit import FuseVitConfig, FuseVitPass
 from passes.ort_quant import channel_ranges

@@ -6,10 +6,12 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+
+from passes import PassError
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxvit.metrics import sqnr_db
-from onnxvit.runtime import model_logits
+from passes.metrics import sqnr_db
+from passes.runtime import model_logits
 from passes.base import PassContext
 from passes.quantize_int8 import QuantizeInt8Config, QuantizeInt8Pass
 from passes.zero_point_guard import ZeroPointGuardConfig, ZeroPointGuardPass
@@ -74,5 +76,5 @@ def test_guard_leaves_tensors_that_cross_zero_or_waste_little():
 
 
 def test_guard_needs_calibration_images():
-    with pytest.raises(ValueError, match="calibration"):
+    with pytest.raises(PassError, match="calibration"):
         ZeroPointGuardPass().run(_offset_model(), PassContext())

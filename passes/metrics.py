@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+SQNR_CEILING_DB = 200.0  # identical logits have infinite SQNR; JSON has no infinity
+
 
 def sqnr_db(reference: np.ndarray, test: np.ndarray) -> float:
     """Signal-to-quantization-noise ratio of ``test`` against ``reference`` in dB (inf when equal)."""
@@ -13,6 +15,11 @@ def sqnr_db(reference: np.ndarray, test: np.ndarray) -> float:
     if noise == 0.0:
         return float("inf")
     return 10.0 * np.log10(max(signal, 1e-30) / noise)
+
+
+def capped_sqnr_db(reference: np.ndarray, test: np.ndarray) -> float:
+    """``sqnr_db`` capped at ``SQNR_CEILING_DB``: the figure reports and searches store."""
+    return min(sqnr_db(reference, test), SQNR_CEILING_DB)
 
 
 def mean_cosine(reference: np.ndarray, test: np.ndarray) -> float:

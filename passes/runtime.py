@@ -1,4 +1,5 @@
-"""ONNX Runtime sessions on the CPU execution provider, opened the same way everywhere."""
+"""ONNX Runtime sessions on the CPU execution provider, opened the same way everywhere, and the logits
+they give: what every pass, check and evaluation measures a model with."""
 
 from __future__ import annotations
 
@@ -7,6 +8,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+
+
+def batches(images: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """``images`` cut into consecutive batches of ``batch_size`` (the last one may be smaller)."""
+    return [images[i:i + batch_size] for i in range(0, len(images), batch_size)]
 
 
 def make_session(model: onnx.ModelProto | Path | str, threads: int = 2) -> ort.InferenceSession:

@@ -1,0 +1,122 @@
+"""Stage load: the model as timm makes it, the image folder and its splits, the model's own preprocessing.
+
+``Run`` is what every later stage shares. Everything on it is lazy, so a cached run decodes no image
+and builds no model it does not need.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+import onnx
+
+from onnxvit.config import Config
+from onnxvit.data import Dataset, load_dataset, load_images, timm_transform
+from onnxvit.engine import Cache, cache_key
+from onnxvit.fileio import sha256_file
+from onnxvit.progress import Reporter
+from passes import PassContext
+from passes.metrics import compare_logits
+from passes.runtime import batches, model_logits
+
+
+@dataclass
+class Run:
+    """One pipeline run: the config, the reporter and the cache, and what the stages share."""
+
+    config: Config
+    pass_configs: list[Any]
+    reporter: Reporter
+    cache: Cache
+
+    @cached_property
+    def config_sha256(self) -> str:
+        return self.config.sha256()
+
+    @cached_property
+    def created_model(self) -> Any:
+        """The model as timm made it (with its checkpoint); its data config sets the preprocessing."""
+        from onnxvit.models import create_model
+
+        return create_model(self.config.model)
+
+    @cached_property
+    def dense_model(self) -> Any:
+        """The created model, with BatchNorm statistics re-estimated when the config asks."""
+        model = self.created_model
+        if self.config.model.recalibrate_bn:
+            from onnxvit.models import recalibrate_batchnorm
+
+            count = recalibrate_batchnorm(model, self.calibration_images)
+            self.reporter.log(f"model: re-estimated {count} BatchNorm layers on {len(self.calibration_images)} "
+                              "calibration images")
+        return model
+
+    @property
+    def model_kwargs(self) -> dict[str, Any]:
+        m = self.config.model
+        return {**m.kwargs, **({"num_classes": m.num_classes} if m.num_classes is not None else {})}
+
+    @cached_property
+    def weights_id(self) -> str:
+        """What the dense model's weights came from: the cache key part of everything made from them."""
+        m = self.config.model
+        return cache_key(model=m.model_dump(mode="json"),
+                         checkpoint=sha256_file(m.checkpoint) if m.checkpoint else None,
+                         batchnorm_images=self.fingerprint("calibrate") if m.recalibrate_bn else None)
+
+    @cached_property
+    def dataset(self) -> Dataset:
+        d = self.config.data
+        return load_dataset(d.root, d.manifest, d.calibrate_images, d.search_images, d.max_eval_images)
+
+    @cached_property
+    def preprocessing(self) -> tuple[Any, dict[str, Any]]:
+        return timm_transform(self.created_model)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.preprocessing[1]["input_size"])
+
+    def _images(self, split: str) -> np.ndarray:
+        files = self.dataset.splits[split]
+        if not files:
+            return np.zeros((0, *self.input_shape), np.float32)
+        with self.reporter.task(f"reading {split} images", len(files)) as advance:
+            return load_images(self.dataset.folder, files, self.preprocessing[0], advance)
+
+    @cached_property
+    def calibration_images(self) -> np.ndarray:
+        return self._images("calibrate")
+
+    @cached_property
+    def evaluation_images(self) -> np.ndarray:
+        return self._images("evaluate")
+
+    @cached_property
+    def search_images(self) -> np.ndarray:
+        return self._images("search")
+
+    @property
+    def check_batches(self) -> list[np.ndarray]:
+        return [self.calibration_images[: self.config.data.check_images]]
+
+    def fingerprint(self, split: str) -> str:
+        """What a split's images are, as preprocessed: the cache key part of whatever read them."""
+        return cache_key(split=self.dataset.fingerprint(split), preprocessing=self.preprocessing[1])
+
+    def context(self) -> PassContext:
+        """What the graph passes may use: the splits' images, labels when they mean something, progress."""
+        labels = None if self.config.model.random_init else self.dataset.labels("search")
+        return PassContext(calibration=batches(self.calibration_images, 8), search=batches(self.search_images, 16),
+                           threads=self.config.benchmark.threads, log=self.reporter.log, search_labels=labels,
+                           progress=lambda description, total: self.reporter.task(description, total, live=False))
+
+    def check(self, before: onnx.ModelProto, after: onnx.ModelProto) -> dict[str, float]:
+        """The numeric check recorded after every step: ``after``'s logits against ``before``'s."""
+        threads = self.config.benchmark.threads
+        return compare_logits(model_logits(before, self.check_batches, threads),
+                              model_logits(after, self.check_batches, threads))

@@ -1,0 +1,81 @@
+"""One model of a report, whatever runs it: the type every stage after export passes along.
+
+ONNX Runtime, PyTorch eager and the PyTorch Lite interpreter differ in how a model is run and timed;
+a ``Variant`` hides that behind ``logits`` and ``runner``, so no stage decides by runtime again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import numpy as np
+import onnx
+
+from passes.runtime import batches, make_session
+from passes.timing import Runner, onnx_runner
+
+Runtime = Literal["onnxruntime", "torch", "torch-lite"]
+
+
+@dataclass
+class Variant:
+    """A report variant: its name, runtime, the model, the file a user ships, and what it came from.
+
+    ``identity`` is what its logits and latency depend on (a model hash, or the weights and build of a
+    PyTorch model): the evaluation and latency caches are keyed by it. ``counts`` holds its parameters
+    and MACs as counted on the PyTorch model it came from.
+    """
+
+    name: str
+    runtime: Runtime
+    identity: str
+    proto: onnx.ModelProto | None = None
+    module: Any = None
+    path: Path | None = None
+    size_bytes: int = 0
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def logits(self, images: np.ndarray, batch_size: int, threads: int,
+               advance: Callable[[int], None] = lambda n: None) -> np.ndarray:
+        """The first output for every image, in batches of ``batch_size``, as float32."""
+        if self.runtime == "onnxruntime":
+            session = make_session(self.path if self.path is not None else self._proto(), threads)
+            name = session.get_inputs()[0].name
+            outputs = []
+            for batch in batches(images, batch_size):
+                outputs.append(session.run(None, {name: batch})[0].astype(np.float32))
+                advance(len(batch))
+            return np.concatenate(outputs)
+        return _torch_logits(self.module, images, batch_size, threads, advance)
+
+    def runner(self, shape: tuple[int, ...], threads: int, batch_size: int) -> Runner:
+        """One call on the benchmark input, for the timing loop."""
+        if self.runtime == "onnxruntime":
+            return onnx_runner(self.path if self.path is not None else self._proto(), shape, threads, batch_size)
+        from onnxvit.benchmark import torch_runner
+
+        return torch_runner(self.module, shape, threads, batch_size)
+
+    def _proto(self) -> onnx.ModelProto:
+        if self.proto is None:
+            raise ValueError(f"variant {self.name}: no ONNX model")
+        return self.proto
+
+
+def _torch_logits(model: Any, images: np.ndarray, batch_size: int, threads: int,
+                  advance: Callable[[int], None]) -> np.ndarray:
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    outputs = []
+    try:
+        with torch.inference_mode():
+            for batch in batches(images, batch_size):
+                outputs.append(model(torch.from_numpy(batch)).float().numpy())
+                advance(len(batch))
+    finally:
+        torch.set_num_threads(previous)
+    return np.concatenate(outputs)

@@ -1,0 +1,56 @@
+"""Latency: the one timing loop every figure in a report and every search comes from.
+
+All models of a measurement are timed together, in interleaved rounds (A B C, A B C, ...), so slow
+drift of the machine (frequency, other load) spreads over all of them instead of favouring whichever
+ran first; their ratios are what a report compares. Nothing else may run meanwhile: a live progress
+bar's refresh thread competes for the cores.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+
+from passes.runtime import make_session
+
+Runner = Callable[[], object]
+
+
+def summarize(times_ms: np.ndarray) -> dict[str, float]:
+    q25, median, q75, p90 = np.percentile(times_ms, [25, 50, 75, 90])
+    return {"median": round(float(median), 4), "p90": round(float(p90), 4), "iqr": round(float(q75 - q25), 4)}
+
+
+def measure_latency(runners: dict[str, Runner], warmup: int, runs: int, rounds: int = 5,
+                    after_round: Callable[[], None] = lambda: None) -> dict[str, dict[str, float]]:
+    """Median, p90 and IQR in ms of ``runs`` timed calls per runner, after ``warmup`` calls each,
+    interleaved over ``rounds`` rounds."""
+    for run in runners.values():
+        for _ in range(warmup):
+            run()
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    per_round = [runs // rounds + (1 if i < runs % rounds else 0) for i in range(rounds)]
+    for count in per_round:
+        for name, run in runners.items():
+            for _ in range(count):
+                start = time.perf_counter()
+                run()
+                times[name].append((time.perf_counter() - start) * 1e3)
+        after_round()
+    return {name: summarize(np.array(values)) for name, values in times.items()}
+
+
+def benchmark_input(shape: tuple[int, ...], batch_size: int) -> np.ndarray:
+    """A fixed input: latency of these models does not depend on pixel values."""
+    return np.random.default_rng(0).standard_normal((batch_size, *shape)).astype(np.float32)
+
+
+def onnx_runner(model: Path | onnx.ModelProto, shape: tuple[int, ...], threads: int, batch_size: int = 1) -> Runner:
+    """One call of ``model`` on the benchmark input, in a session opened as every session is."""
+    session = make_session(model, threads)
+    feed = {session.get_inputs()[0].name: benchmark_input(shape, batch_size)}
+    return lambda: session.run(None, feed)
