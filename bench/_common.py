@@ -64,8 +64,13 @@ def open_run(config_path: Path, output: Path, force: bool = False, quiet: bool =
 def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
     print("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns))
     for row in rows:
-        print("| " + " | ".join(f"{row.get(c):.3f}" if isinstance(row.get(c), float) else str(row.get(c, "-"))
-                                for c in columns) + " |")
+        print(
+            "| "
+            + " | ".join(
+                f"{row.get(c):.3f}" if isinstance(row.get(c), float) else str(row.get(c, "-")) for c in columns
+            )
+            + " |"
+        )
 
 
 def write_json(path: Path | None, **content: Any) -> None:

@@ -13,15 +13,16 @@ import json
 import time
 from pathlib import Path
 
-from _common import REPO, arguments, write_json
-
 from onnxvit.compress import compress
 from onnxvit.report import markdown_table, variant_table
 
+from _common import REPO, arguments, write_json
+
 
 def main() -> None:
-    args = arguments(__doc__, "bench-compress",
-                     config=dict(type=Path, default=REPO / "examples" / "deit_tiny.yaml")).parse_args()
+    args = arguments(
+        __doc__, "bench-compress", config=dict(type=Path, default=REPO / "examples" / "deit_tiny.yaml")
+    ).parse_args()
 
     start = time.perf_counter()
     compress(args.config, force=True, quiet=args.quiet, output=args.output)
@@ -38,7 +39,8 @@ def main() -> None:
         "evaluate_images": report["data"]["evaluate_images"],
         "fp32_top1": by_name["fp32"]["top1"],
         "fp32_minus_torch_top1": by_name["fp32"]["top1"] - by_name["torch-fp32"]["top1"]
-        if "torch-fp32" in by_name else None,
+        if "torch-fp32" in by_name
+        else None,
         "int8_top1_drop": -by_name["int8"]["top1_delta_vs_fp32"],
         "int8_agree_top1": by_name["int8"]["agree_top1"],
         "int8_sqnr_db": by_name["int8"]["sqnr_db"],

@@ -25,10 +25,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from _common import REPO, arguments, compress_doc, example, write_json
-
 from onnxvit.errors import UserError
 from onnxvit.report import variant_table
+
+from _common import REPO, arguments, compress_doc, example, write_json
 
 EXAMPLES = REPO / "examples" / "hybrids"
 
@@ -72,15 +72,24 @@ def run_family(path: Path, output: Path, with_ablation: bool = True) -> dict[str
         return {"family": path.stem, "ok": False, "error": f"{type(exc).__name__}: {str(exc)[:200]}"}
     rows = {row["name"]: row for row in variant_table(report)}
     export = next(s for s in report["steps"] if s["name"] == "fp32")
-    return {"family": path.stem, "ok": True, "export_max_abs": export["check"]["max_abs_vs_torch"],
-            "rows": {name: {k: row[k] for k in ("agree_top1", "sqnr_db", "median_ms", "speedup_vs_fp32", "size_mb")}
-                     for name, row in rows.items()}}
+    return {
+        "family": path.stem,
+        "ok": True,
+        "export_max_abs": export["check"]["max_abs_vs_torch"],
+        "rows": {
+            name: {k: row[k] for k in ("agree_top1", "sqnr_db", "median_ms", "speedup_vs_fp32", "size_mb")}
+            for name, row in rows.items()
+        },
+    }
 
 
 def main() -> None:
-    args = arguments(__doc__, "bench-hybrid",
-                     families=dict(help="comma-separated example names; default: all of examples/hybrids"),
-                     no_ablation=dict(action="store_true", help="only the examples' own steps")).parse_args()
+    args = arguments(
+        __doc__,
+        "bench-hybrid",
+        families=dict(help="comma-separated example names; default: all of examples/hybrids"),
+        no_ablation=dict(action="store_true", help="only the examples' own steps"),
+    ).parse_args()
     paths = sorted(EXAMPLES.glob("*.yaml"))
     if args.families:
         paths = [p for p in paths if p.stem in args.families.split(",")]
@@ -88,25 +97,35 @@ def main() -> None:
     for path in paths:
         results.append(run_family(path, args.output.resolve(), not args.no_ablation))
         print(json.dumps(results[-1]), flush=True)
-    print("\n| family | export max abs | variant | agree % | SQNR dB | median ms | speed-up | size MB |\n|" + "---|" * 8)
+    print(
+        "\n| family | export max abs | variant | agree % | SQNR dB | median ms | speed-up | size MB |\n|" + "---|" * 8
+    )
     for r in results:
         if not r["ok"]:
             print(f"| {r['family']} | FAILED: {r['error']} |||||||")
             continue
         for name, row in r["rows"].items():
-            print(f"| {r['family']} | {r['export_max_abs']:.1e} | {name} | {row['agree_top1']:.1f} | "
-                  f"{row['sqnr_db']:.1f} | {row['median_ms']:.2f} | {row['speedup_vs_fp32']:.2f} | {row['size_mb']:.2f} |")
+            print(
+                f"| {r['family']} | {r['export_max_abs']:.1e} | {name} | {row['agree_top1']:.1f} | "
+                f"{row['sqnr_db']:.1f} | {row['median_ms']:.2f} | {row['speedup_vs_fp32']:.2f} | {row['size_mb']:.2f} |"
+            )
     ok = [r for r in results if r["ok"]]
     head = {
         "families_total": len(results),
         "families_ok": len(ok),
-        "families_int8_beats_ort_default": int(sum(r["rows"]["int8"]["sqnr_db"] > r["rows"]["ort-default"]["sqnr_db"]
-                                               for r in ok)),
+        "families_int8_beats_ort_default": int(
+            sum(r["rows"]["int8"]["sqnr_db"] > r["rows"]["ort-default"]["sqnr_db"] for r in ok)
+        ),
         "families_int8_faster_than_fp32": int(sum(r["rows"]["int8"]["speedup_vs_fp32"] > 1 for r in ok)),
         "export_max_abs_worst": max((r["export_max_abs"] for r in ok), default=None),
-        "ablation_sqnr_gain_db": {fix: {r["family"]: round(r["rows"][with_][
-            "sqnr_db"] - r["rows"][without]["sqnr_db"], 2) for r in ok if without in r["rows"]}
-            for fix, (with_, without) in FIXES.items()},
+        "ablation_sqnr_gain_db": {
+            fix: {
+                r["family"]: round(r["rows"][with_]["sqnr_db"] - r["rows"][without]["sqnr_db"], 2)
+                for r in ok
+                if without in r["rows"]
+            }
+            for fix, (with_, without) in FIXES.items()
+        },
     }
     print(json.dumps(head, indent=2))
     write_json(args.json, results=results, headline=head)

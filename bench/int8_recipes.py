@@ -17,9 +17,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from _common import REPO, arguments, compress_doc, example, write_json
-
 from onnxvit.report import markdown_table, variant_table
+
+from _common import REPO, arguments, compress_doc, example, write_json
 
 EXAMPLE = REPO / "examples" / "deit_tiny.yaml"
 VARIANTS = ["fp32", "ort-default", "ort-dynamic", "int8"]
@@ -46,8 +46,12 @@ def run_model(key: str, output: Path, quiet: bool) -> dict[str, Any]:
         if random_init:  # no accuracy for random weights: fidelity to their own FP32 only
             row["top1"] = row["top5"] = row["top1_delta_vs_fp32"] = None
     int8_step = next(step for step in report["steps"] if step["name"] == "int8")
-    return {"rows": rows, "int8_notes": int8_step["notes"], "machine": report["machine"],
-            "evaluate_images": report["data"]["evaluate_images"]}
+    return {
+        "rows": rows,
+        "int8_notes": int8_step["notes"],
+        "machine": report["machine"],
+        "evaluate_images": report["data"]["evaluate_images"],
+    }
 
 
 def headline(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -71,9 +75,14 @@ def headline(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 def main() -> None:
-    args = arguments(__doc__, "bench-int8", models=dict(
-        default="deit_tiny,deit_small,vit_small",
-        help="comma-separated: deit_tiny (real weights; always run), deit_small, vit_small")).parse_args()
+    args = arguments(
+        __doc__,
+        "bench-int8",
+        models=dict(
+            default="deit_tiny,deit_small,vit_small",
+            help="comma-separated: deit_tiny (real weights; always run), deit_small, vit_small",
+        ),
+    ).parse_args()
     keys = ["deit_tiny"] + [k for k in args.models.split(",") if k in SPEED_ONLY]
     results = {key: run_model(key, args.output.resolve(), args.quiet) for key in keys}
     rows = [row for key in keys for row in results[key]["rows"]]
@@ -82,8 +91,13 @@ def main() -> None:
         print(markdown_table([row for row in rows if row["model"] == key]))
     head = headline(results)
     print(json.dumps(head, indent=2))
-    write_json(args.json, table=rows, headline=head, machine=results["deit_tiny"]["machine"],
-               int8_notes={key: results[key]["int8_notes"] for key in keys})
+    write_json(
+        args.json,
+        table=rows,
+        headline=head,
+        machine=results["deit_tiny"]["machine"],
+        int8_notes={key: results[key]["int8_notes"] for key in keys},
+    )
 
 
 if __name__ == "__main__":

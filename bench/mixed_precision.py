@@ -17,14 +17,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from _common import REPO, arguments, open_run, print_table, write_json
-
 from onnxvit.config import EXPORT_VARIANT
 from onnxvit.report import save_figure
 from onnxvit.stages import benchmark, evaluate, export, passes
 from onnxvit.stages.evaluate import score
 from onnxvit.stages.load import Run
 from passes.mixed_precision import MixedPrecisionPass
+
+from _common import REPO, arguments, open_run, print_table, write_json
 
 EXAMPLE = REPO / "examples" / "deit_tiny_mixed.yaml"
 STEP = "mixed"
@@ -44,8 +44,9 @@ def run_search(output: Path, force: bool, quiet: bool) -> tuple[Run, dict[str, A
 
 
 def main() -> None:
-    args = arguments(__doc__, "bench-mixed", force=dict(action="store_true",
-                                                        help="redo the search (its time is a headline field)"))
+    args = arguments(
+        __doc__, "bench-mixed", force=dict(action="store_true", help="redo the search (its time is a headline field)")
+    )
     args = args.parse_args()
     run, models, step = run_search(args.output.resolve(), args.force, args.quiet)
     notes = step["notes"]
@@ -54,9 +55,12 @@ def main() -> None:
     built = {"fp32": models["fp32"]}
     built.update({p["name"]: builder.apply(models["source"], p["assignment"]) for p in notes["points"]})
     counts: dict[str, int] = {}
-    variants = [passes.write_variant(run, name, model, counts,
-                                     file_name="fp32.onnx" if name == "fp32" else f"point-{name}.onnx")
-                for name, model in built.items()]
+    variants = [
+        passes.write_variant(
+            run, name, model, counts, file_name="fp32.onnx" if name == "fp32" else f"point-{name}.onnx"
+        )
+        for name, model in built.items()
+    ]
     logits = {v.name: evaluate.logits(run, v) for v in variants}
     timed = benchmark.latency(run, variants)
 
@@ -69,14 +73,25 @@ def main() -> None:
         name = variant.name
         s = score(logits[name], labels, logits["fp32"])
         point = by_name.get(name, {})
-        rows.append({
-            "name": name, "code": point.get("code", "fp32"), "reference": point.get("reference", True),
-            "on_front": point.get("on_front", False), "chosen": name == notes["chosen"],
-            "search_sqnr_db": point.get("sqnr_db"), "top1": s["top1"], "top5": s["top5"],
-            "top1_vs_fp32": round(s["top1"] - fp32_scores["top1"], 3), "top1_vs_int8": round(s["top1"] - int8_top1, 3),
-            "agree_top1": s["agree_top1"], "sqnr_db": s["sqnr_db"],
-            "median_ms": timed[name]["median"], "p90_ms": timed[name]["p90"],
-            "size_bytes": variant.size_bytes})
+        rows.append(
+            {
+                "name": name,
+                "code": point.get("code", "fp32"),
+                "reference": point.get("reference", True),
+                "on_front": point.get("on_front", False),
+                "chosen": name == notes["chosen"],
+                "search_sqnr_db": point.get("sqnr_db"),
+                "top1": s["top1"],
+                "top5": s["top5"],
+                "top1_vs_fp32": round(s["top1"] - fp32_scores["top1"], 3),
+                "top1_vs_int8": round(s["top1"] - int8_top1, 3),
+                "agree_top1": s["agree_top1"],
+                "sqnr_db": s["sqnr_db"],
+                "median_ms": timed[name]["median"],
+                "p90_ms": timed[name]["p90"],
+                "size_bytes": variant.size_bytes,
+            }
+        )
     int8_row = next(r for r in rows if r["name"] == int8)
     for r in rows:
         r["speedup_vs_int8"] = round(int8_row["median_ms"] / r["median_ms"], 4)
@@ -92,7 +107,8 @@ def main() -> None:
         "search_minutes": round(notes["search_seconds"] / 60, 2),
         "search_cached": step["cached"],
         "evaluate_images": len(labels),
-        "fp32_top1": fp32_scores["top1"], "int8_top1": int8_top1,
+        "fp32_top1": fp32_scores["top1"],
+        "int8_top1": int8_top1,
         "chosen": notes["chosen"],
         "pomq_vit_relative_to_8bit": POMQ,
     }
@@ -101,15 +117,33 @@ def main() -> None:
         best = min(smaller, key=lambda r: r["size_vs_int8"])
         head["smallest_within_1pt"] = {k: best[k] for k in ("name", "top1_vs_int8", "speedup_vs_int8", "size_vs_int8")}
 
-    print_table(sorted(rows, key=lambda r: r["median_ms"]),
-                ["name", "on_front", "chosen", "search_sqnr_db", "top1", "top1_vs_int8", "agree_top1", "sqnr_db",
-                 "median_ms", "speedup_vs_int8", "size_vs_int8"])
+    print_table(
+        sorted(rows, key=lambda r: r["median_ms"]),
+        [
+            "name",
+            "on_front",
+            "chosen",
+            "search_sqnr_db",
+            "top1",
+            "top1_vs_int8",
+            "agree_top1",
+            "sqnr_db",
+            "median_ms",
+            "speedup_vs_int8",
+            "size_vs_int8",
+        ],
+    )
     print(json.dumps(head, indent=2))
     plot_path = run.config.output.dir / "mixed_precision.png"
     plot(rows, int8_row, plot_path)
     print(f"plot: {plot_path}")
-    write_json(args.json, table=rows, headline=head, plot=str(plot_path),
-               search_notes={k: v for k, v in notes.items() if k != "points"})
+    write_json(
+        args.json,
+        table=rows,
+        headline=head,
+        plot=str(plot_path),
+        search_notes={k: v for k, v in notes.items() if k != "points"},
+    )
 
 
 def plot(rows: list[dict[str, Any]], int8: dict[str, Any], path: Path) -> None:
@@ -128,8 +162,14 @@ def plot(rows: list[dict[str, Any]], int8: dict[str, Any], path: Path) -> None:
         ax.annotate(label, (r["median_ms"], r["top1"]), textcoords="offset points", xytext=(4, 4), fontsize=6)
     x, y = int8["median_ms"] * POMQ["time_ratio"], int8["top1"] + POMQ["top1_delta"]
     ax.scatter([x], [y], marker="*", s=int8["size_bytes"] * POMQ["size_ratio"] / 5e4, color="tab:green", alpha=0.7)
-    ax.annotate("PoMQ-ViT's trade-off\n(relative to its 8-bit)", (x, y), textcoords="offset points",
-                xytext=(4, -18), fontsize=7, color="tab:green")
+    ax.annotate(
+        "PoMQ-ViT's trade-off\n(relative to its 8-bit)",
+        (x, y),
+        textcoords="offset points",
+        xytext=(4, -18),
+        fontsize=7,
+        color="tab:green",
+    )
     ax.axhline(int8["top1"] - WITHIN, ls="--", lw=0.8, color="grey")
     ax.set_xlabel("median latency, ms (batch 1, 2 threads, ONNX Runtime CPU)")
     ax.set_ylabel("top-1, % (evaluation split)")

@@ -29,7 +29,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torch_pruning as tp
-from _common import REPO, arguments, open_run, print_table, write_json
 
 from onnxvit.config import EXPORT_VARIANT, PruneConfig
 from onnxvit.engine import cache_key
@@ -41,10 +40,12 @@ from onnxvit.stages.evaluate import score
 from onnxvit.variant import Variant
 from passes import get_pass
 
+from _common import REPO, arguments, open_run, print_table, write_json
+
 EXAMPLE = REPO / "examples" / "deit_tiny_pruned.yaml"
 PQV_RATIO = 0.09375
 PQV_TOP1_DROP = 2.24  # PQV-Mobile's accuracy loss, the bar for the headline
-ENGINE = "x86"        # PQV-Mobile's x86 run
+ENGINE = "x86"  # PQV-Mobile's x86 run
 
 
 def pqv_recipe_prune(dense: torch.nn.Module, images: np.ndarray, labels: np.ndarray) -> torch.nn.Module:
@@ -58,9 +59,14 @@ def pqv_recipe_prune(dense: torch.nn.Module, images: np.ndarray, labels: np.ndar
     prunable = Prunable.find(model, ["head"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pruner = tp.pruner.MetaPruner(model, torch.from_numpy(images[:1]), importance=importance,
-                                      pruning_ratio=PQV_RATIO, ignored_layers=prunable.ignored,
-                                      num_heads={a.qkv: a.num_heads for a in prunable.attentions})
+        pruner = tp.pruner.MetaPruner(
+            model,
+            torch.from_numpy(images[:1]),
+            importance=importance,
+            pruning_ratio=PQV_RATIO,
+            ignored_layers=prunable.ignored,
+            num_heads={a.qkv: a.num_heads for a in prunable.attentions},
+        )
     model.zero_grad()
     F.cross_entropy(model(torch.from_numpy(images)), torch.from_numpy(labels.astype(np.int64))).backward()
     pruner.step()
@@ -83,8 +89,13 @@ class Bench:
 
     def _add(self, variant: Variant, **columns: Any) -> None:
         self.variants[variant.name] = variant
-        self.rows[variant.name] = {"name": variant.name, "size_mb": variant.size_bytes / 1e6, **variant.counts,
-                                   **columns, "logits": evaluate.logits(self.run, variant)}
+        self.rows[variant.name] = {
+            "name": variant.name,
+            "size_mb": variant.size_bytes / 1e6,
+            **variant.counts,
+            **columns,
+            "logits": evaluate.logits(self.run, variant),
+        }
 
     def onnx_arm(self, name: str, prune_config: PruneConfig | None, budget: bool) -> None:
         """Export (pruned or not), the example's int8 recipe; rows for the int8 model (and fp32 when dense)."""
@@ -100,16 +111,26 @@ class Bench:
         configs = list(run.pass_configs)
         if not budget:  # the sweep: int8 everywhere, no sensitivity ranking
             configs[-1] = get_pass("quantize_int8").Config.model_validate(
-                {k: v for k, v in configs[-1].model_dump(exclude_unset=True).items()
-                 if k not in ("min_sqnr_db", "min_agreement", "max_float_layers")})
+                {
+                    k: v
+                    for k, v in configs[-1].model_dump(exclude_unset=True).items()
+                    if k not in ("min_sqnr_db", "min_agreement", "max_float_layers")
+                }
+            )
         models, records = passes.apply(run, fp32, record, run.config.passes, configs)
         kept_float = len(records[-1].notes.get("kept_float", []))
         wanted = {name: models["int8"]} if prune_config else {"fp32": fp32, name: models["int8"]}
         for row_name, proto in wanted.items():
             variant = passes.write_variant(run, row_name, proto, counts, file_name=f"{row_name}.onnx")
-            self._add(variant, runtime="onnxruntime", method=prune_config.method if prune_config else "none",
-                      prune_ratio=prune_config.ratio if prune_config else 0.0, budget=budget and row_name != "fp32",
-                      kept_float=kept_float if row_name != "fp32" else 0, removed_params=removed)
+            self._add(
+                variant,
+                runtime="onnxruntime",
+                method=prune_config.method if prune_config else "none",
+                prune_ratio=prune_config.ratio if prune_config else 0.0,
+                budget=budget and row_name != "fp32",
+                kept_float=kept_float if row_name != "fp32" else 0,
+                removed_params=removed,
+            )
 
     def lite_arm(self, name: str, model: torch.nn.Module, int8: bool, key: str) -> None:
         path = self.output / f"{name}.ptl"
@@ -118,12 +139,24 @@ class Bench:
         with quantized_engine(ENGINE):
             save_lite(dynamic_int8_linear(model, ENGINE) if int8 else model, example, path, ENGINE)
             identity = cache_key(lite=key, int8=int8, engine=ENGINE, torch=torch.__version__)
-            variant = Variant(name, "torch-lite", identity, module=load_lite(path), path=path,
-                              size_bytes=path.stat().st_size, counts=counts)
-            self._add(variant, runtime=f"torch-lite ({ENGINE})" if int8 else "torch-lite",
-                      method="pqv-taylor" if "pqv" in name else "none",
-                      prune_ratio=PQV_RATIO if "pqv" in name else 0.0, budget=False, kept_float=0,
-                      removed_params=1 - counts["params"] / self.dense_params)
+            variant = Variant(
+                name,
+                "torch-lite",
+                identity,
+                module=load_lite(path),
+                path=path,
+                size_bytes=path.stat().st_size,
+                counts=counts,
+            )
+            self._add(
+                variant,
+                runtime=f"torch-lite ({ENGINE})" if int8 else "torch-lite",
+                method="pqv-taylor" if "pqv" in name else "none",
+                prune_ratio=PQV_RATIO if "pqv" in name else 0.0,
+                budget=False,
+                kept_float=0,
+                removed_params=1 - counts["params"] / self.dense_params,
+            )
 
     def time_all(self) -> None:
         with quantized_engine(ENGINE):
@@ -141,18 +174,23 @@ def table(bench: Bench) -> list[dict[str, Any]]:
     for row in bench.rows.values():
         scores = score(row["logits"], bench.labels, reference)
         median = row["latency_ms"]["median"]
-        rows.append({**{k: v for k, v in row.items() if k != "logits"}, **scores,
-                     "top1_drop": round(dense_top1 - scores["top1"], 3),
-                     "median_ms": median, "p90_ms": row["latency_ms"]["p90"],
-                     "speedup_vs_dense_fp32_lite": round(lite_fp32 / median, 3),
-                     "speedup_vs_pqv_recipe": round(pqv / median, 3)})
+        rows.append(
+            {
+                **{k: v for k, v in row.items() if k != "logits"},
+                **scores,
+                "top1_drop": round(dense_top1 - scores["top1"], 3),
+                "median_ms": median,
+                "p90_ms": row["latency_ms"]["p90"],
+                "speedup_vs_dense_fp32_lite": round(lite_fp32 / median, 3),
+                "speedup_vs_pqv_recipe": round(pqv / median, 3),
+            }
+        )
     return rows
 
 
 def headline(rows: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]:
     by_name = {r["name"]: r for r in rows}
-    ours = [r for r in rows if r["runtime"] == "onnxruntime" and r["name"] != "fp32"
-            and r["top1_drop"] < PQV_TOP1_DROP]
+    ours = [r for r in rows if r["runtime"] == "onnxruntime" and r["name"] != "fp32" and r["top1_drop"] < PQV_TOP1_DROP]
     best = min(ours, key=lambda r: r["median_ms"]) if ours else None
     same_size = {m: by_name[f"{m}-int8"]["top1"] for m in methods if f"{m}-int8" in by_name}
     return {
@@ -186,8 +224,14 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
             ax.annotate(r["name"], (r["median_ms"], r["top1"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
     dense = next(r["top1"] for r in rows if r["name"] == "fp32")
     ax.axhline(dense - PQV_TOP1_DROP, ls="--", lw=0.8, color="grey")
-    ax.annotate(f"dense - {PQV_TOP1_DROP} (PQV-Mobile's loss)", (ax.get_xlim()[0], dense - PQV_TOP1_DROP),
-                textcoords="offset points", xytext=(4, -10), fontsize=7, color="grey")
+    ax.annotate(
+        f"dense - {PQV_TOP1_DROP} (PQV-Mobile's loss)",
+        (ax.get_xlim()[0], dense - PQV_TOP1_DROP),
+        textcoords="offset points",
+        xytext=(4, -10),
+        fontsize=7,
+        color="grey",
+    )
     ax.set_xlabel("median latency, ms (batch 1, 2 threads)")
     ax.set_ylabel("top-1, % (evaluation split)")
     ax.set_title("DeiT-tiny: pruning + int8, onnxvit (ONNX Runtime) vs PQV-Mobile (Lite)", fontsize=9)
@@ -197,8 +241,12 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def main() -> None:
-    args = arguments(__doc__, "bench-pqv", methods=dict(default="l1,taylor,hessian"),
-                     ratios=dict(default="0.2,0.3,0.5", help="sweep: fractions of the parameters")).parse_args()
+    args = arguments(
+        __doc__,
+        "bench-pqv",
+        methods=dict(default="l1,taylor,hessian"),
+        ratios=dict(default="0.2,0.3,0.5", help="sweep: fractions of the parameters"),
+    ).parse_args()
     methods = args.methods.split(",")
     bench = Bench(args.output.resolve(), args.quiet)
     base = bench.run
@@ -207,27 +255,51 @@ def main() -> None:
     bench.lite_arm("lite-fp32", dense, int8=False, key=base.weights_id)
     bench.lite_arm("lite-int8", dense, int8=True, key=base.weights_id)
     pqv = pqv_recipe_prune(dense, base.calibration_images, base.dataset.labels("calibrate"))
-    bench.lite_arm("pqv-recipe", pqv, int8=True, key=cache_key(pqv=base.weights_id, ratio=PQV_RATIO,
-                                                                 calibration=base.fingerprint("calibrate")))
+    bench.lite_arm(
+        "pqv-recipe",
+        pqv,
+        int8=True,
+        key=cache_key(pqv=base.weights_id, ratio=PQV_RATIO, calibration=base.fingerprint("calibrate")),
+    )
     bench.onnx_arm("int8", None, budget=True)
     example = base.config.prune
     assert example is not None
     for method in methods:
-        bench.onnx_arm(f"{method}-int8", example.model_copy(update={"method": method, "ratio": PQV_RATIO}),
-                       budget=True)
+        bench.onnx_arm(f"{method}-int8", example.model_copy(update={"method": method, "ratio": PQV_RATIO}), budget=True)
         for ratio in (float(r) for r in args.ratios.split(",") if r):
-            bench.onnx_arm(f"{method}-{ratio:g}", example.model_copy(update={"method": method, "ratio": ratio}),
-                           budget=False)
+            bench.onnx_arm(
+                f"{method}-{ratio:g}", example.model_copy(update={"method": method, "ratio": ratio}), budget=False
+            )
     bench.time_all()
     rows = table(bench)
-    print_table(rows, ["name", "runtime", "method", "removed_params", "top1", "top1_drop", "agree_top1", "median_ms",
-                       "speedup_vs_dense_fp32_lite", "speedup_vs_pqv_recipe", "size_mb", "kept_float"])
+    print_table(
+        rows,
+        [
+            "name",
+            "runtime",
+            "method",
+            "removed_params",
+            "top1",
+            "top1_drop",
+            "agree_top1",
+            "median_ms",
+            "speedup_vs_dense_fp32_lite",
+            "speedup_vs_pqv_recipe",
+            "size_mb",
+            "kept_float",
+        ],
+    )
     head = headline(rows, methods)
     print(json.dumps(head, indent=2))
     plot(rows, bench.output / "pqv_mobile.png")
     print(f"plot: {bench.output / 'pqv_mobile.png'}")
-    write_json(args.json, table=rows, headline=head, plot=str(bench.output / "pqv_mobile.png"),
-               evaluate_images=len(bench.labels))
+    write_json(
+        args.json,
+        table=rows,
+        headline=head,
+        plot=str(bench.output / "pqv_mobile.png"),
+        evaluate_images=len(bench.labels),
+    )
 
 
 if __name__ == "__main__":

@@ -1,3 +1,4 @@
 """onnxvit: prune, quantize and benchmark timm vision transformers for ONNX Runtime on CPUs and phones."""
 
-__version__ = "0.1.0"
+# The one project version (pyproject.toml reads it): part of every cache key, bumped with CHANGELOG.md.
+__version__ = "0.2.0"

@@ -151,8 +151,10 @@ def split(root: Path, out: Path, calibrate: int, search: int) -> None:
         raise UserError(f"{out} already exists; choose another path or remove it first")
     folder = scan_image_folder(root)
     splits = hash_split(folder.files, calibrate, search)
-    description = (f"Split of {root.name}: files ordered by sha256 of their relative path; "
-                   f"first {calibrate} calibrate, next {search} search, the rest evaluate.")
+    description = (
+        f"Split of {root.name}: files ordered by sha256 of their relative path; "
+        f"first {calibrate} calibrate, next {search} search, the rest evaluate."
+    )
     atomic_write_json(out, manifest_document(splits, description))
     click.echo(f"wrote {out}: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()))
 

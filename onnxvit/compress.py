@@ -31,8 +31,7 @@ def prepare_output(folder: Path) -> None:
     if folder.exists() and not folder.is_dir():
         raise UserError(f"output.dir: {folder} is a file; choose a folder")
     if folder.is_dir() and any(folder.iterdir()) and not (folder / RUN_MARKER).is_file():
-        raise UserError(f"output.dir: {folder} holds files that are not an onnxvit run; "
-                        "choose an empty or new folder")
+        raise UserError(f"output.dir: {folder} holds files that are not an onnxvit run; choose an empty or new folder")
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_json(folder / RUN_MARKER, {"onnxvit_version": __version__})
 
@@ -47,8 +46,7 @@ def check_inputs(run: Run) -> None:
         check_engines(run.config.lite)
 
 
-def compress(config_path: Path, force: bool = False, quiet: bool = False,
-             output: Path | None = None) -> dict[str, Any]:
+def compress(config_path: Path, force: bool = False, quiet: bool = False, output: Path | None = None) -> dict[str, Any]:
     """Run the whole pipeline; return the report (also written to the output folder)."""
     config, pass_configs = load_config(config_path)
     if output is not None:
@@ -86,8 +84,9 @@ def compress(config_path: Path, force: bool = False, quiet: bool = False,
     if config.benchmark.torch:
         from onnxvit.models import parameter_bytes
 
-        variants.insert(0, Variant(TORCH_VARIANT, "torch", model_id, module=model, size_bytes=parameter_bytes(model),
-                                   counts=counts))
+        variants.insert(
+            0, Variant(TORCH_VARIANT, "torch", model_id, module=model, size_bytes=parameter_bytes(model), counts=counts)
+        )
     variants += lite
 
     by_name = {v.name: v for v in variants}

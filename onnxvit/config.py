@@ -30,18 +30,30 @@ class StrictModel(BaseModel):
 
 class ModelConfig(StrictModel):
     name: str = Field(description="timm model name, e.g. deit_tiny_patch16_224.")
-    checkpoint: Path | None = Field(None, description="Local weights: a state_dict, or one wrapped in 'model' / 'state_dict'.")
+    checkpoint: Path | None = Field(
+        None, description="Local weights: a state_dict, or one wrapped in 'model' / 'state_dict'."
+    )
     pretrained: bool = Field(False, description="Download timm's pretrained weights from the hub.")
     random_init: bool = Field(False, description="Random weights, for speed and mechanics only.")
-    recalibrate_bn: bool = Field(False, description="Re-estimate BatchNorm statistics on the calibration images "
-                                                    "(for random weights: realistic activation ranges).")
+    recalibrate_bn: bool = Field(
+        False,
+        description="Re-estimate BatchNorm statistics on the calibration images "
+        "(for random weights: realistic activation ranges).",
+    )
     num_classes: int | None = Field(None, gt=0, description="Classifier size when not the model's default.")
     kwargs: dict[str, Any] = Field({}, description="Extra timm.create_model arguments, e.g. {depth: 2}.")
 
     @model_validator(mode="after")
-    def _one_weight_source(self) -> "ModelConfig":
-        chosen = [flag for flag, on in (("checkpoint", self.checkpoint is not None),
-                                        ("pretrained", self.pretrained), ("random_init", self.random_init)) if on]
+    def _one_weight_source(self) -> ModelConfig:
+        chosen = [
+            flag
+            for flag, on in (
+                ("checkpoint", self.checkpoint is not None),
+                ("pretrained", self.pretrained),
+                ("random_init", self.random_init),
+            )
+            if on
+        ]
         if len(chosen) != 1:
             raise ValueError(
                 "say where the weights come from with exactly one of checkpoint: PATH, pretrained: true "
@@ -52,10 +64,14 @@ class ModelConfig(StrictModel):
 
 class DataConfig(StrictModel):
     root: Path = Field(description="An ImageFolder: one sub-folder of images per class, sorted = class index.")
-    manifest: Path | None = Field(None, description="Split manifest (see calib_data/README.md); default: a fixed hash split.")
+    manifest: Path | None = Field(
+        None, description="Split manifest (see calib_data/README.md); default: a fixed hash split."
+    )
     calibrate_images: int = Field(32, gt=0, description="Calibration split size when no manifest is given.")
     search_images: int = Field(31, ge=0, description="Search split size when no manifest is given.")
-    max_eval_images: int | None = Field(None, gt=0, description="Evaluate on the first N images of the evaluation split.")
+    max_eval_images: int | None = Field(
+        None, gt=0, description="Evaluate on the first N images of the evaluation split."
+    )
     batch_size: int = Field(32, gt=0, description="Batch size for evaluation.")
     check_images: int = Field(8, gt=0, description="Calibration images for the numeric check after every step.")
 
@@ -78,28 +94,38 @@ class PruneConfig(StrictModel):
     """
 
     method: Literal["l1", "l2", "taylor", "hessian", "random"] = Field(
-        "taylor", description="Importance: weight magnitude (l1, l2), first-order Taylor, diagonal Hessian (OBD), random.")
+        "taylor",
+        description="Importance: weight magnitude (l1, l2), first-order Taylor, diagonal Hessian (OBD), random.",
+    )
     ratio: float | None = Field(None, gt=0, lt=1, description="Fraction of parameters (or MACs, see target) to remove.")
     target: Literal["params", "macs"] = Field("params", description="What `ratio` counts.")
     ratio_kinds: list[Literal["mlp", "heads", "head_dims"]] = Field(
-        ["mlp", "head_dims"], min_length=1, description="Kinds that `ratio` is spread over, at one common fraction.")
+        ["mlp", "head_dims"], min_length=1, description="Kinds that `ratio` is spread over, at one common fraction."
+    )
     mlp: float | None = Field(None, ge=0, lt=1, description="Explicit fraction of MLP hidden channels to remove.")
     heads: float | None = Field(None, ge=0, lt=1, description="Explicit fraction of attention heads to remove.")
     head_dims: float | None = Field(None, ge=0, lt=1, description="Explicit fraction of each head's dims to remove.")
     round_to: int = Field(8, gt=0, description="Keep channel counts a multiple of this, so GEMMs stay efficient.")
-    global_pruning: bool = Field(False, description="Rank channels across layers (true) or cut each layer alike (false).")
+    global_pruning: bool = Field(
+        False, description="Rank channels across layers (true) or cut each layer alike (false)."
+    )
     ignore: list[str] = Field(["head"], description="Module names never pruned (default: the classifier).")
     batches: int = Field(4, gt=0, description="Calibration batches for gradient-based importance (taylor, hessian).")
     batch_size: int = Field(8, gt=0, description="Batch size for gradient-based importance.")
-    reconstruct: bool = Field(True, description="Refit each layer whose inputs were cut (fc2, proj) by least squares "
-                                                "on the calibration images to the dense layer's output.")
+    reconstruct: bool = Field(
+        True,
+        description="Refit each layer whose inputs were cut (fc2, proj) by least squares "
+        "on the calibration images to the dense layer's output.",
+    )
     ridge: float = Field(0.1, gt=0, description="How strongly the refit stays near the original weights.")
     loss: Literal["auto", "labels", "predictions"] = Field(
-        "auto", description="Taylor / Hessian loss target: folder labels, or the dense model's own top-1; "
-                            "auto: labels unless the weights are random.")
+        "auto",
+        description="Taylor / Hessian loss target: folder labels, or the dense model's own top-1; "
+        "auto: labels unless the weights are random.",
+    )
 
     @model_validator(mode="after")
-    def _one_target(self) -> "PruneConfig":
+    def _one_target(self) -> PruneConfig:
         explicit = [kind for kind in PRUNE_KINDS if getattr(self, kind) is not None]
         if self.ratio is None and not explicit:
             raise ValueError("say how much to prune: ratio: 0.1, or one or more of mlp, heads, head_dims")
@@ -111,16 +137,22 @@ class PruneConfig(StrictModel):
 class FinetuneConfig(StrictModel):
     """Distillation of the pruned model from the dense one (soft targets; no labels needed)."""
 
-    root: Path | None = Field(None, description="Training ImageFolder; default: the calibrate and search splits "
-                                                "of data.root (never the evaluation split).")
+    root: Path | None = Field(
+        None,
+        description="Training ImageFolder; default: the calibrate and search splits "
+        "of data.root (never the evaluation split).",
+    )
     epochs: int = Field(10, gt=0, description="Passes over the training images.")
     lr: float = Field(1e-4, gt=0, description="Peak learning rate (AdamW, one-cycle cosine).")
     weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay.")
     batch_size: int = Field(16, gt=0, description="Training batch size.")
     temperature: float = Field(1.0, gt=0, description="Distillation temperature.")
     augment: bool = Field(True, description="timm's training transform (random resized crop, flip, RandAugment).")
-    auto_augment: str | None = Field("rand-m9-inc1", description="timm auto-augment policy string (no magnitude noise: "
-                                         "with it, Posterize can draw 0 bits, which Pillow rejects).")
+    auto_augment: str | None = Field(
+        "rand-m9-inc1",
+        description="timm auto-augment policy string (no magnitude noise: "
+        "with it, Posterize can draw 0 bits, which Pillow rejects).",
+    )
     random_erasing: float = Field(0.25, ge=0, le=1, description="timm random-erasing probability.")
     seed: int = Field(0, description="Image order and augmentation seed.")
 
@@ -128,7 +160,9 @@ class FinetuneConfig(StrictModel):
 class StepConfig(StrictModel):
     pass_: str = Field(alias="pass", description="Pass name (see `onnxvit passes`).")
     name: str | None = Field(None, description="Name of the output model (a report variant); default: the pass name.")
-    input: str | None = Field(None, description="Name of the model this step reads; default: the previous step's output.")
+    input: str | None = Field(
+        None, description="Name of the model this step reads; default: the previous step's output."
+    )
     report: bool = Field(True, description="Evaluate and benchmark this step's output as a variant.")
     options: dict[str, Any] = Field({}, description="The pass's own options.")
 
@@ -160,13 +194,20 @@ class LiteConfig(StrictModel):
     """The PyTorch Lite interpreter arm: report variants beside ONNX Runtime's, with parity."""
 
     fp32: bool = Field(True, description="The model traced and run by the Lite interpreter.")
-    int8_engines: list[str] = Field(["x86"], description="PyTorch dynamic int8 Linear, one variant per engine "
-                                                         "(x86, fbgemm, qnnpack, onednn where the build has it).")
-    static_engines: list[str] = Field([], description="PyTorch static int8 (FX graph mode, calibrated), one variant "
-                                                      "per engine; off by default: slower than FP32 on DeiT-tiny here.")
+    int8_engines: list[str] = Field(
+        ["x86"],
+        description="PyTorch dynamic int8 Linear, one variant per engine "
+        "(x86, fbgemm, qnnpack, onednn where the build has it).",
+    )
+    static_engines: list[str] = Field(
+        [],
+        description="PyTorch static int8 (FX graph mode, calibrated), one variant "
+        "per engine; off by default: slower than FP32 on DeiT-tiny here.",
+    )
     parity_atol: float = Field(1e-4, gt=0, description="Largest logit difference lite-fp32 vs fp32 before flagging.")
-    parity_min_agreement: float = Field(95.0, ge=0, le=100,
-                                        description="Least top-1 agreement of an int8 pair before flagging.")
+    parity_min_agreement: float = Field(
+        95.0, ge=0, le=100, description="Least top-1 agreement of an int8 pair before flagging."
+    )
 
 
 class OutputConfig(StrictModel):
@@ -186,7 +227,7 @@ class Config(StrictModel):
     output: OutputConfig = Field(description="Where models, cache and report go.")
 
     @model_validator(mode="after")
-    def _finetune_needs_prune(self) -> "Config":
+    def _finetune_needs_prune(self) -> Config:
         if self.finetune is not None and self.prune is None:
             raise ValueError("finetune: fine-tuning follows pruning; add a prune section or remove finetune")
         return self
@@ -241,7 +282,7 @@ def describe_error(error: dict[str, Any], root: type[BaseModel], prefix: tuple[A
 
 
 def _raise_for(exc: ValidationError, source: Path, root: type[BaseModel], prefix: tuple[Any, ...] = ()) -> None:
-    lines = [describe_error(e, root, prefix) for e in exc.errors()]
+    lines = [describe_error(dict(e), root, prefix) for e in exc.errors()]
     raise UserError(f"{source}: {'; '.join(lines)}") from None
 
 
@@ -262,17 +303,22 @@ def split_sizes(config: Config) -> dict[str, int] | None:
 _SPLIT_OF = {"calibration": ("calibrate", "data.calibrate_images"), "search": ("search", "data.search_images")}
 
 
-def _check_requirements(pass_name: str, needs: frozenset[str], config: Config, sizes: dict[str, int] | None,
-                        where: str) -> None:
+def _check_requirements(
+    pass_name: str, needs: frozenset[str], config: Config, sizes: dict[str, int] | None, where: str
+) -> None:
     """Refuse, at load, a step whose pass needs what this config cannot give it."""
     if "labels" in needs and config.model.random_init:
-        raise UserError(f"{where}.options: {pass_name} with these options judges by top-1, which needs real "
-                        "weights (random weights' top-1 means nothing); use objective: sqnr and select.min_agreement instead")
+        raise UserError(
+            f"{where}.options: {pass_name} with these options judges by top-1, which needs real "
+            "weights (random weights' top-1 means nothing); use objective: sqnr and select.min_agreement instead"
+        )
     for need, (split, field_name) in _SPLIT_OF.items():
         if need in needs and sizes is not None and sizes[split] == 0:
             how = f"the manifest's {split} split" if config.data.manifest else f"{field_name} > 0"
-            raise UserError(f"{where}: {pass_name} with these options needs {split} images, and the {split} split "
-                            f"is empty; give it images ({how}) or change the pass's options")
+            raise UserError(
+                f"{where}: {pass_name} with these options needs {split} images, and the {split} split "
+                f"is empty; give it images ({how}) or change the pass's options"
+            )
 
 
 def _validate_steps(config: Config, source: Path) -> list[Any]:
@@ -297,8 +343,9 @@ def _validate_steps(config: Config, source: Path) -> list[Any]:
         _check_requirements(pass_cls.name, pass_cls.requirements(parsed[-1]), config, sizes, where)
         source_name = step.input or previous
         if source_name not in known:
-            raise UserError(f"{where}.input: no model named '{source_name}' before this step; "
-                            f"known: {', '.join(sorted(known))}")
+            raise UserError(
+                f"{where}.input: no model named '{source_name}' before this step; known: {', '.join(sorted(known))}"
+            )
         if step.output in known or step.output in (TORCH_VARIANT, DENSE_VARIANT):
             raise UserError(f"{where}.name: '{step.output}' is already taken; give this step its own name")
         known.add(step.output)
@@ -307,8 +354,10 @@ def _validate_steps(config: Config, source: Path) -> list[Any]:
 
 
 def _resolve(path: Path | None, base: Path) -> Path | None:
-    if path is None:
-        return None
+    return None if path is None else _resolve_required(path, base)
+
+
+def _resolve_required(path: Path, base: Path) -> Path:
     path = path.expanduser()
     return path if path.is_absolute() else (base / path).resolve()
 
@@ -332,9 +381,9 @@ def load_config(path: Path) -> tuple[Config, list[Any]]:
         _raise_for(exc, path, Config)
     base = path.resolve().parent
     config.model.checkpoint = _resolve(config.model.checkpoint, base)
-    config.data.root = _resolve(config.data.root, base)
+    config.data.root = _resolve_required(config.data.root, base)
     config.data.manifest = _resolve(config.data.manifest, base)
-    config.output.dir = _resolve(config.output.dir, base)
+    config.output.dir = _resolve_required(config.output.dir, base)
     if config.finetune is not None:
         config.finetune.root = _resolve(config.finetune.root, base)
     steps = _validate_steps(config, path)
@@ -344,9 +393,11 @@ def load_config(path: Path) -> tuple[Config, list[Any]]:
 
 def _validate_mobile(config: Config, source: Path) -> None:
     if config.mobile is not None and config.mobile.variants is not None:
-        reported = [EXPORT_VARIANT] + ([DENSE_VARIANT] if config.prune else []) + \
-            [s.output for s in config.passes if s.report]
+        reported = (
+            [EXPORT_VARIANT] + ([DENSE_VARIANT] if config.prune else []) + [s.output for s in config.passes if s.report]
+        )
         for name in config.mobile.variants:
             if name not in reported:
-                raise UserError(f"{source}: mobile.variants: '{name}' is not a reported ONNX variant; "
-                                f"known: {', '.join(reported)}")
+                raise UserError(
+                    f"{source}: mobile.variants: '{name}' is not a reported ONNX variant; known: {', '.join(reported)}"
+                )

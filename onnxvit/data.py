@@ -64,8 +64,8 @@ def hash_split(files: Iterable[str], calibrate: int, search: int) -> dict[str, l
         )
     return {
         "calibrate": sorted(ordered[:calibrate]),
-        "search": sorted(ordered[calibrate:calibrate + search]),
-        "evaluate": sorted(ordered[calibrate + search:]),
+        "search": sorted(ordered[calibrate : calibrate + search]),
+        "evaluate": sorted(ordered[calibrate + search :]),
     }
 
 
@@ -82,17 +82,19 @@ def read_manifest(path: Path, folder: ImageFolder) -> dict[str, list[str]]:
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
     if not isinstance(doc, dict) or doc.get("format") != MANIFEST_FORMAT:
-        raise UserError(f"{path}: not a split manifest (expected \"format\": \"{MANIFEST_FORMAT}\")")
+        raise UserError(f'{path}: not a split manifest (expected "format": "{MANIFEST_FORMAT}")')
     splits = doc.get("splits")
     if not isinstance(splits, dict) or not all(isinstance(splits.get(s), list) for s in SPLITS):
-        raise UserError(f"{path}: \"splits\" must hold the lists {', '.join(SPLITS)}")
+        raise UserError(f'{path}: "splits" must hold the lists {", ".join(SPLITS)}')
     present = set(folder.files)
     seen: dict[str, str] = {}
     for split in SPLITS:
         for name in splits[split]:
             if name not in present:
-                raise UserError(f"{path}: {split} names '{name}', which is not an image in {folder.root}; "
-                                "regenerate the manifest with `onnxvit split`")
+                raise UserError(
+                    f"{path}: {split} names '{name}', which is not an image in {folder.root}; "
+                    "regenerate the manifest with `onnxvit split`"
+                )
             if name in seen:
                 raise UserError(f"{path}: '{name}' is in both {seen[name]} and {split}; the splits must be disjoint")
             seen[name] = split
@@ -115,8 +117,9 @@ class Dataset:
         return sha256_json({"root": str(self.folder.root), "files": self.splits[split]})
 
 
-def load_dataset(root: Path, manifest: Path | None, calibrate: int, search: int,
-                 max_eval_images: int | None = None) -> Dataset:
+def load_dataset(
+    root: Path, manifest: Path | None, calibrate: int, search: int, max_eval_images: int | None = None
+) -> Dataset:
     folder = scan_image_folder(root)
     splits = read_manifest(manifest, folder) if manifest else hash_split(folder.files, calibrate, search)
     if max_eval_images:
@@ -126,8 +129,9 @@ def load_dataset(root: Path, manifest: Path | None, calibrate: int, search: int,
 
 def timm_transform(model: Any) -> tuple[Callable[[Any], Any], dict[str, Any]]:
     """The model's own evaluation preprocessing, from its timm data config."""
-    import onnxvit._compat  # noqa: F401  (before timm)
     from timm.data import create_transform, resolve_model_data_config
+
+    import onnxvit._compat  # noqa: F401  (before timm)
 
     data_config = resolve_model_data_config(model)
     return create_transform(**data_config, is_training=False), data_config
@@ -144,8 +148,13 @@ def load_image(folder: ImageFolder, relative: str, transform: Callable[[Any], An
         raise UserError(f"{folder.root / relative}: cannot read image ({exc})") from None
 
 
-def load_images(folder: ImageFolder, files: list[str], transform: Callable[[Any], Any],
-                advance: Callable[[int], None] = lambda n: None, workers: int = 2) -> np.ndarray:
+def load_images(
+    folder: ImageFolder,
+    files: list[str],
+    transform: Callable[[Any], Any],
+    advance: Callable[[int], None] = lambda n: None,
+    workers: int = 2,
+) -> np.ndarray:
     """Decode and preprocess ``files`` into one NCHW float32 array."""
 
     def one(relative: str) -> np.ndarray:

@@ -119,7 +119,7 @@ class Cache:
             self._wrote(path)
         return path
 
-    def memo(self, name: str, key: str) -> "JsonMemo":
+    def memo(self, name: str, key: str) -> JsonMemo:
         """A step's resumable scratch results; with --force, earlier runs' entries are ignored."""
         path = self._path(name, key, ".memo.json")
         memo = JsonMemo(path, load=self._usable(path))
@@ -140,8 +140,10 @@ def clean_cache(folder: Path, dry_run: bool = False) -> tuple[list[Path], int]:
     """Remove the cache files the last completed run did not use; return them and their bytes."""
     listing = folder / Cache.LAST_RUN
     if not listing.is_file():
-        raise UserError(f"{folder}: no completed run recorded here ({Cache.LAST_RUN} missing); "
-                        "run `onnxvit compress` to the end first")
+        raise UserError(
+            f"{folder}: no completed run recorded here ({Cache.LAST_RUN} missing); "
+            "run `onnxvit compress` to the end first"
+        )
     used = set(json.loads(listing.read_text())) | {Cache.LAST_RUN}
     stale = sorted(p for p in folder.iterdir() if p.is_file() and p.name not in used)
     size = sum(p.stat().st_size for p in stale)
@@ -202,13 +204,19 @@ def run_passes(
         pass_cls = get_pass(step.pass_)
         source = step.input or previous
         record = StepRecord(
-            name=step.output, kind=step.pass_, input=source,
+            name=step.output,
+            kind=step.pass_,
+            input=source,
             config=pass_config.model_dump(mode="json"),
             key="",
         )
         needs = pass_cls.requirements(pass_config)
-        key_parts: dict[str, Any] = {"input": records[source].sha256, "pass": step.pass_,
-                                     "pass_version": pass_cls.version, "config": record.config}
+        key_parts: dict[str, Any] = {
+            "input": records[source].sha256,
+            "pass": step.pass_,
+            "pass_version": pass_cls.version,
+            "config": record.config,
+        }
         if "calibration" in needs:
             key_parts["calibration"] = data_fingerprints["calibrate"]
         if "search" in needs or "labels" in needs:
@@ -223,7 +231,7 @@ def run_passes(
             try:
                 output = pass_cls(pass_config).run(models[source], context)
             except (UserError, PassError) as exc:
-                raise UserError(f"step '{record.name}' ({step.pass_}): {exc}") from None
+                raise UserError(f"step '{record.name}' ({record.kind}): {exc}") from None
             record.notes = dict(context.notes)
             record.check = check(models[source], output)
             return output

@@ -36,14 +36,24 @@ def export_onnx(model: torch.nn.Module, example: np.ndarray, config: ExportConfi
         try:
             if config.exporter == "torchscript":
                 torch.onnx.export(
-                    model, (sample,), buffer, opset_version=config.opset, dynamo=False,
-                    input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                    model,
+                    (sample,),
+                    buffer,
+                    opset_version=config.opset,
+                    dynamo=False,
+                    input_names=[INPUT_NAME],
+                    output_names=[OUTPUT_NAME],
                     dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
                 )
                 return onnx.load_from_string(buffer.getvalue())
             program = torch.onnx.export(
-                model, (sample,), opset_version=config.opset, dynamo=True, verbose=False,
-                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                model,
+                (sample,),
+                opset_version=config.opset,
+                dynamo=True,
+                verbose=False,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
                 dynamic_shapes=({0: torch.export.Dim("batch")},),
             )
             return program.model_proto
@@ -55,11 +65,14 @@ def export_onnx(model: torch.nn.Module, example: np.ndarray, config: ExportConfi
             ) from None
 
 
-def check_export(model: torch.nn.Module, proto: onnx.ModelProto, batches: list[np.ndarray],
-                 atol: float, threads: int) -> float:
+def check_export(
+    model: torch.nn.Module, proto: onnx.ModelProto, batches: list[np.ndarray], atol: float, threads: int
+) -> float:
     """Largest logit difference between PyTorch and ONNX Runtime; an error beyond ``atol``."""
     diff = max_abs_diff(torch_logits(model, batches), model_logits(proto, batches, threads))
     if not diff <= atol:
-        raise UserError(f"export: ONNX logits differ from PyTorch by {diff:.3g} (> export.atol {atol:g}); "
-                        "try another export.opset or export.exporter")
+        raise UserError(
+            f"export: ONNX logits differ from PyTorch by {diff:.3g} (> export.atol {atol:g}); "
+            "try another export.opset or export.exporter"
+        )
     return diff

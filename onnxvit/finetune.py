@@ -37,14 +37,14 @@ class TrainImages:
 
 
 def training_transform(model: torch.nn.Module, config: FinetuneConfig) -> Callable[[Any], torch.Tensor]:
-    import onnxvit._compat  # noqa: F401  (before timm)
     from timm.data import create_transform, resolve_model_data_config
+
+    import onnxvit._compat  # noqa: F401  (before timm)
 
     data = resolve_model_data_config(model)
     if not config.augment:
         return create_transform(**data, is_training=False)
-    return create_transform(**data, is_training=True, auto_augment=config.auto_augment,
-                            re_prob=config.random_erasing)
+    return create_transform(**data, is_training=True, auto_augment=config.auto_augment, re_prob=config.random_erasing)
 
 
 def _epoch_path(folder: Path, key: str, epoch: int) -> Path:
@@ -53,14 +53,22 @@ def _epoch_path(folder: Path, key: str, epoch: int) -> Path:
 
 def latest_checkpoint(folder: Path, key: str) -> tuple[int, Path] | None:
     pattern = re.compile(rf"finetune-{re.escape(key[:20])}-epoch(\d+)\.pt$")
-    found = [(int(m.group(1)), p) for p in folder.glob(f"finetune-{key[:20]}-epoch*.pt")
-             if (m := pattern.match(p.name))]
+    found = [
+        (int(m.group(1)), p) for p in folder.glob(f"finetune-{key[:20]}-epoch*.pt") if (m := pattern.match(p.name))
+    ]
     return max(found) if found else None
 
 
-def distill(student: torch.nn.Module, teacher: torch.nn.Module, images: TrainImages, config: FinetuneConfig,
-            checkpoints: Path, key: str, task: Callable[[str, int], Any],
-            log: Callable[[str], None] = lambda m: None) -> dict[str, Any]:
+def distill(
+    student: torch.nn.Module,
+    teacher: torch.nn.Module,
+    images: TrainImages,
+    config: FinetuneConfig,
+    checkpoints: Path,
+    key: str,
+    task: Callable[[str, int], Any],
+    log: Callable[[str], None] = lambda m: None,
+) -> dict[str, Any]:
     """Train ``student`` in place toward ``teacher``'s soft outputs; a checkpoint after every epoch.
 
     A run interrupted after epoch k restarts from epoch k's checkpoint (same ``key``); the
@@ -69,8 +77,9 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module, images: TrainIma
     transform = training_transform(teacher, config)
     optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     steps = config.epochs * max(1, -(-len(images) // config.batch_size))
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=steps,
-                                                   pct_start=0.1, anneal_strategy="cos")
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=config.lr, total_steps=steps, pct_start=0.1, anneal_strategy="cos"
+    )
     losses: list[float] = []
     start = 0
     resumed = latest_checkpoint(checkpoints, key)
@@ -94,13 +103,18 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module, images: TrainIma
         total, seen = 0.0, 0
         with task(f"finetune epoch {epoch + 1}/{config.epochs}", len(images)) as advance:
             for begin in range(0, len(order), config.batch_size):
-                batch = torch.stack([load_image(images.folder, images.files[i], transform)
-                                     for i in order[begin:begin + config.batch_size]])
+                batch = torch.stack(
+                    [
+                        load_image(images.folder, images.files[i], transform)
+                        for i in order[begin : begin + config.batch_size]
+                    ]
+                )
                 with torch.no_grad():
                     target = F.softmax(teacher(batch) / temperature, dim=1)
                 logits = student(batch)
-                loss = F.kl_div(F.log_softmax(logits / temperature, dim=1), target,
-                                reduction="batchmean") * temperature ** 2
+                loss = (
+                    F.kl_div(F.log_softmax(logits / temperature, dim=1), target, reduction="batchmean") * temperature**2
+                )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -110,10 +124,22 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module, images: TrainIma
                 advance(len(batch))
         losses.append(round(total / seen, 5))
         buffer = io.BytesIO()
-        torch.save({"model": student.state_dict(), "optimizer": optimizer.state_dict(),
-                    "schedule": schedule.state_dict(), "losses": losses}, buffer)
+        torch.save(
+            {
+                "model": student.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "schedule": schedule.state_dict(),
+                "losses": losses,
+            },
+            buffer,
+        )
         atomic_write_bytes(_epoch_path(checkpoints, key, epoch + 1), buffer.getvalue())
         log(f"finetune: epoch {epoch + 1}/{config.epochs}, distillation loss {losses[-1]:.4f}")
     student.eval()
-    return {"images": len(images), "source": images.source, "epochs": config.epochs, "losses": losses,
-            "resumed_after_epoch": start}
+    return {
+        "images": len(images),
+        "source": images.source,
+        "epochs": config.epochs,
+        "losses": losses,
+        "resumed_after_epoch": start,
+    }

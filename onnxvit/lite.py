@@ -23,7 +23,6 @@ from onnxvit.config import LiteConfig
 from onnxvit.errors import UserError
 from onnxvit.fileio import atomic_write_via
 
-
 LITE_BUILD = 2  # in cache keys: version 1 loaded every int8 model with the default engine
 
 
@@ -37,8 +36,10 @@ def check_engines(config: LiteConfig) -> None:
     for field_name in ("int8_engines", "static_engines"):
         for engine in getattr(config, field_name):
             if engine not in quantized_engines():
-                raise UserError(f"lite.{field_name}: '{engine}' is not a quantized engine of this torch build; "
-                                f"available: {', '.join(quantized_engines())}")
+                raise UserError(
+                    f"lite.{field_name}: '{engine}' is not a quantized engine of this torch build; "
+                    f"available: {', '.join(quantized_engines())}"
+                )
 
 
 @contextlib.contextmanager
@@ -48,8 +49,9 @@ def quantized_engine(engine: str | None) -> Iterator[None]:
         yield
         return
     if engine not in quantized_engines():
-        raise UserError(f"quantized engine '{engine}' is not in this torch build; "
-                        f"available: {', '.join(quantized_engines())}")
+        raise UserError(
+            f"quantized engine '{engine}' is not in this torch build; available: {', '.join(quantized_engines())}"
+        )
     previous = torch.backends.quantized.engine
     torch.backends.quantized.engine = engine
     try:
@@ -62,8 +64,7 @@ def dynamic_int8_linear(model: torch.nn.Module, engine: str) -> torch.nn.Module:
     """PyTorch dynamic int8 of every nn.Linear (what PQV-Mobile shipped), on a copy."""
     with quantized_engine(engine), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao.quantization's deprecation notices: it is PQV-Mobile's path
-        return torch.ao.quantization.quantize_dynamic(copy.deepcopy(model).eval(), {torch.nn.Linear},
-                                                      dtype=torch.qint8)
+        return torch.ao.quantization.quantize_dynamic(copy.deepcopy(model).eval(), {torch.nn.Linear}, dtype=torch.qint8)
 
 
 def static_int8(model: torch.nn.Module, engine: str, calibration: torch.Tensor) -> torch.nn.Module:
@@ -73,15 +74,15 @@ def static_int8(model: torch.nn.Module, engine: str, calibration: torch.Tensor) 
 
     with quantized_engine(engine), warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        prepared = prepare_fx(copy.deepcopy(model).eval(), get_default_qconfig_mapping(engine),
-                              example_inputs=(calibration[:1],))
+        prepared = prepare_fx(
+            copy.deepcopy(model).eval(), get_default_qconfig_mapping(engine), example_inputs=(calibration[:1],)
+        )
         for start in range(0, len(calibration), 8):
-            prepared(calibration[start:start + 8])
+            prepared(calibration[start : start + 8])
         return convert_fx(prepared)
 
 
-def save_lite(model: torch.nn.Module, example: torch.Tensor, path: Path,
-              engine: str | None = None) -> dict[str, Any]:
+def save_lite(model: torch.nn.Module, example: torch.Tensor, path: Path, engine: str | None = None) -> dict[str, Any]:
     """Trace ``model`` and write a ``.ptl`` for the Lite interpreter (atomically); return notes."""
     notes: dict[str, Any] = {"xnnpack": bool(torch.backends.xnnpack.enabled)}
     with quantized_engine(engine), torch.no_grad(), warnings.catch_warnings():
@@ -120,17 +121,23 @@ class LiteVariant:
             return self.module(x)
 
 
-def build_lite_variants(model: torch.nn.Module, config: LiteConfig, calibration: torch.Tensor, folder: Path,
-                        log: Callable[[str], None] = lambda m: None
-                        ) -> tuple[dict[str, LiteVariant], dict[str, str]]:
+def build_lite_variants(
+    model: torch.nn.Module,
+    config: LiteConfig,
+    calibration: torch.Tensor,
+    folder: Path,
+    log: Callable[[str], None] = lambda m: None,
+) -> tuple[dict[str, LiteVariant], dict[str, str]]:
     """`lite-fp32`, `lite-int8-ENGINE` (dynamic) and `lite-int8-static-ENGINE`, saved as .ptl, loaded back.
 
     A model that cannot be quantized or traced is one line (returned per variant, and logged); the
     run goes on without it.
     """
-    wanted: list[tuple[str, str | None, bool]] = ([("lite-fp32", None, False)] if config.fp32 else []) + [
-        (f"lite-int8-{engine}", engine, False) for engine in config.int8_engines] + [
-        (f"lite-int8-static-{engine}", engine, True) for engine in config.static_engines]
+    wanted: list[tuple[str, str | None, bool]] = (
+        ([("lite-fp32", None, False)] if config.fp32 else [])
+        + [(f"lite-int8-{engine}", engine, False) for engine in config.int8_engines]
+        + [(f"lite-int8-static-{engine}", engine, True) for engine in config.static_engines]
+    )
     variants, errors = {}, {}
     for name, engine, static in wanted:
         path = folder / f"model.{name}.ptl"
@@ -152,8 +159,9 @@ def build_lite_variants(model: torch.nn.Module, config: LiteConfig, calibration:
     return variants, errors
 
 
-def parity_table(logits: dict[str, np.ndarray], pairs: list[tuple[str, str, str]],
-                 config: LiteConfig) -> list[dict[str, Any]]:
+def parity_table(
+    logits: dict[str, np.ndarray], pairs: list[tuple[str, str, str]], config: LiteConfig
+) -> list[dict[str, Any]]:
     """Each (ONNX variant, PyTorch counterpart, kind) pair compared on the evaluation images.
 
     FP32 pairs must agree to ``parity_atol`` on every logit; int8 pairs, whose two quantizers
@@ -164,9 +172,16 @@ def parity_table(logits: dict[str, np.ndarray], pairs: list[tuple[str, str, str]
     rows = []
     for onnx_name, torch_name, kind in pairs:
         a, b = logits[onnx_name], logits[torch_name]
-        row = {"onnx": onnx_name, "torch": torch_name, "kind": kind, "max_abs": round(max_abs_diff(a, b), 6),
-               "agree_top1": round(top1_agreement(a, b), 4), "sqnr_db": round(capped_sqnr_db(a, b), 3)}
-        row["ok"] = row["max_abs"] <= config.parity_atol if kind == "fp32" else \
-            row["agree_top1"] >= config.parity_min_agreement
+        row = {
+            "onnx": onnx_name,
+            "torch": torch_name,
+            "kind": kind,
+            "max_abs": round(max_abs_diff(a, b), 6),
+            "agree_top1": round(top1_agreement(a, b), 4),
+            "sqnr_db": round(capped_sqnr_db(a, b), 3),
+        }
+        row["ok"] = (
+            row["max_abs"] <= config.parity_atol if kind == "fp32" else row["agree_top1"] >= config.parity_min_agreement
+        )
         rows.append(row)
     return rows

@@ -19,14 +19,16 @@ import onnxruntime as ort
 
 from onnxvit.config import MobileConfig
 from onnxvit.fileio import atomic_write_text, atomic_write_via
+from passes.graph import QUANTIZED_OPS
 from passes.metrics import max_abs_diff, top1_agreement
 from passes.runtime import make_session, run_logits
-from passes.graph import QUANTIZED_OPS
 
 OPERATORS_CONFIG = "required_operators.config"
-_LEVELS = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-           "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-           "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+_LEVELS = {
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
 
 
 def is_quantized(path: Path) -> bool:
@@ -47,8 +49,9 @@ def to_ort_format(onnx_path: Path, ort_path: Path, config: MobileConfig) -> None
 
     def write(temporary: Path) -> None:
         options.optimized_model_filepath = str(temporary)
-        ort.InferenceSession(str(onnx_path), sess_options=options, providers=["CPUExecutionProvider"],
-                             disabled_optimizers=disabled)
+        ort.InferenceSession(
+            str(onnx_path), sess_options=options, providers=["CPUExecutionProvider"], disabled_optimizers=disabled
+        )
 
     atomic_write_via(ort_path, write, suffix=".ort")
 
@@ -83,8 +86,14 @@ def ort_error_line(exc: Exception) -> str:
     return text[:300]
 
 
-def build_artifacts(paths: dict[str, Path], folder: Path, config: MobileConfig, batches: list[np.ndarray],
-                    threads: int, log=lambda m: None) -> dict[str, Any]:
+def build_artifacts(
+    paths: dict[str, Path],
+    folder: Path,
+    config: MobileConfig,
+    batches: list[np.ndarray],
+    threads: int,
+    log=lambda m: None,
+) -> dict[str, Any]:
     """`.ort` for each named ONNX model, checked; then the operator config of those that converted."""
     artifacts, converted = [], []
     for name, onnx_path in paths.items():
@@ -104,6 +113,10 @@ def build_artifacts(paths: dict[str, Path], folder: Path, config: MobileConfig, 
         artifacts.append(entry)
         converted.append(ort_path)
     operators = required_operators(converted, folder / OPERATORS_CONFIG, config.type_reduction) if converted else []
-    return {"artifacts": artifacts, "operators_config": OPERATORS_CONFIG if converted else None,
-            "operators": operators, "target_platform": config.target_platform,
-            "optimization": config.optimization}
+    return {
+        "artifacts": artifacts,
+        "operators_config": OPERATORS_CONFIG if converted else None,
+        "operators": operators,
+        "target_platform": config.target_platform,
+        "optimization": config.optimization,
+    }

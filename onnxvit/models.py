@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxvit._compat  # noqa: F401  (must precede timm)
 import timm
 import torch
 
+import onnxvit._compat  # noqa: F401  (must precede timm)
 from onnxvit.config import ModelConfig
 from onnxvit.errors import UserError
 
@@ -54,14 +54,17 @@ def load_checkpoint(model: torch.nn.Module, path: Path, config_field: str = "mod
     if unexpected:
         problems.append(f"unexpected keys: {few(unexpected)}")
     if mismatched:
-        problems.append("shape mismatch: " + few([f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
-                                                  for k in mismatched]))
+        problems.append(
+            "shape mismatch: " + few([f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}" for k in mismatched])
+        )
     hint = "check model.name"
     head = getattr(model, "num_classes", None)
-    head_key = next((k for k in mismatched if k.endswith("weight") and state[k].ndim == 2
-                     and expected[k].shape[0] == head), None)
+    head_key = next(
+        (k for k in mismatched if k.endswith("weight") and state[k].ndim == 2 and expected[k].shape[0] == head), None
+    )
     if head_key is not None:
-        hint = f"num_classes differs: the checkpoint has {state[head_key].shape[0]}, the model {head}; set model.num_classes"
+        hint = (f"num_classes differs: the checkpoint has {state[head_key].shape[0]}, the model {head}; "
+                "set model.num_classes")
     raise UserError(f"{path} does not fit {type(model).__name__}: {'; '.join(problems)}; {hint}")
 
 
@@ -110,7 +113,7 @@ def recalibrate_batchnorm(model: torch.nn.Module, images: np.ndarray, batch_size
         m.train()
     try:
         for start in range(0, len(images), batch_size):
-            model(torch.from_numpy(images[start:start + batch_size]))
+            model(torch.from_numpy(images[start : start + batch_size]))
     finally:
         for m, momentum in saved.items():
             m.momentum = momentum

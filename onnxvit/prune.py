@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import numpy as np
-import onnxvit._compat  # noqa: F401  (must precede timm)
 import timm
 import torch
 import torch.nn.functional as F
 import torch_pruning as tp
 from timm.layers import Attention, Mlp
 
+import onnxvit._compat  # noqa: F401  (must precede timm)
 from onnxvit.config import PRUNE_KINDS, PruneConfig
 from onnxvit.errors import UserError
 
@@ -72,7 +72,7 @@ class Prunable:
     names: dict[torch.nn.Module, str] = field(default_factory=dict)
 
     @classmethod
-    def find(cls, model: torch.nn.Module, ignore: Iterable[str]) -> "Prunable":
+    def find(cls, model: torch.nn.Module, ignore: Iterable[str]) -> Prunable:
         modules = dict(model.named_modules())
         ignored = []
         for name in ignore:
@@ -85,7 +85,9 @@ class Prunable:
         # Exactly timm's classes: subclasses (window or relative-position attention) carry
         # per-head tables that torch-pruning does not cut.
         attentions = [m for m in model.modules() if type(m) is Attention and m not in skipped]
-        mlps = [m for m in model.modules() if type(m) is Mlp and isinstance(m.fc1, torch.nn.Linear) and m not in skipped]
+        mlps = [
+            m for m in model.modules() if type(m) is Mlp and isinstance(m.fc1, torch.nn.Linear) and m not in skipped
+        ]
         return cls(attentions, mlps, ignored, {m: n for n, m in modules.items()})
 
     def check(self, ratios: dict[str, float], model_name: str) -> None:
@@ -93,15 +95,20 @@ class Prunable:
         if "mlp" in wanted and not self.mlps:
             raise UserError(f"prune.mlp: {model_name} has no timm Mlp blocks to prune; use heads or head_dims")
         if wanted & {"heads", "head_dims"} and not self.attentions:
-            raise UserError(f"prune.heads: {model_name} has no plain timm Attention modules "
-                            "(window / relative-position attention is not pruned); use mlp")
+            raise UserError(
+                f"prune.heads: {model_name} has no plain timm Attention modules "
+                "(window / relative-position attention is not pruned); use mlp"
+            )
         for attn in self.attentions:
             if ratios.get("heads", 0) > 0 and heads_removed(ratios["heads"], attn.num_heads) >= attn.num_heads:
-                raise UserError(f"prune.heads: {ratios['heads']:g} would remove every one of the {attn.num_heads} heads "
-                                f"of {self.names[attn]}; use at most {(attn.num_heads - 1) / attn.num_heads:.3f}")
+                raise UserError(
+                    f"prune.heads: {ratios['heads']:g} would remove every one of the {attn.num_heads} heads "
+                    f"of {self.names[attn]}; use at most {(attn.num_heads - 1) / attn.num_heads:.3f}"
+                )
             if ratios.get("head_dims", 0) > 0 and not isinstance(attn.q_norm, torch.nn.Identity):
-                raise UserError(f"prune.head_dims: {self.names[attn]} normalizes q / k per head dim (qk_norm); "
-                                "prune heads instead")
+                raise UserError(
+                    f"prune.head_dims: {self.names[attn]} normalizes q / k per head dim (qk_norm); prune heads instead"
+                )
 
 
 def heads_removed(ratio: float, heads: int) -> int:
@@ -115,8 +122,14 @@ def check_prune_config(model: torch.nn.Module, config: PruneConfig, model_name: 
     prunable.check(kind_ratios(config, 1e-3) if config.ratio is not None else kind_ratios(config), model_name)
 
 
-def build_pruner(model: torch.nn.Module, example: torch.Tensor, importance: tp.importance.Importance,
-                 ratios: dict[str, float], config: PruneConfig, prunable: Prunable) -> tp.pruner.MetaPruner:
+def build_pruner(
+    model: torch.nn.Module,
+    example: torch.Tensor,
+    importance: tp.importance.Importance,
+    ratios: dict[str, float],
+    config: PruneConfig,
+    prunable: Prunable,
+) -> tp.pruner.MetaPruner:
     """A MetaPruner that cuts only the kinds in ``ratios``; every other group gets ratio 0."""
     # A tuple key is one ranking scope: global pruning ranks all layers of a kind together.
     per_layer: dict[Any, float] = {}
@@ -133,8 +146,9 @@ def build_pruner(model: torch.nn.Module, example: torch.Tensor, importance: tp.i
     # Just under n / H, so that torch-pruning's ceil (local) and floor (global) both give n heads.
     total_heads = sum(a.num_heads for a in prunable.attentions)
     head_ratio = max(0.0, heads_removed(heads, total_heads) / max(total_heads, 1) - 1e-6)
-    per_head_layer = {a.qkv: max(0.0, heads_removed(heads, a.num_heads) / a.num_heads - 1e-6)
-                      for a in prunable.attentions}
+    per_head_layer = {
+        a.qkv: max(0.0, heads_removed(heads, a.num_heads) / a.num_heads - 1e-6) for a in prunable.attentions
+    }
     if heads > 0 or head_dims > 0:
         # torch-pruning cuts heads only inside an attention group whose own ratio is > 0; with
         # prune_head_dims off that ratio cuts nothing else.
@@ -142,10 +156,18 @@ def build_pruner(model: torch.nn.Module, example: torch.Tensor, importance: tp.i
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # cls_token / pos_embed "unwrapped parameters": the residual width is never cut
         return tp.pruner.MetaPruner(
-            model, example, importance=importance, pruning_ratio=0.0, pruning_ratio_dict=per_layer,
-            global_pruning=config.global_pruning, ignored_layers=prunable.ignored, round_to=config.round_to,
+            model,
+            example,
+            importance=importance,
+            pruning_ratio=0.0,
+            pruning_ratio_dict=per_layer,
+            global_pruning=config.global_pruning,
+            ignored_layers=prunable.ignored,
+            round_to=config.round_to,
             num_heads={a.qkv: a.num_heads for a in prunable.attentions},
-            prune_num_heads=heads > 0, prune_head_dims=head_dims > 0, head_pruning_ratio=head_ratio,
+            prune_num_heads=heads > 0,
+            prune_head_dims=head_dims > 0,
+            head_pruning_ratio=head_ratio,
             head_pruning_ratio_dict=None if config.global_pruning else per_head_layer,
         )
 
@@ -162,7 +184,7 @@ def sync_attention(pruner: tp.pruner.MetaPruner, prunable: Prunable) -> None:
             if attn.qkv.bias is not None:
                 attn.qkv.bias[: heads * head_dim] *= factor
         attn.num_heads, attn.head_dim, attn.attn_dim = heads, head_dim, heads * head_dim
-        attn.scale = head_dim ** -0.5
+        attn.scale = head_dim**-0.5
 
 
 def count_params_macs(model: torch.nn.Module, input_shape: tuple[int, ...]) -> dict[str, int]:
@@ -178,8 +200,13 @@ def kind_ratios(config: PruneConfig, fraction: float | None = None) -> dict[str,
     return {kind: (fraction if kind in config.ratio_kinds else 0.0) for kind in PRUNE_KINDS}
 
 
-def _apply(model: torch.nn.Module, example: torch.Tensor, config: PruneConfig, ratios: dict[str, float],
-           importance: tp.importance.Importance) -> torch.nn.Module:
+def _apply(
+    model: torch.nn.Module,
+    example: torch.Tensor,
+    config: PruneConfig,
+    ratios: dict[str, float],
+    importance: tp.importance.Importance,
+) -> torch.nn.Module:
     prunable = Prunable.find(model, config.ignore)
     pruner = build_pruner(model, example, importance, ratios, config, prunable)
     pruner.step()
@@ -199,15 +226,18 @@ def solve_fraction(model: torch.nn.Module, config: PruneConfig, input_shape: tup
     highest = _max_fraction(model, config)
 
     def removed(fraction: float) -> float:
-        pruned = _apply(copy.deepcopy(model), example, config, kind_ratios(config, fraction),
-                        tp.importance.RandomImportance())
+        pruned = _apply(
+            copy.deepcopy(model), example, config, kind_ratios(config, fraction), tp.importance.RandomImportance()
+        )
         return 1 - count_params_macs(pruned, input_shape)[config.target] / dense
 
     low, high = 0.0, highest
     best = (high, removed(high))
     if best[1] < config.ratio:
-        raise UserError(f"prune.ratio: {config.ratio:g} of the {config.target} is more than pruning "
-                        f"{', '.join(config.ratio_kinds)} can remove ({best[1]:.3f} at most); lower it or add ratio_kinds")
+        raise UserError(
+            f"prune.ratio: {config.ratio:g} of the {config.target} is more than pruning "
+            f"{', '.join(config.ratio_kinds)} can remove ({best[1]:.3f} at most); lower it or add ratio_kinds"
+        )
     for _ in range(12):
         middle = (low + high) / 2
         got = removed(middle)
@@ -248,8 +278,9 @@ def _layer_inputs(model: torch.nn.Module, layer: torch.nn.Linear, batch: torch.T
 
 
 @torch.no_grad()
-def reconstruct_linears(dense: torch.nn.Module, pruned: torch.nn.Module, images: np.ndarray, ridge: float,
-                        batch_size: int = 8) -> list[str]:
+def reconstruct_linears(
+    dense: torch.nn.Module, pruned: torch.nn.Module, images: np.ndarray, ridge: float, batch_size: int = 8
+) -> list[str]:
     """Refit each Linear whose inputs were cut (MLP fc2, attention proj), in forward order.
 
     Least squares from the inputs it still has, in the pruned model as refitted so far, to the dense
@@ -257,9 +288,12 @@ def reconstruct_linears(dense: torch.nn.Module, pruned: torch.nn.Module, images:
     the Gram matrix) so that a few calibration images cannot overfit it.
     """
     dense_modules = dict(dense.named_modules())
-    refit = [(name, layer) for name, layer in pruned.named_modules()
-             if isinstance(layer, torch.nn.Linear) and layer.in_features != dense_modules[name].in_features]
-    chunks = [torch.from_numpy(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
+    refit = [
+        (name, layer)
+        for name, layer in pruned.named_modules()
+        if isinstance(layer, torch.nn.Linear) and layer.in_features != dense_modules[name].in_features
+    ]
+    chunks = [torch.from_numpy(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
     for name, layer in refit:
         width = layer.in_features + (layer.bias is not None)
         gram = torch.zeros(width, width, dtype=torch.float64)
@@ -291,16 +325,22 @@ def gradient_targets(model: torch.nn.Module, images: np.ndarray, labels: np.ndar
         return model(torch.from_numpy(images)).argmax(1).numpy()
 
 
-def accumulate_gradients(model: torch.nn.Module, importance: tp.importance.Importance, images: np.ndarray,
-                         targets: np.ndarray, batch_size: int, advance: Callable[[int], None]) -> None:
+def accumulate_gradients(
+    model: torch.nn.Module,
+    importance: tp.importance.Importance,
+    images: np.ndarray,
+    targets: np.ndarray,
+    batch_size: int,
+    advance: Callable[[int], None],
+) -> None:
     """Fill ``param.grad`` (Taylor) or the Hessian accumulator from cross-entropy on the given images."""
     model.zero_grad()
     hessian = isinstance(importance, HessianImportance)
     if hessian:
         importance.zero_grad()
     for start in range(0, len(images), batch_size):
-        x = torch.from_numpy(images[start:start + batch_size])
-        y = torch.from_numpy(np.asarray(targets[start:start + batch_size], dtype=np.int64))
+        x = torch.from_numpy(images[start : start + batch_size])
+        y = torch.from_numpy(np.asarray(targets[start : start + batch_size], dtype=np.int64))
         logits = model(x)
         if hessian:
             losses = F.cross_entropy(logits, y, reduction="none")
@@ -313,9 +353,15 @@ def accumulate_gradients(model: torch.nn.Module, importance: tp.importance.Impor
         advance(len(x))
 
 
-def prune_model(model: torch.nn.Module, config: PruneConfig, images: np.ndarray, labels: np.ndarray | None,
-                model_name: str, advance: Callable[[int], None] = lambda n: None,
-                log: Callable[[str], None] = lambda m: None) -> tuple[torch.nn.Module, dict[str, Any]]:
+def prune_model(
+    model: torch.nn.Module,
+    config: PruneConfig,
+    images: np.ndarray,
+    labels: np.ndarray | None,
+    model_name: str,
+    advance: Callable[[int], None] = lambda n: None,
+    log: Callable[[str], None] = lambda m: None,
+) -> tuple[torch.nn.Module, dict[str, Any]]:
     """A pruned copy of ``model`` and a summary of what was cut; ``model`` itself is untouched.
 
     ``images`` (calibration split) feed gradient-based importance; ``labels`` None means the dense
@@ -334,7 +380,9 @@ def prune_model(model: torch.nn.Module, config: PruneConfig, images: np.ndarray,
     if config.method in ("taylor", "hessian"):
         used = images[: config.batches * config.batch_size]
         pruned.eval()
-        accumulate_gradients(pruned, importance, used, gradient_targets(model, used, labels), config.batch_size, advance)
+        accumulate_gradients(
+            pruned, importance, used, gradient_targets(model, used, labels), config.batch_size, advance
+        )
     torch.manual_seed(0)  # random importance is reproducible
     _apply(pruned, torch.from_numpy(images[:1]), config, ratios, importance)
     pruned.zero_grad(set_to_none=True)
@@ -349,7 +397,8 @@ def prune_model(model: torch.nn.Module, config: PruneConfig, images: np.ndarray,
         "removed": {k: round(1 - counts[k] / dense_counts[k], 4) for k in counts},
         "widths": widths(pruned),
         "gradient_images": min(len(images), config.batches * config.batch_size)
-        if config.method in ("taylor", "hessian") else 0,
+        if config.method in ("taylor", "hessian")
+        else 0,
         "loss": "labels" if labels is not None else "predictions",
         "reconstructed": len(refitted),
     }
@@ -360,8 +409,11 @@ def widths(model: torch.nn.Module) -> dict[str, list[int]]:
     """Per block: heads, head dim, MLP hidden width (what the report shows of the cut)."""
     attns = [m for m in model.modules() if type(m) is Attention]
     mlps = [m for m in model.modules() if type(m) is Mlp]
-    return {"heads": [a.num_heads for a in attns], "head_dim": [a.head_dim for a in attns],
-            "mlp_hidden": [m.fc1.out_features for m in mlps]}
+    return {
+        "heads": [a.num_heads for a in attns],
+        "head_dim": [a.head_dim for a in attns],
+        "mlp_hidden": [m.fc1.out_features for m in mlps],
+    }
 
 
 # ---- saving: a state_dict plus the attribute changes that rebuild the architecture from timm ----
@@ -391,13 +443,26 @@ def architecture_changes(dense: torch.nn.Module, pruned: torch.nn.Module) -> dic
     return changes
 
 
-def serialize_pruned(dense: torch.nn.Module, pruned: torch.nn.Module, model_name: str,
-                     model_kwargs: dict[str, Any], summary: dict[str, Any]) -> bytes:
+def serialize_pruned(
+    dense: torch.nn.Module,
+    pruned: torch.nn.Module,
+    model_name: str,
+    model_kwargs: dict[str, Any],
+    summary: dict[str, Any],
+) -> bytes:
     """The bytes of a ``.pt`` file that ``load_pruned`` rebuilds from timm: no pickled modules."""
     buffer = io.BytesIO()
-    torch.save({"format": PRUNED_FORMAT, "timm_model": model_name, "kwargs": model_kwargs,
-                "architecture": architecture_changes(dense, pruned), "summary": summary,
-                "state_dict": pruned.state_dict()}, buffer)
+    torch.save(
+        {
+            "format": PRUNED_FORMAT,
+            "timm_model": model_name,
+            "kwargs": model_kwargs,
+            "architecture": architecture_changes(dense, pruned),
+            "summary": summary,
+            "state_dict": pruned.state_dict(),
+        },
+        buffer,
+    )
     return buffer.getvalue()
 
 

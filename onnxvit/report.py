@@ -15,6 +15,8 @@ SCHEMA_VERSION = 1
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 PLOT_PNG = "accuracy_vs_latency.png"
+
+
 def _fmt(value: Any, digits: int = 2) -> str:
     if value is None:
         return "-"
@@ -29,12 +31,19 @@ def variant_table(report: dict[str, Any]) -> list[dict[str, Any]]:
     base = next((v for v in report["variants"] if v["name"] == reference), None)
     rows = []
     for v in report["variants"]:
-        row = {"name": v["name"], "runtime": v["runtime"], "top1": v["top1"], "top5": v["top5"],
-               "agree_top1": v["agree_top1"], "sqnr_db": v["sqnr_db"],
-               "median_ms": v["latency_ms"]["median"], "p90_ms": v["latency_ms"]["p90"],
-               "size_mb": v["size_bytes"] / 1e6,
-               "params_m": v["params"] / 1e6 if "params" in v else None,
-               "gmacs": v["macs"] / 1e9 if "macs" in v else None}
+        row = {
+            "name": v["name"],
+            "runtime": v["runtime"],
+            "top1": v["top1"],
+            "top5": v["top5"],
+            "agree_top1": v["agree_top1"],
+            "sqnr_db": v["sqnr_db"],
+            "median_ms": v["latency_ms"]["median"],
+            "p90_ms": v["latency_ms"]["p90"],
+            "size_mb": v["size_bytes"] / 1e6,
+            "params_m": v["params"] / 1e6 if "params" in v else None,
+            "gmacs": v["macs"] / 1e9 if "macs" in v else None,
+        }
         if base is not None:
             row["speedup_vs_fp32"] = base["latency_ms"]["median"] / v["latency_ms"]["median"]
             row["size_vs_fp32"] = v["size_bytes"] / base["size_bytes"]
@@ -44,12 +53,23 @@ def variant_table(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    columns = [("name", "variant"), ("runtime", "runtime"), ("top1", "top-1 %"), ("top5", "top-5 %"),
-               ("top1_delta_vs_fp32", "Δ top-1"), ("agree_top1", "agree %"), ("sqnr_db", "SQNR dB"),
-               ("median_ms", "median ms"), ("p90_ms", "p90 ms"), ("speedup_vs_fp32", "speed-up"),
-               ("size_mb", "size MB"), ("size_vs_fp32", "size ratio"), ("params_m", "params M"), ("gmacs", "GMACs")]
-    lines = ["| " + " | ".join(title for _, title in columns) + " |",
-             "|" + "---|" * len(columns)]
+    columns = [
+        ("name", "variant"),
+        ("runtime", "runtime"),
+        ("top1", "top-1 %"),
+        ("top5", "top-5 %"),
+        ("top1_delta_vs_fp32", "Δ top-1"),
+        ("agree_top1", "agree %"),
+        ("sqnr_db", "SQNR dB"),
+        ("median_ms", "median ms"),
+        ("p90_ms", "p90 ms"),
+        ("speedup_vs_fp32", "speed-up"),
+        ("size_mb", "size MB"),
+        ("size_vs_fp32", "size ratio"),
+        ("params_m", "params M"),
+        ("gmacs", "GMACs"),
+    ]
+    lines = ["| " + " | ".join(title for _, title in columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         lines.append("| " + " | ".join(_fmt(row.get(key)) for key, _ in columns) + " |")
     return "\n".join(lines)
@@ -75,22 +95,33 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"{prune['gradient_images']} calibration images): {prune['removed']['params']:.1%} of parameters and "
             f"{prune['removed']['macs']:.1%} of MACs removed. Per block: heads {prune['widths']['heads']}, "
             f"head dim {prune['widths']['head_dim']}, MLP width {prune['widths']['mlp_hidden']}. "
-            f"Checkpoint: `{prune['checkpoint']}` (rebuild with `onnxvit.prune.load_pruned`).")
+            f"Checkpoint: `{prune['checkpoint']}` (rebuild with `onnxvit.prune.load_pruned`)."
+        )
         tuned = prune.get("finetune")
-        parts.append(f"Fine-tuned by distillation from the dense model: {tuned['epochs']} epochs on {tuned['source']}, "
-                     f"loss {tuned['losses'][0]:.3f} -> {tuned['losses'][-1]:.3f}." if tuned else
-                     "No fine-tuning.")
+        parts.append(
+            f"Fine-tuned by distillation from the dense model: {tuned['epochs']} epochs on {tuned['source']}, "
+            f"loss {tuned['losses'][0]:.3f} -> {tuned['losses'][-1]:.3f}."
+            if tuned
+            else "No fine-tuning."
+        )
     if report.get("weights") == "random_init":
         parts.append("\n**Random weights**: top-1 / top-5 mean nothing here; judge agreement and SQNR.")
     parts += ["", markdown_table(variant_table(report))]
     parts += _precision_section(report) + _parity_section(report) + _mobile_section(report)
-    parts += ["", "## Steps", "",
-              "| step | pass | input | cached | seconds | check vs input |", "|---|---|---|---|---|---|"]
+    parts += [
+        "",
+        "## Steps",
+        "",
+        "| step | pass | input | cached | seconds | check vs input |",
+        "|---|---|---|---|---|---|",
+    ]
     for step in report.get("steps", []):
         check = step.get("check", {})
         text = ", ".join(f"{k} {_fmt(v, 4)}" for k, v in check.items())
-        parts.append(f"| {step['name']} | {step['kind']} | {step['input'] or '-'} | {step['cached']} | "
-                     f"{step['seconds']:.1f} | {text} |")
+        parts.append(
+            f"| {step['name']} | {step['kind']} | {step['input'] or '-'} | {step['cached']} | "
+            f"{step['seconds']:.1f} | {text} |"
+        )
     for step in report.get("steps", []):
         parts += _pass_of(step).report_section(step)
     notes = [f"- `{s['name']}`: {json.dumps(_untabled(s))}" for s in report.get("steps", []) if s.get("notes")]
@@ -129,15 +160,24 @@ def _parity_section(report: dict[str, Any]) -> list[str]:
     notes = report.get("lite") or {}
     if not rows and not notes:
         return []
-    lines = ["", "## Parity: ONNX Runtime vs PyTorch Lite", "",
-             "| ONNX variant | PyTorch variant | kind | max abs | agree % | SQNR dB | |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "",
+        "## Parity: ONNX Runtime vs PyTorch Lite",
+        "",
+        "| ONNX variant | PyTorch variant | kind | max abs | agree % | SQNR dB | |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['onnx']} | {r['torch']} | {r['kind']} | {r['max_abs']:.3g} | {r['agree_top1']:.2f} | "
-                     f"{_fmt(r['sqnr_db'])} | {'ok' if r['ok'] else '**FLAGGED**'} |")
+        lines.append(
+            f"| {r['onnx']} | {r['torch']} | {r['kind']} | {r['max_abs']:.3g} | {r['agree_top1']:.2f} | "
+            f"{_fmt(r['sqnr_db'])} | {'ok' if r['ok'] else '**FLAGGED**'} |"
+        )
     lines += [f"\n`{n}`: {v['error']}" for n, v in notes.items() if "error" in v]
     skipped = {n for n, v in notes.items() if "error" not in v and v.get("optimize_for_mobile") is not True}
     if skipped:
-        lines.append(f"\n`optimize_for_mobile` skipped for {', '.join(sorted(skipped))}: this torch build has no XNNPACK.")
+        lines.append(
+            f"\n`optimize_for_mobile` skipped for {', '.join(sorted(skipped))}: this torch build has no XNNPACK."
+        )
     return lines
 
 
@@ -145,17 +185,25 @@ def _mobile_section(report: dict[str, Any]) -> list[str]:
     mobile = report.get("mobile")
     if not mobile:
         return []
-    lines = ["", f"## ONNX Runtime Mobile ({mobile['target_platform']}, optimization {mobile['optimization']})", "",
-             "| variant | .ort file | size MB | max abs vs .onnx | same top-1 | |", "|---|---|---|---|---|---|"]
+    lines = [
+        "",
+        f"## ONNX Runtime Mobile ({mobile['target_platform']}, optimization {mobile['optimization']})",
+        "",
+        "| variant | .ort file | size MB | max abs vs .onnx | same top-1 | |",
+        "|---|---|---|---|---|---|",
+    ]
     for a in mobile["artifacts"]:
         if a.get("error"):
             lines.append(f"| {a['variant']} | - | - | - | - | {a['error']} |")
             continue
-        lines.append(f"| {a['variant']} | {a['path']} | {a['size_bytes'] / 1e6:.2f} | {a['max_abs_vs_onnx']:.3g} | "
-                     f"{a['argmax_equal']} | {'ok' if a['ok'] else '**FLAGGED**'} |")
+        lines.append(
+            f"| {a['variant']} | {a['path']} | {a['size_bytes'] / 1e6:.2f} | {a['max_abs_vs_onnx']:.3g} | "
+            f"{a['argmax_equal']} | {'ok' if a['ok'] else '**FLAGGED**'} |"
+        )
     if mobile.get("operators_config"):
-        lines.append(f"\nReduced-build operator config: `{mobile['operators_config']}` "
-                     f"({len(mobile['operators'])} lines).")
+        lines.append(
+            f"\nReduced-build operator config: `{mobile['operators_config']}` ({len(mobile['operators'])} lines)."
+        )
     return lines
 
 
@@ -173,8 +221,7 @@ def render_plot(report: dict[str, Any], path: Path) -> None:
         x, y = v["latency_ms"]["median"], v[metric]
         ax.scatter([x], [y], s=30 + v["size_bytes"] / 2e5, alpha=0.7)
         ax.annotate(v["name"], (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
-    ax.set_xlabel(f"median latency, ms (batch {report.get('batch_size', 1)}, "
-                  f"{report['machine']['threads']} threads)")
+    ax.set_xlabel(f"median latency, ms (batch {report.get('batch_size', 1)}, {report['machine']['threads']} threads)")
     ax.set_ylabel("top-1 agreement with fp32, %" if metric == "agree_top1" else "top-1, % (evaluation split)")
     ax.set_title(f"{report['model']}: accuracy vs latency (marker area ~ size)", fontsize=9)
     ax.grid(alpha=0.3)

@@ -37,8 +37,9 @@ class Variant:
     size_bytes: int = 0
     counts: dict[str, int] = field(default_factory=dict)
 
-    def logits(self, images: np.ndarray, batch_size: int, threads: int,
-               advance: Callable[[int], None] = lambda n: None) -> np.ndarray:
+    def logits(
+        self, images: np.ndarray, batch_size: int, threads: int, advance: Callable[[int], None] = lambda n: None
+    ) -> np.ndarray:
         """The first output for every image, in batches of ``batch_size``, as float32."""
         if self.runtime == "onnxruntime":
             session = make_session(self.path if self.path is not None else self._proto(), threads)
@@ -64,8 +65,9 @@ class Variant:
         return self.proto
 
 
-def _torch_logits(model: Any, images: np.ndarray, batch_size: int, threads: int,
-                  advance: Callable[[int], None]) -> np.ndarray:
+def _torch_logits(
+    model: Any, images: np.ndarray, batch_size: int, threads: int, advance: Callable[[int], None]
+) -> np.ndarray:
     import torch
 
     previous = torch.get_num_threads()

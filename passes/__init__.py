@@ -46,5 +46,4 @@ def get_pass(name: str) -> type[Pass]:
     return _REGISTRY[name]
 
 
-__all__ = ["PASS_MODULES", "Pass", "PassConfig", "PassContext", "PassError", "get_pass", "pass_names",
-           "register_pass"]
+__all__ = ["PASS_MODULES", "Pass", "PassConfig", "PassContext", "PassError", "get_pass", "pass_names", "register_pass"]

@@ -13,8 +13,7 @@ from typing import Any, Callable
 import numpy as np
 import onnx
 
-from passes.metrics import SQNR_CEILING_DB
-from passes.metrics import sqnr_db, top1_agreement
+from passes.metrics import SQNR_CEILING_DB, sqnr_db, top1_agreement
 from passes.runtime import model_logits
 
 Quantize = Callable[[list[str]], onnx.ModelProto]
@@ -39,8 +38,9 @@ class Budget:
         return self.min_sqnr_db is not None or self.min_agreement is not None
 
     def met(self, fidelity: Fidelity) -> bool:
-        return ((self.min_sqnr_db is None or fidelity.sqnr_db >= self.min_sqnr_db)
-                and (self.min_agreement is None or fidelity.agreement >= self.min_agreement))
+        return (self.min_sqnr_db is None or fidelity.sqnr_db >= self.min_sqnr_db) and (
+            self.min_agreement is None or fidelity.agreement >= self.min_agreement
+        )
 
 
 class FidelityProbe:
@@ -52,12 +52,19 @@ class FidelityProbe:
 
     def __call__(self, model: onnx.ModelProto) -> Fidelity:
         logits = model_logits(model, self.batches, self.threads)
-        return Fidelity(min(float(sqnr_db(self.reference, logits)), SQNR_CEILING_DB),
-                        top1_agreement(logits, self.reference))
+        return Fidelity(
+            min(float(sqnr_db(self.reference, logits)), SQNR_CEILING_DB), top1_agreement(logits, self.reference)
+        )
 
 
-def fit_budget(layers: list[str], quantize: Quantize, probe: FidelityProbe, budget: Budget, max_float: int,
-               log: Callable[[str], None]) -> tuple[onnx.ModelProto, dict[str, Any]]:
+def fit_budget(
+    layers: list[str],
+    quantize: Quantize,
+    probe: FidelityProbe,
+    budget: Budget,
+    max_float: int,
+    log: Callable[[str], None],
+) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """Quantize ``layers`` except the fewest most harmful ones, so that ``budget`` holds on the search
     split; returns the model and what was measured (per layer, when the ranking ran)."""
     model = quantize(layers)
@@ -65,8 +72,10 @@ def fit_budget(layers: list[str], quantize: Quantize, probe: FidelityProbe, budg
     notes: dict[str, Any] = {"search_fidelity": fidelity.rounded(), "kept_float": [], "budget_met": True}
     if budget.met(fidelity):
         return model, notes
-    log(f"budget not met with every layer in int8 ({fidelity.sqnr_db:.1f} dB, {fidelity.agreement:.1f}% "
-        f"agreement); ranking {len(layers)} layers")
+    log(
+        f"budget not met with every layer in int8 ({fidelity.sqnr_db:.1f} dB, {fidelity.agreement:.1f}% "
+        f"agreement); ranking {len(layers)} layers"
+    )
     alone = {layer: probe(quantize([layer])) for layer in layers}
     ranked = sorted(layers, key=lambda layer: (alone[layer].sqnr_db, alone[layer].agreement))
     notes["sensitivity"] = [{"layer": layer, **alone[layer].rounded()} for layer in ranked]
@@ -83,6 +92,8 @@ def fit_budget(layers: list[str], quantize: Quantize, probe: FidelityProbe, budg
     model, fidelity, kept = best
     notes.update(search_fidelity=fidelity.rounded(), kept_float=list(kept), budget_met=budget.met(fidelity))
     if not notes["budget_met"]:
-        log(f"budget not met even with {max_float} layers in float; kept the most faithful model "
-            f"({fidelity.sqnr_db:.1f} dB, {len(kept)} float layers)")
+        log(
+            f"budget not met even with {max_float} layers in float; kept the most faithful model "
+            f"({fidelity.sqnr_db:.1f} dB, {len(kept)} float layers)"
+        )
     return model, notes

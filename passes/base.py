@@ -57,8 +57,9 @@ class PassContext:
     notes: dict[str, Any] = field(default_factory=dict)
     search_labels: np.ndarray | None = None
     memo: MutableMapping[str, Any] = field(default_factory=dict)
-    progress: Callable[[str, int], ContextManager[Callable[[int], None]]] = \
-        lambda description, total: contextlib.nullcontext(lambda n=1: None)
+    progress: Callable[[str, int], ContextManager[Callable[[int], None]]] = lambda description, total: (
+        contextlib.nullcontext(lambda n=1: None)
+    )
 
     def require_calibration(self, who: str) -> None:
         if not self.calibration:

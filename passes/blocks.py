@@ -24,8 +24,7 @@ def _module_block(text: str) -> str | None:
     return match.group(1) if match else None
 
 
-def find_blocks(model: onnx.ModelProto, layers: list[str], hops: int = 4,
-                min_layers: int = 2) -> dict[str, list[str]]:
+def find_blocks(model: onnx.ModelProto, layers: list[str], hops: int = 4, min_layers: int = 2) -> dict[str, list[str]]:
     """Linear layers by block, in graph order; layers in no block, or in a group of fewer than
     ``min_layers`` (a classifier's ``classifier.0``), go under ``rest``.
 

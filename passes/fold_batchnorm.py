@@ -32,8 +32,9 @@ class FoldBatchNormConfig(PassConfig):
 def _channel_axis_of_weight(node: onnx.NodeProto) -> int | None:
     """Which axis of the weight holds output channels; None where a fold would not be exact (a Gemm
     that transposes or scales its input)."""
-    if node.op_type == "Gemm" and (attribute(node, "transA", 0) or attribute(node, "alpha", 1.0) != 1.0
-                                   or attribute(node, "beta", 1.0) != 1.0):
+    if node.op_type == "Gemm" and (
+        attribute(node, "transA", 0) or attribute(node, "alpha", 1.0) != 1.0 or attribute(node, "beta", 1.0) != 1.0
+    ):
         return None
     return weight_channel_axis(node)
 
@@ -42,6 +43,7 @@ def _channel_axis_of_weight(node: onnx.NodeProto) -> int | None:
 class FoldBatchNormPass(Pass):
     name = "fold_batchnorm"
     Config = FoldBatchNormConfig
+    config: FoldBatchNormConfig
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
         out = copy_model(model)
@@ -67,8 +69,9 @@ class FoldBatchNormPass(Pass):
             shape = [1] * weight.ndim
             shape[axis] = -1
             prefix = f"{name}/folded"
-            initializers.append(numpy_helper.from_array((weight * scale.reshape(shape)).astype(weight.dtype),
-                                                        f"{prefix}/weight"))
+            initializers.append(
+                numpy_helper.from_array((weight * scale.reshape(shape)).astype(weight.dtype), f"{prefix}/weight")
+            )
             inputs = [linear.input[0], f"{prefix}/weight"]
             has_bias = len(linear.input) > 2 and linear.input[2] and linear.op_type != "MatMul"
             if has_bias:
@@ -93,8 +96,9 @@ class FoldBatchNormPass(Pass):
             else:
                 # MatMul: the shift stays as an Add on the channel axis (last, or axis 1 after Flatten)
                 initializers.append(numpy_helper.from_array(shift.astype(weight.dtype), f"{prefix}/shift"))
-                replacements[id(bn)] = [helper.make_node("Add", [bn.input[0], f"{prefix}/shift"], [bn.output[0]],
-                                                         name=f"{name}/Add")]
+                replacements[id(bn)] = [
+                    helper.make_node("Add", [bn.input[0], f"{prefix}/shift"], [bn.output[0]], name=f"{name}/Add")
+                ]
             folded[name] = linear.name
         if replacements:
             rebuild(out, replacements, set(), initializers)
@@ -134,4 +138,3 @@ class FoldBatchNormPass(Pass):
         if source.op_type == "MatMul" and not through_flatten:
             return "a MatMul's channels are its last axis, BatchNorm's are axis 1"
         return None
-

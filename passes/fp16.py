@@ -44,6 +44,7 @@ def drop_repeated_nodes(model: onnx.ModelProto) -> int:
 class Fp16Pass(Pass):
     name = "fp16"
     Config = Fp16Config
+    config: Fp16Config
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
         from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16

@@ -36,7 +36,9 @@ class FuseVitConfig(PassConfig):
     attention: bool = Field(True, description="Fuse timm attention into com.microsoft.MultiHeadAttention.")
     matmul_3d: bool = Field(True, description="Reshape -> Gemm -> Reshape becomes MatMul + Add on the 3-D tensor.")
     gelu: Literal["exact", "tanh"] = Field(
-        "exact", description="tanh: the erf GELU becomes com.microsoft.FastGelu (tanh approximation; faster, not exact).")
+        "exact",
+        description="tanh: the erf GELU becomes com.microsoft.FastGelu (tanh approximation; faster, not exact).",
+    )
 
 
 @dataclass
@@ -164,15 +166,28 @@ def fuse_attention(model: onnx.ModelProto) -> int:
             numpy_helper.from_array(np.array([hidden] * 3, np.int64), f"{prefix}/split"),
         ]
         replacements[id(found.output)] = [
-            helper.make_node("MatMul", [found.qkv.x, f"{prefix}/qkv/weight"], [f"{prefix}/qkv/matmul"],
-                             name=f"{prefix}/qkv/MatMul"),
-            helper.make_node("Add", [f"{prefix}/qkv/matmul", f"{prefix}/qkv/bias"], [f"{prefix}/qkv"],
-                             name=f"{prefix}/qkv/Add"),
-            helper.make_node("Split", [f"{prefix}/qkv", f"{prefix}/split"], [f"{prefix}/{t}" for t in "qkv"],
-                             name=f"{prefix}/Split", axis=-1),
-            helper.make_node("MultiHeadAttention", [f"{prefix}/q", f"{prefix}/k", f"{prefix}/v"], [out],
-                             name=f"{prefix}/MultiHeadAttention", domain=MS_DOMAIN,
-                             num_heads=found.heads, scale=found.scale),
+            helper.make_node(
+                "MatMul", [found.qkv.x, f"{prefix}/qkv/weight"], [f"{prefix}/qkv/matmul"], name=f"{prefix}/qkv/MatMul"
+            ),
+            helper.make_node(
+                "Add", [f"{prefix}/qkv/matmul", f"{prefix}/qkv/bias"], [f"{prefix}/qkv"], name=f"{prefix}/qkv/Add"
+            ),
+            helper.make_node(
+                "Split",
+                [f"{prefix}/qkv", f"{prefix}/split"],
+                [f"{prefix}/{t}" for t in "qkv"],
+                name=f"{prefix}/Split",
+                axis=-1,
+            ),
+            helper.make_node(
+                "MultiHeadAttention",
+                [f"{prefix}/q", f"{prefix}/k", f"{prefix}/v"],
+                [out],
+                name=f"{prefix}/MultiHeadAttention",
+                domain=MS_DOMAIN,
+                num_heads=found.heads,
+                scale=found.scale,
+            ),
         ]
         removed.update(id(node) for node in found.nodes)
     if matches:
@@ -180,9 +195,13 @@ def fuse_attention(model: onnx.ModelProto) -> int:
         use_domain(model, MS_DOMAIN)
         for found in matches:  # so shape inference reaches the layers after the fused op
             batch = shapes[found.qkv.x][0]
-            model.graph.value_info.append(helper.make_tensor_value_info(
-                found.output.output[0], onnx.TensorProto.FLOAT,
-                [batch if batch is not None else "batch", found.tokens, found.heads * found.head_dim]))
+            model.graph.value_info.append(
+                helper.make_tensor_value_info(
+                    found.output.output[0],
+                    onnx.TensorProto.FLOAT,
+                    [batch if batch is not None else "batch", found.tokens, found.heads * found.head_dim],
+                )
+            )
     return len(matches)
 
 
@@ -207,8 +226,14 @@ def matmul_3d(model: onnx.ModelProto) -> int:
         prefix = gemm.name or f"linear_{len(replacements)}"
         initializers.append(numpy_helper.from_array(np.ascontiguousarray(layer.weight, np.float32), f"{prefix}/weight"))
         out = unflatten.output[0]
-        new = [helper.make_node("MatMul", [layer.x, f"{prefix}/weight"],
-                                [out if layer.bias is None else f"{prefix}/matmul"], name=f"{prefix}/MatMul")]
+        new = [
+            helper.make_node(
+                "MatMul",
+                [layer.x, f"{prefix}/weight"],
+                [out if layer.bias is None else f"{prefix}/matmul"],
+                name=f"{prefix}/MatMul",
+            )
+        ]
         if layer.bias is not None:
             initializers.append(numpy_helper.from_array(layer.bias.astype(np.float32).reshape(-1), f"{prefix}/bias"))
             new.append(helper.make_node("Add", [f"{prefix}/matmul", f"{prefix}/bias"], [out], name=f"{prefix}/Add"))
@@ -232,17 +257,21 @@ def tanh_gelu(model: onnx.ModelProto) -> int:
         add = index.sole_consumer(erf.output[0], "Add")
         mul = index.sole_consumer(add.output[0], "Mul") if add is not None else None
         half = index.sole_consumer(mul.output[0], "Mul") if mul is not None else None
-        if div is None or half is None or not _near(index.constant(div.input[1]), 2 ** 0.5):
+        if div is None or half is None or not _near(index.constant(div.input[1]), 2**0.5):
             continue
         x = div.input[0]
-        if not (_near(index.constant(add.input[1]), 1.0) and set(mul.input) == {x, add.output[0]}
-                and _near(index.constant(half.input[1]), 0.5)):
+        if not (
+            _near(index.constant(add.input[1]), 1.0)
+            and set(mul.input) == {x, add.output[0]}
+            and _near(index.constant(half.input[1]), 0.5)
+        ):
             continue
         group = [div, erf, add, mul, half]
         if not index.private(group, keep=half):
             continue
-        replacements[id(half)] = [helper.make_node("FastGelu", [x], [half.output[0]], name=f"{erf.name}/FastGelu",
-                                                   domain=MS_DOMAIN)]
+        replacements[id(half)] = [
+            helper.make_node("FastGelu", [x], [half.output[0]], name=f"{erf.name}/FastGelu", domain=MS_DOMAIN)
+        ]
         removed.update(id(node) for node in group[:-1])
     if replacements:
         rebuild(model, replacements, removed, [])
@@ -254,6 +283,7 @@ def tanh_gelu(model: onnx.ModelProto) -> int:
 class FuseVitPass(Pass):
     name = "fuse_vit"
     Config = FuseVitConfig
+    config: FuseVitConfig
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
         model = copy_model(model)

@@ -81,8 +81,12 @@ class GraphIndex:
         return True
 
 
-def rebuild(model: onnx.ModelProto, replacements: dict[int, list[onnx.NodeProto]], removed: set[int],
-            initializers: list[onnx.TensorProto]) -> None:
+def rebuild(
+    model: onnx.ModelProto,
+    replacements: dict[int, list[onnx.NodeProto]],
+    removed: set[int],
+    initializers: list[onnx.TensorProto],
+) -> None:
     """Put each replacement list where the node with that ``id`` was, drop ``removed`` nodes, add
     ``initializers``, then drop constants nothing reads and shape annotations of tensors that
     no longer exist or changed meaning (ONNX Runtime trusts stale ones)."""
@@ -127,8 +131,9 @@ def tensor_shapes(model: onnx.ModelProto) -> dict[str, list[int | None]]:
     shapes = {}
     for info in list(graph.value_info) + list(graph.input) + list(graph.output):
         if info.type.tensor_type.HasField("shape"):
-            shapes[info.name] = [d.dim_value if d.HasField("dim_value") else None
-                                 for d in info.type.tensor_type.shape.dim]
+            shapes[info.name] = [
+                d.dim_value if d.HasField("dim_value") else None for d in info.type.tensor_type.shape.dim
+            ]
     return shapes
 
 
@@ -139,8 +144,12 @@ def gemms_as_matmul(model: onnx.ModelProto) -> int:
     index = GraphIndex(model)
     replacements, initializers = {}, []
     for gemm in model.graph.node:
-        if gemm.op_type != "Gemm" or attribute(gemm, "transA", 0) or attribute(gemm, "alpha", 1.0) != 1.0 \
-                or attribute(gemm, "beta", 1.0) != 1.0:
+        if (
+            gemm.op_type != "Gemm"
+            or attribute(gemm, "transA", 0)
+            or attribute(gemm, "alpha", 1.0) != 1.0
+            or attribute(gemm, "beta", 1.0) != 1.0
+        ):
             continue
         weight = index.constant(gemm.input[1])
         bias = index.constant(gemm.input[2]) if len(gemm.input) > 2 and gemm.input[2] else None
@@ -150,12 +159,19 @@ def gemms_as_matmul(model: onnx.ModelProto) -> int:
         if attribute(gemm, "transB", 0):
             weight = weight.T
         initializers.append(numpy_helper.from_array(np.ascontiguousarray(weight), f"{name}/weight"))
-        new = [helper.make_node("MatMul", [gemm.input[0], f"{name}/weight"],
-                                [gemm.output[0] if bias is None else f"{name}/matmul"], name=name)]
+        new = [
+            helper.make_node(
+                "MatMul",
+                [gemm.input[0], f"{name}/weight"],
+                [gemm.output[0] if bias is None else f"{name}/matmul"],
+                name=name,
+            )
+        ]
         if bias is not None:
             initializers.append(numpy_helper.from_array(bias.reshape(-1), f"{name}/bias"))
-            new.append(helper.make_node("Add", [f"{name}/matmul", f"{name}/bias"], [gemm.output[0]],
-                                        name=f"{name}/Add"))
+            new.append(
+                helper.make_node("Add", [f"{name}/matmul", f"{name}/bias"], [gemm.output[0]], name=f"{name}/Add")
+            )
         replacements[id(gemm)] = new
     if replacements:
         rebuild(model, replacements, set(), initializers)
@@ -163,8 +179,17 @@ def gemms_as_matmul(model: onnx.ModelProto) -> int:
 
 
 # Ops that carry integer weights or activations, standard and com.microsoft (QLinear* by prefix).
-QUANTIZED_OPS = {"QuantizeLinear", "DynamicQuantizeLinear", "DynamicQuantizeMatMul", "MatMulInteger",
-                 "MatMulIntegerToFloat", "ConvInteger", "QGemm", "QAttention", "MatMulNBits"}
+QUANTIZED_OPS = {
+    "QuantizeLinear",
+    "DynamicQuantizeLinear",
+    "DynamicQuantizeMatMul",
+    "MatMulInteger",
+    "MatMulIntegerToFloat",
+    "ConvInteger",
+    "QGemm",
+    "QAttention",
+    "MatMulNBits",
+}
 _CONVERTERS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
 _COMPUTE = {"Conv", "ConvTranspose", "MatMul", "Gemm", "MultiHeadAttention", "Attention"}
 
@@ -173,11 +198,18 @@ def compute_op_census(model: onnx.ModelProto) -> dict[str, dict[str, int]]:
     """The heavy ops by precision: ``integer`` (quantized kernels, and QDQ-wrapped ops whose inputs
     all come from DequantizeLinear, which ONNX Runtime fuses) and ``float``. Says why an int8 model
     is not faster: what still computes in float."""
-    wide = {init.name for init in model.graph.initializer
-            if init.data_type in (onnx.TensorProto.INT16, onnx.TensorProto.UINT16, onnx.TensorProto.INT32)}
+    wide = {
+        init.name
+        for init in model.graph.initializer
+        if init.data_type in (onnx.TensorProto.INT16, onnx.TensorProto.UINT16, onnx.TensorProto.INT32)
+    }
     # an int16 QDQ pair has no integer kernel here: the op between runs in float
-    dequantized = {out for node in model.graph.node if node.op_type == "DequantizeLinear"
-                   and not (len(node.input) > 2 and node.input[2] in wide) for out in node.output}
+    dequantized = {
+        out
+        for node in model.graph.node
+        if node.op_type == "DequantizeLinear" and not (len(node.input) > 2 and node.input[2] in wide)
+        for out in node.output
+    }
     census: dict[str, dict[str, int]] = {"integer": {}, "float": {}}
     for node in model.graph.node:
         op = node.op_type
@@ -211,8 +243,11 @@ def find_bridges(model: onnx.ModelProto, hops: int = 8) -> list[dict[str, Any]]:
         """The first weighted layer met walking from ``tensor``; None if another kind comes first."""
         frontier, seen = [tensor], set()
         for _ in range(hops):
-            nodes = ([c for t in frontier for c in index.consumers.get(t, [])] if downstream
-                     else [index.producer[t] for t in frontier if t in index.producer])
+            nodes = (
+                [c for t in frontier for c in index.consumers.get(t, [])]
+                if downstream
+                else [index.producer[t] for t in frontier if t in index.producer]
+            )
             following = []
             for node in nodes:
                 if id(node) in seen:
@@ -235,6 +270,12 @@ def find_bridges(model: onnx.ModelProto, hops: int = 8) -> list[dict[str, Any]]:
         conv = nearest(node.input[0] if to_tokens else node.output[0], downstream=not to_tokens, ops=("Conv",))
         linear = nearest(node.output[0] if to_tokens else node.input[0], downstream=to_tokens, ops=("MatMul", "Gemm"))
         if conv is not None and linear is not None:
-            bridges.append({"at": node.name or node.output[0], "kind": "to_tokens" if to_tokens else "to_feature_map",
-                            "conv": conv.name, "linear": linear.name})
+            bridges.append(
+                {
+                    "at": node.name or node.output[0],
+                    "kind": "to_tokens" if to_tokens else "to_feature_map",
+                    "conv": conv.name,
+                    "linear": linear.name,
+                }
+            )
     return bridges

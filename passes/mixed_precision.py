@@ -39,8 +39,6 @@ from passes.mixed_precision_search import Search
 from passes.ort_quant import CalibrationReader, ensure_node_names, run_ort_quantizer, weighted_nodes
 from passes.quantize_int8 import QuantizeInt8Config, QuantizeInt8Pass, u8s8_saturates
 
-
-
 NBITS_ONLY = frozenset({"block_size", "accuracy_level", "symmetric"})
 
 
@@ -60,15 +58,18 @@ class MixedPrecisionConfig(PassConfig):
     min_block_layers: int = Field(2, ge=1, description="Smaller groups (a classifier's layers) join `rest`.")
     block_size: int = Field(32, ge=16, description="MatMulNBits: weights per scale (a power of two).")
     accuracy_level: int = Field(
-        0, ge=0, le=4, description="MatMulNBits compute type: 0 float, 4 int8 (measure it: it can be slower).")
+        0, ge=0, le=4, description="MatMulNBits compute type: 0 float, 4 int8 (measure it: it can be slower)."
+    )
     symmetric: bool = Field(True, description="MatMulNBits: symmetric weights (no zero points).")
     reduce_range: bool | Literal["auto"] = Field("auto", description="int8: 7-bit weights, as quantize_int8.")
     objective: Literal["sqnr", "agreement", "top1"] = Field(
-        "sqnr", description="Fidelity objective on the search split; sqnr resolves what 31 images' top-1 cannot.")
+        "sqnr", description="Fidelity objective on the search split; sqnr resolves what 31 images' top-1 cannot."
+    )
     # PoMQ-ViT's constraints
     allow_uniform: bool = Field(False, description="Admit searched assignments with one choice everywhere.")
     max_latency_vs_float: float | None = Field(
-        1.0, gt=0, description="Candidates must run at most this fraction of the float model's latency.")
+        1.0, gt=0, description="Candidates must run at most this fraction of the float model's latency."
+    )
     max_size_vs_int8: float | None = Field(None, gt=0, description="Candidates at most this fraction of int8's size.")
     # search
     population: int = Field(32, ge=4, description="NSGA-II population per generation.")
@@ -77,20 +78,23 @@ class MixedPrecisionConfig(PassConfig):
     candidates: int = Field(8, ge=1, description="Predicted front points built and measured whole.")
     latency_runs: int = Field(60, ge=5, description="Timed runs per model when timing uniform and front models.")
     latency_warmup: int = Field(10, ge=0, description="Untimed runs per model first.")
-    select: SelectConfig = Field(default_factory=SelectConfig,
-                                 description="Which measured front point becomes the output (see below).")
+    select: SelectConfig = Field(
+        default_factory=SelectConfig, description="Which measured front point becomes the output (see below)."
+    )
 
     @property
     def requires_labels(self) -> bool:
         return self.objective == "top1" or self.select.max_top1_drop is not None
 
     @model_validator(mode="after")
-    def _checks(self) -> "MixedPrecisionConfig":
+    def _checks(self) -> MixedPrecisionConfig:
         if not {"w4", "w8"} & {*self.choices, self.rest}:
             ignored = sorted(NBITS_ONLY & self.model_fields_set)
             if ignored:
-                raise ValueError(f"{', '.join(ignored)}: only used by the w4 / w8 choices, which choices and rest "
-                                 "do not name; remove them or add w4 / w8")
+                raise ValueError(
+                    f"{', '.join(ignored)}: only used by the w4 / w8 choices, which choices and rest "
+                    "do not name; remove them or add w4 / w8"
+                )
         if len(set(self.choices)) != len(self.choices):
             raise ValueError(f"choices: {self.choices} repeats an entry")
         if self.block_size & (self.block_size - 1):
@@ -102,6 +106,7 @@ class MixedPrecisionConfig(PassConfig):
 class MixedPrecisionPass(Pass):
     name = "mixed_precision"
     Config = MixedPrecisionConfig
+    config: MixedPrecisionConfig
 
     tabled_notes = frozenset({"points", "sensitivity"})
 
@@ -130,8 +135,11 @@ class MixedPrecisionPass(Pass):
     def build(self, prepared: onnx.ModelProto, blocks: dict[str, list[str]], assignment: Assignment) -> onnx.ModelProto:
         """The model with each block's linear layers as ``assignment`` says (``rest`` from the config)."""
         cfg = self.config
-        choice_of = {layer: assignment.get(block, cfg.rest) if block != REST else cfg.rest
-                     for block, layers in blocks.items() for layer in layers}
+        choice_of = {
+            layer: assignment.get(block, cfg.rest) if block != REST else cfg.rest
+            for block, layers in blocks.items()
+            for layer in layers
+        }
         model = prepared
         a16 = [layer for layer, c in choice_of.items() if c == "a16w8"]
         if a16:
@@ -145,8 +153,9 @@ class MixedPrecisionPass(Pass):
             model = self._int8(model, int8)
         return model
 
-    def apply(self, model: onnx.ModelProto, assignment: Assignment,
-              calibration: list[np.ndarray] | None = None) -> onnx.ModelProto:
+    def apply(
+        self, model: onnx.ModelProto, assignment: Assignment, calibration: list[np.ndarray] | None = None
+    ) -> onnx.ModelProto:
         """``model`` (the pass's input) with ``assignment`` (block -> choice, as a report's front point
         gives it), built as the search built it (a16w8 needs the same ``calibration`` batches)."""
         self.calibration = calibration or self.calibration
@@ -165,10 +174,15 @@ class MixedPrecisionPass(Pass):
         keep = set(layers)
         # nodes_to_include only adds to op_types_to_quantize; exclusion is what restricts
         others = [n for n in weighted_nodes(model, ["MatMul"]) if n not in keep]
-        quantizer = MatMulNBitsQuantizer(copy_model(model), bits=bits, block_size=self.config.block_size,
-                                         is_symmetric=self.config.symmetric,
-                                         accuracy_level=self.config.accuracy_level,
-                                         nodes_to_exclude=others, op_types_to_quantize=("MatMul",))
+        quantizer = MatMulNBitsQuantizer(
+            copy_model(model),
+            bits=bits,
+            block_size=self.config.block_size,
+            is_symmetric=self.config.symmetric,
+            accuracy_level=self.config.accuracy_level,
+            nodes_to_exclude=others,
+            op_types_to_quantize=("MatMul",),
+        )
         quantizer.process()
         return quantizer.model.model
 
@@ -179,17 +193,31 @@ class MixedPrecisionPass(Pass):
             raise PassError("a16w8 needs calibration images (data.calibrate_images > 0)")
         name = model.graph.input[0].name
         samples = ({name: image[None]} for batch in self.calibration for image in batch)
-        return run_ort_quantizer(model, lambda source, output: quantize_static(
-            source, output, CalibrationReader(samples), quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=["MatMul"], per_channel=True, activation_type=QuantType.QInt16,
-            weight_type=QuantType.QInt8, nodes_to_quantize=layers, calibrate_method=CalibrationMethod.MinMax,
-            extra_options={"OpTypesToExcludeOutputQuantization": ["MatMul"],
-                           "DefaultTensorType": onnx.TensorProto.FLOAT}))
+        return run_ort_quantizer(
+            model,
+            lambda source, output: quantize_static(
+                source,
+                output,
+                CalibrationReader(samples),
+                quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=["MatMul"],
+                per_channel=True,
+                activation_type=QuantType.QInt16,
+                weight_type=QuantType.QInt8,
+                nodes_to_quantize=layers,
+                calibrate_method=CalibrationMethod.MinMax,
+                extra_options={
+                    "OpTypesToExcludeOutputQuantization": ["MatMul"],
+                    "DefaultTensorType": onnx.TensorProto.FLOAT,
+                },
+            ),
+        )
 
     def _int8(self, model: onnx.ModelProto, layers: list[str]) -> onnx.ModelProto:
         reduce_range = u8s8_saturates() if self.config.reduce_range == "auto" else self.config.reduce_range
         return QuantizeInt8Pass(QuantizeInt8Config(op_types=["MatMul"])).quantize_layers(
-            model, layers, reduce_range, [], {})
+            model, layers, reduce_range, [], {}
+        )
 
     # ---- the pass ------------------------------------------------------------------------------
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
@@ -197,8 +225,9 @@ class MixedPrecisionPass(Pass):
         if not ctx.search:
             raise PassError("needs search images; set data.search_images > 0")
         if cfg.requires_labels and ctx.search_labels is None:
-            raise PassError("top-1 needs labelled search images with real weights; "
-                            "use objective: sqnr and select.min_agreement")
+            raise PassError(
+                "top-1 needs labelled search images with real weights; use objective: sqnr and select.min_agreement"
+            )
         if "a16w8" in (*cfg.choices, cfg.rest):
             ctx.require_calibration("mixed_precision (a16w8)")
         self.calibration = ctx.calibration
@@ -215,21 +244,29 @@ class MixedPrecisionPass(Pass):
         notes = step.get("notes", {})
         if not notes.get("points"):
             return []
-        lines = ["", f"## Mixed precision: `{step['name']}`", "",
-                 f"One character per block ({_block_span(notes['blocks'])}): F float, 8 int8, 4 w4, W w8, "
-                 f"A a16w8; other linear layers: {notes['points'][0]['rest']}. Measured on the search split "
-                 f"against the float input; {notes['explored']} assignments scored by the per-block model, "
-                 f"{len(notes['points'])} built and timed together. "
-                 f"Chosen: `{notes['chosen']}` ({notes['select']}).", "",
-                 "| assignment | front | top-1 % (search) | agree % | SQNR dB | median ms | x float | size MB | "
-                 "x int8 | constraints |", "|---|---|---|---|---|---|---|---|---|---|"]
+        lines = [
+            "",
+            f"## Mixed precision: `{step['name']}`",
+            "",
+            f"One character per block ({_block_span(notes['blocks'])}): F float, 8 int8, 4 w4, W w8, "
+            f"A a16w8; other linear layers: {notes['points'][0]['rest']}. Measured on the search split "
+            f"against the float input; {notes['explored']} assignments scored by the per-block model, "
+            f"{len(notes['points'])} built and timed together. "
+            f"Chosen: `{notes['chosen']}` ({notes['select']}).",
+            "",
+            "| assignment | front | top-1 % (search) | agree % | SQNR dB | median ms | x float | size MB | "
+            "x int8 | constraints |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for p in sorted(notes["points"], key=lambda p: p["latency_ms"]):
             mark = "**chosen**" if p["name"] == notes["chosen"] else ("yes" if p["on_front"] else "")
             label = p["name"] if p["reference"] else f"`{p['code']}`"
             top1 = "-" if p["top1"] is None else f"{p['top1']:.2f}"
-            lines.append(f"| {label} | {mark} | {top1} | {p['agreement']:.1f} | {p['sqnr_db']:.2f} | "
-                         f"{p['latency_ms']:.2f} | {p['latency_vs_float']:.2f} | {p['size_bytes'] / 1e6:.2f} | "
-                         f"{p['size_vs_int8']:.2f} | {'; '.join(p['violates']) or 'ok'} |")
+            lines.append(
+                f"| {label} | {mark} | {top1} | {p['agreement']:.1f} | {p['sqnr_db']:.2f} | "
+                f"{p['latency_ms']:.2f} | {p['latency_vs_float']:.2f} | {p['size_bytes'] / 1e6:.2f} | "
+                f"{p['size_vs_int8']:.2f} | {'; '.join(p['violates']) or 'ok'} |"
+            )
         return lines + ["", f"![Pareto front of {step['name']}]({front_plot_name(step['name'])})"]
 
     @classmethod
@@ -245,14 +282,21 @@ class MixedPrecisionPass(Pass):
         import matplotlib.pyplot as plt
 
         fig, axes = plt.subplots(1, 2, figsize=(9, 4), dpi=120, sharey=True)
-        for ax, key, label, scale in ((axes[0], "latency_ms", "median latency, ms", 1.0),
-                                      (axes[1], "size_bytes", "size, MB", 1e-6)):
+        for ax, key, label, scale in (
+            (axes[0], "latency_ms", "median latency, ms", 1.0),
+            (axes[1], "size_bytes", "size, MB", 1e-6),
+        ):
             for p in notes["points"]:
                 color = "tab:red" if p["name"] == notes["chosen"] else ("tab:blue" if p["on_front"] else "tab:gray")
                 x = p[key] * scale
                 ax.scatter([x], [p["sqnr_db"]], s=40, color=color, alpha=0.7, marker="s" if p["reference"] else "o")
-                ax.annotate(p["name"] if p["reference"] else p["code"], (x, p["sqnr_db"]),
-                            textcoords="offset points", xytext=(4, 3), fontsize=6)
+                ax.annotate(
+                    p["name"] if p["reference"] else p["code"],
+                    (x, p["sqnr_db"]),
+                    textcoords="offset points",
+                    xytext=(4, 3),
+                    fontsize=6,
+                )
             ax.set_xlabel(label)
             ax.grid(alpha=0.3)
         axes[0].set_ylabel("logit SQNR vs float, dB (search split)")

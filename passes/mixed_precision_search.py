@@ -45,12 +45,13 @@ class Search:
         self.prepared, self.layers = owner.prepare(model)
         self.blocks = [b for b in self.layers if b != REST]
         if not self.blocks:
-            raise PassError("no blocks found (no linear layer's tensors carry a "
-                            "module path like blocks.N); use quantize_int8 instead")
+            raise PassError(
+                "no blocks found (no linear layer's tensors carry a "
+                "module path like blocks.N); use quantize_int8 instead"
+            )
         self.reference = model_logits(model, ctx.search, ctx.threads)
         self.labels = ctx.search_labels
-        self.reference_top1 = (topk_accuracy(self.reference, self.labels, 1)
-                               if self.labels is not None else None)
+        self.reference_top1 = topk_accuracy(self.reference, self.labels, 1) if self.labels is not None else None
         self.base: Choice = "int8" if "int8" in self.cfg.choices else self.cfg.choices[0]
         self.input_shape = tuple(ctx.search[0].shape[1:])
 
@@ -65,18 +66,23 @@ class Search:
         if key not in self.ctx.memo:
             built = self.owner.build(self.prepared, self.layers, assignment)
             logits = model_logits(built, self.ctx.search, self.ctx.threads)
-            noise = float(np.sum((logits - self.reference) ** 2) / max(np.sum(self.reference ** 2), 1e-30))
+            noise = float(np.sum((logits - self.reference) ** 2) / max(np.sum(self.reference**2), 1e-30))
             self.ctx.memo[key] = {
-                "noise": noise, "agreement": top1_agreement(logits, self.reference),
+                "noise": noise,
+                "agreement": top1_agreement(logits, self.reference),
                 "top1": topk_accuracy(logits, self.labels, 1) if self.labels is not None else None,
-                "size": len(built.SerializeToString())}
+                "size": len(built.SerializeToString()),
+            }
         return Measured(**self.ctx.memo[key])
 
     def latencies(self, assignments: dict[str, Assignment]) -> dict[str, float]:
         """Median ms of each assignment's model, all timed together (interleaved rounds)."""
-        runners = {name: onnx_runner(self.owner.build(self.prepared, self.layers, assignment), self.input_shape,
-                                     self.ctx.threads)
-                   for name, assignment in assignments.items()}
+        runners = {
+            name: onnx_runner(
+                self.owner.build(self.prepared, self.layers, assignment), self.input_shape, self.ctx.threads
+            )
+            for name, assignment in assignments.items()
+        }
         timed = measure_latency(runners, self.cfg.latency_warmup, self.cfg.latency_runs, rounds=5)
         return {name: t["median"] for name, t in timed.items()}
 
@@ -92,12 +98,21 @@ class Search:
         cfg, ctx = self.cfg, self.ctx
         uniforms = {c: self.uniform(c) for c in dict.fromkeys([*cfg.choices, "float", "int8"])}
         model = self._additive_model(uniforms)
-        explored = nsga2(model.objectives, len(cfg.choices), len(self.blocks), cfg.population, cfg.generations,
-                         cfg.seed, initial=model.seeds())
+        explored = nsga2(
+            model.objectives,
+            len(cfg.choices),
+            len(self.blocks),
+            cfg.population,
+            cfg.generations,
+            cfg.seed,
+            initial=model.seeds(),
+        )
         if not explored:
             timed = ", ".join(f"{c} {ms:.2f} ms" for c, ms in model.uniform_ms.items())
-            raise PassError(f"no assignment meets the constraints (max_latency_vs_float, max_size_vs_int8, "
-                            f"allow_uniform); uniform models measured {timed}; loosen them")
+            raise PassError(
+                f"no assignment meets the constraints (max_latency_vs_float, max_size_vs_int8, "
+                f"allow_uniform); uniform models measured {timed}; loosen them"
+            )
         genomes = list(explored)
         front = [genomes[i] for i in pareto_front(np.array([explored[g] for g in genomes]))]
         picked = [front[i] for i in spread_pick(np.array([explored[g] for g in front]), cfg.candidates)]
@@ -106,8 +121,12 @@ class Search:
         points = self._measure_points(named, model)
         # the uniform references stay on the front, for comparison, whatever the constraints say
         kept = [p for p in points if p["reference"] or not p["violates"]]
-        front_points = [kept[i] for i in pareto_front(np.array(
-            [[-self.fidelity(p["measured"]), p["latency_ms"], p["size_bytes"]] for p in kept]))]
+        front_points = [
+            kept[i]
+            for i in pareto_front(
+                np.array([[-self.fidelity(p["measured"]), p["latency_ms"], p["size_bytes"]] for p in kept])
+            )
+        ]
         for p in points:
             p["on_front"] = p in front_points
         for p in points:
@@ -116,19 +135,25 @@ class Search:
         output = self.owner.build(self.prepared, self.layers, chosen["assignment"])
         notes = {
             "blocks": {b: len(layers) for b, layers in self.layers.items()},
-            "choices": list(cfg.choices), "base": self.base,
+            "choices": list(cfg.choices),
+            "base": self.base,
             "float_reference": {"top1": self.reference_top1},
-            "sensitivity": {b: {c: round(model.single[b, c].sqnr, 3) for c in cfg.choices if c != self.base}
-                            for b in self.blocks},
+            "sensitivity": {
+                b: {c: round(model.single[b, c].sqnr, 3) for c in cfg.choices if c != self.base} for b in self.blocks
+            },
             "base_sqnr_db": round(model.base.sqnr, 3),
             "uniform_latency_ms": model.uniform_ms,
-            "explored": len(explored), "predicted_front": len(front),
-            "points": points, "chosen": chosen["name"], "chosen_code": chosen["code"], "select": reason,
+            "explored": len(explored),
+            "predicted_front": len(front),
+            "points": points,
+            "chosen": chosen["name"],
+            "chosen_code": chosen["code"],
+            "select": reason,
         }
         ctx.log(f"mixed precision: chose {chosen['name']} ({reason})")
         return output, notes
 
-    def _additive_model(self, uniforms: dict[str, Assignment]) -> "AdditiveModel":
+    def _additive_model(self, uniforms: dict[str, Assignment]) -> AdditiveModel:
         """Each block swapped alone from the base to every other choice, and the uniform models timed
         together: what the additive model predicts any assignment from."""
         cfg, ctx = self.cfg, self.ctx
@@ -145,10 +170,11 @@ class Search:
             ctx.memo["latency/uniform"] = self.latencies(uniforms)
         weights = _weight_elements(self.prepared)
         share = {b: sum(weights[layer] for layer in self.layers[b]) for b in self.blocks}
-        return AdditiveModel(self, uniform_measured[self.base], single, ctx.memo["latency/uniform"],
-                              uniform_measured["int8"].size, share)
+        return AdditiveModel(
+            self, uniform_measured[self.base], single, ctx.memo["latency/uniform"], uniform_measured["int8"].size, share
+        )
 
-    def _measure_points(self, named: dict[str, Assignment], model: "AdditiveModel") -> list[dict[str, Any]]:
+    def _measure_points(self, named: dict[str, Assignment], model: AdditiveModel) -> list[dict[str, Any]]:
         """Each assignment built and measured whole; all timed together."""
         cfg, ctx = self.cfg, self.ctx
         with ctx.progress("mixed precision: candidates", len(named)) as advance:
@@ -161,19 +187,31 @@ class Search:
         points = []
         for name, assignment in named.items():
             m = measured[name]
-            point = {"name": name, "code": assignment_code(assignment, self.blocks),
-                     "reference": name.startswith("uniform-"), "assignment": assignment, "rest": cfg.rest,
-                     "sqnr_db": round(m.sqnr, 3), "agreement": round(m.agreement, 3),
-                     "top1": None if m.top1 is None else round(m.top1, 3),
-                     "latency_ms": ms[name], "size_bytes": m.size,
-                     "latency_vs_float": round(ms[name] / ms["uniform-float"], 4),
-                     "size_vs_int8": round(m.size / measured["uniform-int8"].size, 4), "measured": m}
+            point = {
+                "name": name,
+                "code": assignment_code(assignment, self.blocks),
+                "reference": name.startswith("uniform-"),
+                "assignment": assignment,
+                "rest": cfg.rest,
+                "sqnr_db": round(m.sqnr, 3),
+                "agreement": round(m.agreement, 3),
+                "top1": None if m.top1 is None else round(m.top1, 3),
+                "latency_ms": ms[name],
+                "size_bytes": m.size,
+                "latency_vs_float": round(ms[name] / ms["uniform-float"], 4),
+                "size_vs_int8": round(m.size / measured["uniform-int8"].size, 4),
+                "measured": m,
+            }
             if not point["reference"]:
                 sqnr, p_ms, p_size = model.predict(self.genome(assignment))
-                point["predicted"] = {"sqnr_db": round(sqnr, 3), "latency_ms": round(p_ms, 3),
-                                      "size_bytes": int(p_size)}
-            point["violates"] = violations(cfg, set(assignment.values()), point["latency_vs_float"],
-                                           point["size_vs_int8"])
+                point["predicted"] = {
+                    "sqnr_db": round(sqnr, 3),
+                    "latency_ms": round(p_ms, 3),
+                    "size_bytes": int(p_size),
+                }
+            point["violates"] = violations(
+                cfg, set(assignment.values()), point["latency_vs_float"], point["size_vs_int8"]
+            )
             points.append(point)
         return points
 
@@ -184,9 +222,11 @@ class Search:
         rule = self.cfg.select
 
         def ok(p: dict[str, Any]) -> bool:
-            return ((rule.min_agreement is None or p["agreement"] >= rule.min_agreement)
-                    and (rule.min_sqnr_db is None or p["sqnr_db"] >= rule.min_sqnr_db)
-                    and (rule.max_top1_drop is None or self.reference_top1 - p["top1"] <= rule.max_top1_drop))
+            return (
+                (rule.min_agreement is None or p["agreement"] >= rule.min_agreement)
+                and (rule.min_sqnr_db is None or p["sqnr_db"] >= rule.min_sqnr_db)
+                and (rule.max_top1_drop is None or self.reference_top1 - p["top1"] <= rule.max_top1_drop)
+            )
 
         key = "latency_ms" if rule.minimize == "latency" else "size_bytes"
         within = [p for p in front if ok(p)]
@@ -219,8 +259,15 @@ class AdditiveModel:
     """Any assignment's SQNR, latency and size from per-block measurements: noise powers add, each
     block's latency is its share of the linear weights times the uniform model's, sizes add."""
 
-    def __init__(self, search: Search, base: Measured, single: dict[tuple[str, str], Measured],
-                 uniform_ms: dict[str, float], int8_size: int, share: dict[str, int]) -> None:
+    def __init__(
+        self,
+        search: Search,
+        base: Measured,
+        single: dict[tuple[str, str], Measured],
+        uniform_ms: dict[str, float],
+        int8_size: int,
+        share: dict[str, int],
+    ) -> None:
         self.search, self.cfg = search, search.cfg
         self.base, self.single, self.uniform_ms, self.int8_size = base, single, uniform_ms, int8_size
         blocks, choices = search.blocks, self.cfg.choices
@@ -239,8 +286,11 @@ class AdditiveModel:
         """SQNR (dB), median latency (ms), size (bytes)."""
         index = np.arange(len(genome)), np.array(genome)
         noise = max(self.base.noise + self.d_noise[index].sum(), NOISE_FLOOR)
-        return (float(-10 * np.log10(noise)), float(self.share @ self.choice_ms[list(genome)]),
-                float(self.base.size + self.d_size[index].sum()))
+        return (
+            float(-10 * np.log10(noise)),
+            float(self.share @ self.choice_ms[list(genome)]),
+            float(self.base.size + self.d_size[index].sum()),
+        )
 
     def objectives(self, genome: tuple[int, ...]) -> np.ndarray | None:
         """What NSGA-II minimizes, or None when the prediction breaks a constraint."""
@@ -253,5 +303,7 @@ class AdditiveModel:
     def seeds(self) -> list[tuple[int, ...]]:
         """The single-block swaps: a first population that already spans every choice."""
         base = self.cfg.choices.index(self.search.base)
-        return [tuple(self.cfg.choices.index(c) if b == block else base for b in self.search.blocks)
-                for block, c in self.single]
+        return [
+            tuple(self.cfg.choices.index(c) if b == block else base for b in self.search.blocks)
+            for block, c in self.single
+        ]

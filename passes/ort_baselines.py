@@ -27,6 +27,7 @@ class OrtDefaultConfig(PassConfig):
 class OrtDefaultPass(Pass):
     name = "ort_default"
     Config = OrtDefaultConfig
+    config: OrtDefaultConfig
     requires = frozenset({"calibration"})
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
@@ -61,12 +62,20 @@ class OrtDynamicConfig(PassConfig):
 class OrtDynamicPass(Pass):
     name = "ort_dynamic"
     Config = OrtDynamicConfig
+    config: OrtDynamicConfig
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
-        quantized = run_ort_quantizer(model, lambda source, output: quantize_dynamic(
-            source, output, per_channel=self.config.per_channel, weight_type=QuantType.QInt8,
-            op_types_to_quantize=self.config.op_types))
+        quantized = run_ort_quantizer(
+            model,
+            lambda source, output: quantize_dynamic(
+                source,
+                output,
+                per_channel=self.config.per_channel,
+                weight_type=QuantType.QInt8,
+                op_types_to_quantize=self.config.op_types,
+            ),
+        )
         ctx.notes.update(count_ops(quantized, "DynamicQuantizeLinear"))
         return quantized

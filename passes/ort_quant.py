@@ -15,9 +15,9 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from passes.runtime import make_session
 from passes.base import PassContext
 from passes.graph import copy_model
+from passes.runtime import make_session
 
 
 class CalibrationReader:
@@ -68,16 +68,16 @@ def run_ort_quantizer(model: onnx.ModelProto, quantize: Callable[[Path, Path], N
     ``model`` in a temporary folder, quietly, and return its output."""
     # Inside the folder: when its symbolic shape inference fails, ONNX Runtime leaves
     # sym_shape_infer_temp.onnx and a .data file in the working directory.
-    with tempfile.TemporaryDirectory(prefix="onnxvit-q-") as tmp, quiet_onnxruntime_quantizer(), \
-            contextlib.chdir(tmp):
+    with tempfile.TemporaryDirectory(prefix="onnxvit-q-") as tmp, quiet_onnxruntime_quantizer(), contextlib.chdir(tmp):
         source, output = Path(tmp) / "input.onnx", Path(tmp) / "quantized.onnx"
         onnx.save(model, source)
         quantize(source, output)
         return onnx.load(output)
 
 
-def tensor_values(model: onnx.ModelProto, names: list[str], batches: list[np.ndarray], input_name: str,
-                  threads: int) -> Iterator[dict[str, np.ndarray]]:
+def tensor_values(
+    model: onnx.ModelProto, names: list[str], batches: list[np.ndarray], input_name: str, threads: int
+) -> Iterator[dict[str, np.ndarray]]:
     """The float values of tensors ``names`` (any, not only outputs; the image input too) for each batch."""
     computed = [name for name in names if name != input_name]
     probe = copy_model(model)
@@ -89,8 +89,9 @@ def tensor_values(model: onnx.ModelProto, names: list[str], batches: list[np.nda
         yield {name: batch if name == input_name else values[name] for name in names}
 
 
-def channel_ranges(model: onnx.ModelProto, names: list[str],
-                   ctx: PassContext) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def channel_ranges(
+    model: onnx.ModelProto, names: list[str], ctx: PassContext
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per-channel (last axis) min and max of tensors ``names`` over the calibration images."""
     lows: dict[str, np.ndarray] = {}
     highs: dict[str, np.ndarray] = {}

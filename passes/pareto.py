@@ -72,9 +72,16 @@ def spread_pick(points: np.ndarray, count: int) -> list[int]:
     return chosen
 
 
-def nsga2(evaluate: Callable[[Genome], np.ndarray | None], choices: int, genes: int, population: int,
-          generations: int, seed: int = 0, initial: list[Genome] | None = None,
-          exhaustive_limit: int = 4096) -> dict[Genome, np.ndarray]:
+def nsga2(
+    evaluate: Callable[[Genome], np.ndarray | None],
+    choices: int,
+    genes: int,
+    population: int,
+    generations: int,
+    seed: int = 0,
+    initial: list[Genome] | None = None,
+    exhaustive_limit: int = 4096,
+) -> dict[Genome, np.ndarray]:
     """Every feasible genome the search evaluated, with its objectives.
 
     ``evaluate`` returns the objective vector of a genome, or ``None`` when it breaks a constraint.
@@ -87,7 +94,7 @@ def nsga2(evaluate: Callable[[Genome], np.ndarray | None], choices: int, genes: 
             seen[genome] = evaluate(genome)
         return seen[genome]
 
-    if choices ** genes <= exhaustive_limit:
+    if choices**genes <= exhaustive_limit:
         for genome in itertools.product(range(choices), repeat=genes):
             score(genome)
         return {g: v for g, v in seen.items() if v is not None}
@@ -117,8 +124,9 @@ def nsga2(evaluate: Callable[[Genome], np.ndarray | None], choices: int, genes: 
         for _ in range(population * 10):
             if len(children) >= population:
                 break
-            a, b = (min(rng.choice(len(parents), 2, replace=False), key=lambda i: position[parents[i]])
-                    for _ in range(2))
+            a, b = (
+                min(rng.choice(len(parents), 2, replace=False), key=lambda i: position[parents[i]]) for _ in range(2)
+            )
             mask = rng.random(genes) < 0.5
             child = np.where(mask, parents[a], parents[b])
             mutate = rng.random(genes) < 1.0 / genes

@@ -40,24 +40,32 @@ STATIC_ONLY = frozenset({"calibrate_method", "percentile", "activation_type", "q
 
 class QuantizeInt8Config(PassConfig):
     mode: Literal["dynamic", "static"] = Field(
-        "dynamic", description="dynamic: activation ranges per call (DynamicQuantizeMatMul); static: calibrated QDQ.")
+        "dynamic", description="dynamic: activation ranges per call (DynamicQuantizeMatMul); static: calibrated QDQ."
+    )
     per_channel: bool = Field(True, description="One weight scale per output channel.")
     weight_type: QuantTypeName = Field("int8", description="Weight integer type.")
     reduce_range: bool | Literal["auto"] = Field(
-        "auto", description="7-bit weights; auto: on x86 CPUs without VNNI, where uint8 x int8 saturates.")
+        "auto", description="7-bit weights; auto: on x86 CPUs without VNNI, where uint8 x int8 saturates."
+    )
     op_types: list[str] = Field(["MatMul", "Gemm"], min_length=1, description="Op types to quantize.")
     weighted_only: bool = Field(
-        True, description="Quantize only nodes with a constant (initializer) input, i.e. linear layers.")
+        True, description="Quantize only nodes with a constant (initializer) input, i.e. linear layers."
+    )
     exclude_nodes: list[str] = Field([], description="Node names kept in float.")
     bridges: Literal["int8", "float"] = Field(
-        "int8", description="Hybrids: the layers on either side of a conv <-> token bridge (found from the graph).")
+        "int8", description="Hybrids: the layers on either side of a conv <-> token bridge (found from the graph)."
+    )
     schemes: Literal["fixed", "search"] = Field(
-        "fixed", description="Weights: fixed: per_channel, symmetric, for every layer; search: per layer, per-channel "
+        "fixed",
+        description="Weights: fixed: per_channel, symmetric, for every layer; search: per layer, per-channel "
         "or per-tensor, symmetric or asymmetric, then clipped, whichever gives its output the least error on "
-        "calibration images (measured with ONNX Runtime's kernels).")
+        "calibration images (measured with ONNX Runtime's kernels).",
+    )
     reconstruct_bridges: bool = Field(
-        False, description="Hybrids: tune the weight clipping of each conv <-> token bridge block's quantized layers "
-        "to the block's least output error on calibration images.")
+        False,
+        description="Hybrids: tune the weight clipping of each conv <-> token bridge block's quantized layers "
+        "to the block's least output error on calibration images.",
+    )
     # static mode
     calibrate_method: Literal["minmax", "entropy", "percentile"] = Field(
         "percentile", description="static: ONNX Runtime calibrator for activation ranges."
@@ -68,24 +76,29 @@ class QuantizeInt8Config(PassConfig):
         False, description="static: also quantize the outputs of the quantized ops (QDQ after Gemm / MatMul)."
     )
     calibration_images: int | None = Field(
-        None, gt=0, description="Use at most this many calibration images (static ranges, schemes, reconstruction).")
+        None, gt=0, description="Use at most this many calibration images (static ranges, schemes, reconstruction)."
+    )
     extra_options: dict[str, Any] = Field({}, description="static: passed to quantize_static's extra_options as is.")
     # accuracy budget, measured on the search split against this pass's input
     min_sqnr_db: float | None = Field(None, description="Budget: logit SQNR vs the float input on the search split.")
     min_agreement: float | None = Field(
-        None, ge=0, le=100, description="Budget: top-1 agreement (%) with the float input on the search split.")
+        None, ge=0, le=100, description="Budget: top-1 agreement (%) with the float input on the search split."
+    )
     max_float_layers: int = Field(8, ge=0, description="Budget: at most this many layers kept in float.")
 
     @model_validator(mode="after")
-    def _checks(self) -> "QuantizeInt8Config":
+    def _checks(self) -> QuantizeInt8Config:
         if self.mode == "dynamic":
             ignored = sorted(STATIC_ONLY & self.model_fields_set)
             if ignored:
-                raise ValueError(f"{', '.join(ignored)}: only used with mode: static (dynamic mode measures "
-                                 "activation ranges per call); remove them or set mode: static")
+                raise ValueError(
+                    f"{', '.join(ignored)}: only used with mode: static (dynamic mode measures "
+                    "activation ranges per call); remove them or set mode: static"
+                )
         if self.reconstruct_bridges and self.bridges == "float":
-            raise ValueError("reconstruct_bridges: the bridge layers are kept float (bridges: float); "
-                             "set bridges: int8 to tune them")
+            raise ValueError(
+                "reconstruct_bridges: the bridge layers are kept float (bridges: float); set bridges: int8 to tune them"
+            )
         return self
 
 
@@ -105,6 +118,7 @@ def u8s8_saturates() -> bool:
 class QuantizeInt8Pass(Pass):
     name = "quantize_int8"
     Config = QuantizeInt8Config
+    config: QuantizeInt8Config
     tabled_notes = frozenset({"schemes", "bridge_reconstruction"})
     _excluded: list[str] | None = None  # exclude_nodes and, with bridges: float, the bridge layers
 
@@ -144,6 +158,7 @@ class QuantizeInt8Pass(Pass):
         def quantize(nodes: list[str] | None) -> onnx.ModelProto:
             return self.quantize_layers(prepared, nodes, reduce_range, calibration, overrides)
 
+        quantized_count: int | None
         if budget.active:
             probe = FidelityProbe(model, ctx.search, ctx.threads)
             quantized, notes = fit_budget(layers, quantize, probe, budget, cfg.max_float_layers, ctx.log)
@@ -156,8 +171,15 @@ class QuantizeInt8Pass(Pass):
         ctx.notes.update(count_ops(quantized, "QuantizeLinear", "DynamicQuantizeLinear"))
         return quantized
 
-    def _tune_weights(self, model: onnx.ModelProto, layers: list[str], bridges: list[dict[str, Any]],
-                      reduce_range: bool, calibration: list[np.ndarray], ctx: PassContext) -> Overrides:
+    def _tune_weights(
+        self,
+        model: onnx.ModelProto,
+        layers: list[str],
+        bridges: list[dict[str, Any]],
+        reduce_range: bool,
+        calibration: list[np.ndarray],
+        ctx: PassContext,
+    ) -> Overrides:
         """Per-layer weight schemes and bridge clipping, measured; the notes say what each layer got."""
         cfg = self.config
         tuned_bridges = bridges if cfg.reconstruct_bridges else []
@@ -168,8 +190,9 @@ class QuantizeInt8Pass(Pass):
         def values(names: list[str]) -> list[dict[str, np.ndarray]]:
             return list(tensor_values(model, names, calibration, ctx.input_name, ctx.threads))
 
-        def quantize_piece(piece: onnx.ModelProto, nodes: list[str], overrides: Overrides,
-                           feeds: list[dict[str, np.ndarray]]) -> onnx.ModelProto:
+        def quantize_piece(
+            piece: onnx.ModelProto, nodes: list[str], overrides: Overrides, feeds: list[dict[str, np.ndarray]]
+        ) -> onnx.ModelProto:
             return self.quantize_layers(piece, nodes, reduce_range, feeds, overrides)
 
         qtype = onnx.TensorProto.INT8 if cfg.weight_type == "int8" else onnx.TensorProto.UINT8
@@ -186,8 +209,14 @@ class QuantizeInt8Pass(Pass):
                 ctx.notes["bridge_reconstruction"] = table
         return tuner.overrides(schemes)
 
-    def quantize_layers(self, model: onnx.ModelProto, nodes: list[str] | None, reduce_range: bool,
-                        samples: list[np.ndarray] | list[dict[str, np.ndarray]], overrides: Overrides) -> onnx.ModelProto:
+    def quantize_layers(
+        self,
+        model: onnx.ModelProto,
+        nodes: list[str] | None,
+        reduce_range: bool,
+        samples: list[np.ndarray] | list[dict[str, np.ndarray]],
+        overrides: Overrides,
+    ) -> onnx.ModelProto:
         """Quantize ``nodes`` (None: every op of ``op_types``) with ONNX Runtime's quantizer; ``samples`` are
         calibration batches for the model's image input or feeds for a piece of it (static mode);
         ``overrides`` are explicit per-weight scales and zero points."""
@@ -206,12 +235,21 @@ class QuantizeInt8Pass(Pass):
         # explicit scales come as per-channel lists (the same entry repeated for a per-tensor scheme)
         per_channel = cfg.per_channel or bool(overrides)
         if cfg.mode == "dynamic":
-            return run_ort_quantizer(model, lambda source, output: quantize_dynamic(
-                source, output, per_channel=per_channel, reduce_range=reduce_range,
-                weight_type=types[cfg.weight_type], op_types_to_quantize=cfg.op_types,
-                nodes_to_quantize=nodes, nodes_to_exclude=self._excluded,
-                # ONNX shape inference cannot type outputs of com.microsoft ops (fuse_vit's); they are float
-                extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT, "TensorQuantOverrides": overrides}))
+            return run_ort_quantizer(
+                model,
+                lambda source, output: quantize_dynamic(
+                    source,
+                    output,
+                    per_channel=per_channel,
+                    reduce_range=reduce_range,
+                    weight_type=types[cfg.weight_type],
+                    op_types_to_quantize=cfg.op_types,
+                    nodes_to_quantize=nodes,
+                    nodes_to_exclude=self._excluded,
+                    # ONNX shape inference cannot type outputs of com.microsoft ops (fuse_vit's); they are float
+                    extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT, "TensorQuantOverrides": overrides},
+                ),
+            )
         input_name = model.graph.input[0].name
         feeds = [sample if isinstance(sample, dict) else {input_name: sample} for sample in samples]
         methods = {
@@ -226,21 +264,24 @@ class QuantizeInt8Pass(Pass):
             extra.setdefault("OpTypesToExcludeOutputQuantization", list(cfg.op_types))
         if cfg.calibrate_method == "percentile":
             extra.setdefault("CalibPercentile", cfg.percentile)
-        return run_ort_quantizer(model, lambda source, output: quantize_static(
-            source,
-            output,
-            CalibrationReader(iter(feeds)),
-            quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=cfg.op_types,
-            per_channel=per_channel,
-            reduce_range=reduce_range,
-            activation_type=types[cfg.activation_type],
-            weight_type=types[cfg.weight_type],
-            nodes_to_quantize=nodes,
-            nodes_to_exclude=self._excluded,
-            calibrate_method=methods[cfg.calibrate_method],
-            extra_options=extra,
-        ))
+        return run_ort_quantizer(
+            model,
+            lambda source, output: quantize_static(
+                source,
+                output,
+                CalibrationReader(iter(feeds)),
+                quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=cfg.op_types,
+                per_channel=per_channel,
+                reduce_range=reduce_range,
+                activation_type=types[cfg.activation_type],
+                weight_type=types[cfg.weight_type],
+                nodes_to_quantize=nodes,
+                nodes_to_exclude=self._excluded,
+                calibrate_method=methods[cfg.calibrate_method],
+                extra_options=extra,
+            ),
+        )
 
     @classmethod
     def report_section(cls, step: dict[str, Any]) -> list[str]:
@@ -251,16 +292,30 @@ class QuantizeInt8Pass(Pass):
         lines = ["", f"## Weight schemes: `{step['name']}`", ""]
         if schemes:
             changed = {layer: e for layer, e in schemes.items() if "sqnr_db" in e and e["chosen"] != e["default"]}
-            lines += [f"{len(changed)} of {len(schemes)} layers measured better (output SQNR on the calibration "
-                      "images, ONNX Runtime's kernels) with another scheme than the default:", "",
-                      "| layer | chosen | SQNR default dB | SQNR chosen dB |", "|---|---|---|---|"]
-            lines += [f"| {layer} | {e['chosen']} | {e['sqnr_db'][e['default']]:.2f} | "
-                      f"{e['sqnr_db'][e['chosen']]:.2f} |" for layer, e in changed.items()]
+            lines += [
+                f"{len(changed)} of {len(schemes)} layers measured better (output SQNR on the calibration "
+                "images, ONNX Runtime's kernels) with another scheme than the default:",
+                "",
+                "| layer | chosen | SQNR default dB | SQNR chosen dB |",
+                "|---|---|---|---|",
+            ]
+            lines += [
+                f"| {layer} | {e['chosen']} | {e['sqnr_db'][e['default']]:.2f} | {e['sqnr_db'][e['chosen']]:.2f} |"
+                for layer, e in changed.items()
+            ]
         if bridges:
-            lines += ["", "Bridge blocks (conv <-> tokens), weight clipping tuned to the block's output:", "",
-                      "| layer | bridge | clip | block SQNR before dB | after dB |", "|---|---|---|---|---|"]
-            lines += [f"| {layer} | {e['bridge']} | {e.get('clip', '-')} | "
-                      f"{e['block_sqnr_db']['before']:.2f} | {e['block_sqnr_db']['after']:.2f} |"
-                      if "block_sqnr_db" in e else f"| {layer} | {e['bridge']} | {e['why']} | | |"
-                      for layer, e in bridges.items()]
+            lines += [
+                "",
+                "Bridge blocks (conv <-> tokens), weight clipping tuned to the block's output:",
+                "",
+                "| layer | bridge | clip | block SQNR before dB | after dB |",
+                "|---|---|---|---|---|",
+            ]
+            lines += [
+                f"| {layer} | {e['bridge']} | {e.get('clip', '-')} | "
+                f"{e['block_sqnr_db']['before']:.2f} | {e['block_sqnr_db']['after']:.2f} |"
+                if "block_sqnr_db" in e
+                else f"| {layer} | {e['bridge']} | {e['why']} | | |"
+                for layer, e in bridges.items()
+            ]
         return lines

@@ -51,9 +51,14 @@ def find_sites(model: onnx.ModelProto) -> list[Site]:
             continue
         out = norm.output[0]
         readers = index.consumers.get(out, [])
-        if not readers or out in index.graph_outputs or any(
+        if (
+            not readers
+            or out in index.graph_outputs
+            or any(
                 r.op_type != "MatMul" or r.input[0] != out or out == r.input[1] or not index.is_constant(r.input[1])
-                for r in readers):
+                for r in readers
+            )
+        ):
             continue
         adds = []
         for matmul in readers:
@@ -63,13 +68,14 @@ def find_sites(model: onnx.ModelProto) -> list[Site]:
     return sites
 
 
-def channel_scales(low: np.ndarray, high: np.ndarray, weights: list[np.ndarray], config: ReparamLayerNormConfig
-                   ) -> tuple[np.ndarray, np.ndarray]:
+def channel_scales(
+    low: np.ndarray, high: np.ndarray, weights: list[np.ndarray], config: ReparamLayerNormConfig
+) -> tuple[np.ndarray, np.ndarray]:
     """The shift ``z`` and scale ``s`` for one LayerNorm's output channels."""
     shift = (high + low) / 2 if config.shift else np.zeros_like(low)
     half_range = np.maximum((high - low) / 2 if config.shift else np.maximum(-low, high), 1e-6)
     weight_max = np.maximum(np.max([np.abs(w).max(axis=1) for w in weights], axis=0), 1e-6)
-    scale = half_range ** config.alpha / weight_max ** (1 - config.alpha)
+    scale = half_range**config.alpha / weight_max ** (1 - config.alpha)
     scale = scale / np.exp(np.mean(np.log(scale)))  # geometric mean 1: the overall range stays put
     bound = np.sqrt(config.max_scale)
     return shift.astype(np.float32), np.clip(scale, 1 / bound, bound).astype(np.float32)
@@ -85,6 +91,7 @@ def _store(model: onnx.ModelProto, value: np.ndarray, name: str) -> str:
 class ReparamLayerNormPass(Pass):
     name = "reparam_layernorm"
     Config = ReparamLayerNormConfig
+    config: ReparamLayerNormConfig
     requires = frozenset({"calibration"})
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
@@ -100,7 +107,8 @@ class ReparamLayerNormPass(Pass):
         spreads = []
         for number, site in enumerate(sites):
             low, high = ranges[site.norm.output[0]]
-            weights = [index.constant(m.input[1]) for m in site.matmuls]
+            # sites are found only where every MatMul's weight is a constant
+            weights: list[np.ndarray] = [index.constant(m.input[1]) for m in site.matmuls]  # type: ignore[misc]
             shift, scale = channel_scales(low, high, weights, cfg)
             prefix = f"reparam_{number}"
             gamma, beta = index.constant(site.norm.input[1]), index.constant(site.norm.input[2])
@@ -117,16 +125,19 @@ class ReparamLayerNormPass(Pass):
                     out = matmul.output[0]
                     matmul.output[0] = f"{prefix}/mm{k}"
                     position = list(result.graph.node).index(matmul) + 1
-                    result.graph.node.insert(position, helper.make_node(
-                        "Add", [matmul.output[0], add_name], [out], name=f"{prefix}/Add{k}"))
+                    result.graph.node.insert(
+                        position, helper.make_node("Add", [matmul.output[0], add_name], [out], name=f"{prefix}/Add{k}")
+                    )
             spreads.append(float((high - low).max() / max(float(np.median(high - low)), 1e-9)))
         prune_initializers(result)
         before, after = (model_logits(m, ctx.calibration[:1], ctx.threads) for m in (model, result))
         tolerance = cfg.atol * float(np.ptp(before))
         change = max_abs_diff(before, after)
         if not change <= tolerance:
-            raise ValueError(f"reparam_layernorm changed FP32 logits by {change:.3g} "
-                             f"(> {tolerance:.3g}); the rewrite is wrong for this graph")
+            raise ValueError(
+                f"reparam_layernorm changed FP32 logits by {change:.3g} "
+                f"(> {tolerance:.3g}); the rewrite is wrong for this graph"
+            )
         ctx.notes["layernorms"] = len(sites)
         ctx.notes["max_channel_range_ratio"] = round(max(spreads), 1) if spreads else None
         return result

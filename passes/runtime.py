@@ -12,7 +12,7 @@ import onnxruntime as ort
 
 def batches(images: np.ndarray, batch_size: int) -> list[np.ndarray]:
     """``images`` cut into consecutive batches of ``batch_size`` (the last one may be smaller)."""
-    return [images[i:i + batch_size] for i in range(0, len(images), batch_size)]
+    return [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
 
 
 def make_session(model: onnx.ModelProto | Path | str, threads: int = 2) -> ort.InferenceSession:

@@ -9,9 +9,9 @@ import numpy as np
 import onnx
 from pydantic import Field
 
-from passes.runtime import model_logits
 from passes import register_pass
 from passes.base import Pass, PassConfig, PassContext
+from passes.runtime import model_logits
 
 
 class SimplifyConfig(PassConfig):
@@ -23,6 +23,7 @@ class SimplifyConfig(PassConfig):
 class SimplifyPass(Pass):
     name = "simplify"
     Config = SimplifyConfig
+    config: SimplifyConfig
     requires = frozenset({"calibration"})
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:

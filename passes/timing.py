@@ -25,8 +25,9 @@ def summarize(times_ms: np.ndarray) -> dict[str, float]:
     return {"median": round(float(median), 4), "p90": round(float(p90), 4), "iqr": round(float(q75 - q25), 4)}
 
 
-def measure_latency(runners: dict[str, Runner], warmup: int, runs: int, rounds: int = 5,
-                    after_round: Callable[[], None] = lambda: None) -> dict[str, dict[str, float]]:
+def measure_latency(
+    runners: dict[str, Runner], warmup: int, runs: int, rounds: int = 5, after_round: Callable[[], None] = lambda: None
+) -> dict[str, dict[str, float]]:
     """Median, p90 and IQR in ms of ``runs`` timed calls per runner, after ``warmup`` calls each,
     interleaved over ``rounds`` rounds."""
     for run in runners.values():

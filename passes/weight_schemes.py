@@ -26,9 +26,9 @@ import onnx.utils
 from onnx import helper
 from onnxruntime.quantization.quant_utils import compute_scale_zp, get_qmin_qmax_for_qType
 
+from passes.graph import GraphIndex, weight_channel_axis
 from passes.metrics import sqnr_db
 from passes.runtime import make_session
-from passes.graph import GraphIndex, weight_channel_axis
 
 CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6, 0.5)
 
@@ -73,8 +73,12 @@ def _typed(model: onnx.ModelProto) -> onnx.ModelProto:
     elsewhere (outputs of rewrites and of com.microsoft ops)."""
     typed = onnx.shape_inference.infer_shapes(model)
     known = {vi.name for vi in [*typed.graph.value_info, *typed.graph.input, *typed.graph.output]}
-    typed.graph.value_info.extend(helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, None)
-                                  for node in typed.graph.node for out in node.output if out and out not in known)
+    typed.graph.value_info.extend(
+        helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, None)
+        for node in typed.graph.node
+        for out in node.output
+        if out and out not in known
+    )
     return typed
 
 
@@ -99,8 +103,11 @@ class BlockProbe:
                 piece = extractor.extract_model(names, outputs)
             except ValueError as error:  # a tensor onnx cannot type
                 raise NotSeparable(str(error)) from error
-            known = {i.name for i in piece.graph.input} | {i.name for i in piece.graph.initializer} | \
-                {out for node in piece.graph.node for out in node.output}
+            known = (
+                {i.name for i in piece.graph.input}
+                | {i.name for i in piece.graph.initializer}
+                | {out for node in piece.graph.node for out in node.output}
+            )
             missing = {name for node in piece.graph.node for name in node.input if name and name not in known}
             if not missing:
                 return piece
@@ -124,9 +131,17 @@ QuantizePiece = Callable[[onnx.ModelProto, list[str], Overrides, list[dict[str, 
 class WeightTuner:
     """Chooses a ``WeightScheme`` per layer by measured output error, on one float model."""
 
-    def __init__(self, model: onnx.ModelProto, layers: list[str], quantize: QuantizePiece,
-                 values: Callable[[list[str]], list[dict[str, np.ndarray]]], qtype: int, reduce_range: bool,
-                 threads: int, advance: Callable[[int], None] = lambda n: None) -> None:
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        layers: list[str],
+        quantize: QuantizePiece,
+        values: Callable[[list[str]], list[dict[str, np.ndarray]]],
+        qtype: int,
+        reduce_range: bool,
+        threads: int,
+        advance: Callable[[int], None] = lambda n: None,
+    ) -> None:
         """``values(names)`` gives the float values of tensors ``names``, one dict per calibration batch."""
         self.index = GraphIndex(model)
         self.nodes = {node.name: node for node in model.graph.node if node.name in set(layers)}
@@ -150,13 +165,14 @@ class WeightTuner:
         are captured in one pass over the calibration images."""
         for start in range(0, len(ends), chunk):
             pieces: list[onnx.ModelProto | NotSeparable] = []
-            for first, last in ends[start:start + chunk]:
+            for first, last in ends[start : start + chunk]:
                 try:
                     pieces.append(BlockProbe.cut(self.extractor, [first], [last], self.image))
                 except NotSeparable as error:
                     pieces.append(error)
-            names = sorted({i.name for piece in pieces if isinstance(piece, onnx.ModelProto)
-                            for i in piece.graph.input})
+            names = sorted(
+                {i.name for piece in pieces if isinstance(piece, onnx.ModelProto) for i in piece.graph.input}
+            )
             values = self.values(names) if names else []
             for piece in pieces:
                 if isinstance(piece, NotSeparable):
@@ -169,9 +185,13 @@ class WeightTuner:
         quantized = self.quantize(probe.model, list(schemes), self.overrides(schemes), probe.feeds)
         return round(probe.sqnr(quantized), 3)
 
-    def choose_schemes(self, default: WeightScheme = DEFAULT, candidates: Iterable[WeightScheme] = SCHEMES,
-                       clips: Iterable[float] = CLIP_GRID,
-                       min_gain_db: float = 0.1) -> tuple[dict[str, WeightScheme], dict[str, dict[str, Any]]]:
+    def choose_schemes(
+        self,
+        default: WeightScheme = DEFAULT,
+        candidates: Iterable[WeightScheme] = SCHEMES,
+        clips: Iterable[float] = CLIP_GRID,
+        min_gain_db: float = 0.1,
+    ) -> tuple[dict[str, WeightScheme], dict[str, dict[str, Any]]]:
         """Per layer, the candidate with the highest output SQNR, then the clip that raises it most;
         ``default`` unless another beats it by ``min_gain_db`` (less is calibration noise)."""
         candidates, clips = list(dict.fromkeys([default, *candidates])), [clip for clip in clips if clip != 1.0]
@@ -191,27 +211,37 @@ class WeightTuner:
             if scores[best] < scores[default] + min_gain_db:
                 best = default
             chosen[layer] = best
-            table[layer] = {"chosen": best.label, "default": default.label,
-                            "sqnr_db": {s.label: v for s, v in scores.items()}}
+            table[layer] = {
+                "chosen": best.label,
+                "default": default.label,
+                "sqnr_db": {s.label: v for s, v in scores.items()},
+            }
         return chosen, table
 
-    def reconstruct(self, bridges: list[dict[str, Any]], schemes: dict[str, WeightScheme],
-                    grid: Iterable[float] = CLIP_GRID) -> tuple[dict[str, WeightScheme], dict[str, dict[str, Any]]]:
+    def reconstruct(
+        self, bridges: list[dict[str, Any]], schemes: dict[str, WeightScheme], grid: Iterable[float] = CLIP_GRID
+    ) -> tuple[dict[str, WeightScheme], dict[str, dict[str, Any]]]:
         """For each bridge block (conv <-> token reshape <-> linear), the clip of each of its quantized
         layers, one at a time, that gives the block's output the highest SQNR."""
         schemes = dict(schemes)
         table: dict[str, dict[str, Any]] = {}
         blocks = []  # (bridge, its quantized layers not tuned by an earlier bridge)
         for bridge in bridges:
-            tuned = [name for name in (bridge["conv"], bridge["linear"]) if name in self.nodes
-                     and all(name not in layers for _, layers in blocks)]
+            tuned = [
+                name
+                for name in (bridge["conv"], bridge["linear"])
+                if name in self.nodes and all(name not in layers for _, layers in blocks)
+            ]
             if tuned:
                 blocks.append((bridge, tuned))
         self.advance(len(bridges) - len(blocks))
 
         def ends(bridge: dict[str, Any]) -> tuple[str, str]:
-            first, last = (bridge["conv"], bridge["linear"]) if bridge["kind"] == "to_tokens" \
+            first, last = (
+                (bridge["conv"], bridge["linear"])
+                if bridge["kind"] == "to_tokens"
                 else (bridge["linear"], bridge["conv"])
+            )
             return self._node(first).input[0], self._node(last).output[0]
 
         for (bridge, tuned), probe in zip(blocks, self._probes([ends(bridge) for bridge, _ in blocks])):
@@ -230,8 +260,11 @@ class WeightTuner:
                         best_score, block = score, trial
             for name in tuned:
                 schemes[name] = block[name]
-                table[name] = {"bridge": bridge["at"], "clip": block[name].clip,
-                               "block_sqnr_db": {"before": before, "after": best_score}}
+                table[name] = {
+                    "bridge": bridge["at"],
+                    "clip": block[name].clip,
+                    "block_sqnr_db": {"before": before, "after": best_score},
+                }
         return schemes, table
 
     def _node(self, name: str) -> onnx.NodeProto:

@@ -39,14 +39,20 @@ class ZeroPointGuardConfig(PassConfig):
 class ZeroPointGuardPass(Pass):
     name = "zero_point_guard"
     Config = ZeroPointGuardConfig
+    config: ZeroPointGuardConfig
     requires = frozenset({"calibration"})
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
         ctx.require_calibration("zero_point_guard")
         out = copy_model(model)
         index = GraphIndex(out)
-        linear_inputs = sorted({n.input[0] for n in out.graph.node
-                                if n.op_type in ("MatMul", "Gemm", "Conv") and index.constant(n.input[0]) is None})
+        linear_inputs = sorted(
+            {
+                n.input[0]
+                for n in out.graph.node
+                if n.op_type in ("MatMul", "Gemm", "Conv") and index.constant(n.input[0]) is None
+            }
+        )
         calibration = ctx.calibration_batches(self.config.calibration_images)
         per_channel = channel_ranges(out, linear_inputs, dataclasses.replace(ctx, calibration=calibration))
         ranges = {name: (float(low.min()), float(high.max())) for name, (low, high) in per_channel.items()}
@@ -62,8 +68,11 @@ class ZeroPointGuardPass(Pass):
             near, far = (low, high) if low > 0 else (high, low)
             lost = abs(near) / abs(far)
             scale = (high - low) / QMAX
-            entry = {"range": [round(low, 6), round(high, 6)], "lost": round(lost, 4),
-                     "zero_point_without_zero": int(round(-low / scale)) if scale > 0 else None}
+            entry = {
+                "range": [round(low, 6), round(high, 6)],
+                "lost": round(lost, 4),
+                "zero_point_without_zero": int(round(-low / scale)) if scale > 0 else None,
+            }
             report[name] = entry
             if lost < self.config.min_lost:
                 entry["fix"] = f"kept: wastes under {self.config.min_lost:.0%} of the codes"
@@ -77,12 +86,15 @@ class ZeroPointGuardPass(Pass):
             initializers.append(numpy_helper.from_array(np.array(near, np.float32), f"{shift}/c"))
             producer = index.producer[name]
             subs.setdefault(id(producer), []).append(
-                helper.make_node("Sub", [name, f"{shift}/c"], [shift], name=f"{shift}/Sub"))
+                helper.make_node("Sub", [name, f"{shift}/c"], [shift], name=f"{shift}/Sub")
+            )
             for reader in readers:
                 shifted_readers.append((reader, shift, near))
             entry["fix"] = f"shift by {near:.6g}"
-        restored = {id(reader): self._restore(reader, shift, near, index, initializers)
-                    for reader, shift, near in shifted_readers}
+        restored = {
+            id(reader): self._restore(reader, shift, near, index, initializers)
+            for reader, shift, near in shifted_readers
+        }
         replacements = {key: restored.get(key, [nodes[key]]) + subs.get(key, []) for key in {*restored, *subs}}
         if replacements:
             rebuild(out, replacements, set(), initializers)
@@ -94,15 +106,21 @@ class ZeroPointGuardPass(Pass):
             return "a graph input or output"
         for reader in readers:
             if reader.op_type not in ("MatMul", "Gemm") or reader.input[0] != name or name in reader.input[1:]:
-                return f"read by {reader.op_type} {reader.name}".strip() + \
-                    " (only a MatMul / Gemm's first input can take the shift back)"
-            if reader.op_type == "Gemm" and (attribute(reader, "transA", 0) or index.constant(reader.input[1]) is None
-                                              or attribute(reader, "alpha", 1.0) != 1.0):
+                return (
+                    f"read by {reader.op_type} {reader.name}".strip()
+                    + " (only a MatMul / Gemm's first input can take the shift back)"
+                )
+            if reader.op_type == "Gemm" and (
+                attribute(reader, "transA", 0)
+                or index.constant(reader.input[1]) is None
+                or attribute(reader, "alpha", 1.0) != 1.0
+            ):
                 return "read by a Gemm that is not x @ constant"
         return None
 
-    def _restore(self, reader: onnx.NodeProto, shift: str, near: float, index: GraphIndex,
-                 initializers: list[onnx.TensorProto]) -> list[onnx.NodeProto]:
+    def _restore(
+        self, reader: onnx.NodeProto, shift: str, near: float, index: GraphIndex, initializers: list[onnx.TensorProto]
+    ) -> list[onnx.NodeProto]:
         """``reader`` on the shifted input, plus ``near * colsum(B)`` added back to its output."""
         prefix = f"{reader.name or reader.output[0]}/zp_guard"
         inputs = [shift, *reader.input[1:]]
@@ -116,14 +134,25 @@ class ZeroPointGuardPass(Pass):
             else:
                 correction = near * weight.sum(axis=-2, keepdims=weight.ndim > 2)
             initializers.append(numpy_helper.from_array(correction.astype(np.float32), f"{prefix}/correction"))
-            return [shifted, helper.make_node("Add", [f"{prefix}/out", f"{prefix}/correction"], list(reader.output),
-                                              name=f"{prefix}/Add")]
+            return [
+                shifted,
+                helper.make_node(
+                    "Add", [f"{prefix}/out", f"{prefix}/correction"], list(reader.output), name=f"{prefix}/Add"
+                ),
+            ]
         # computed B (softmax @ V): near * sum over the contraction axis, at run time
         initializers.append(numpy_helper.from_array(np.array([-2], np.int64), f"{prefix}/axes"))
-        return [shifted,
-                helper.make_node("ReduceSum", [reader.input[1], f"{prefix}/axes"], [f"{prefix}/colsum"], keepdims=1,
-                                 name=f"{prefix}/ReduceSum"),
-                helper.make_node("Mul", [f"{prefix}/colsum", f"{shift}/c"], [f"{prefix}/correction"],
-                                 name=f"{prefix}/Mul"),
-                helper.make_node("Add", [f"{prefix}/out", f"{prefix}/correction"], list(reader.output),
-                                 name=f"{prefix}/Add")]
+        return [
+            shifted,
+            helper.make_node(
+                "ReduceSum",
+                [reader.input[1], f"{prefix}/axes"],
+                [f"{prefix}/colsum"],
+                keepdims=1,
+                name=f"{prefix}/ReduceSum",
+            ),
+            helper.make_node("Mul", [f"{prefix}/colsum", f"{shift}/c"], [f"{prefix}/correction"], name=f"{prefix}/Mul"),
+            helper.make_node(
+                "Add", [f"{prefix}/out", f"{prefix}/correction"], list(reader.output), name=f"{prefix}/Add"
+            ),
+        ]

@@ -40,8 +40,13 @@ def write_config(folder: Path, image_root: Path, **overrides) -> Path:
     """A YAML config for the tiny model; ``overrides`` replace whole top-level sections."""
     config = {
         "model": dict(TINY_MODEL),
-        "data": {"root": str(image_root), "calibrate_images": 8, "search_images": 4, "batch_size": 8,
-                 "check_images": 4},
+        "data": {
+            "root": str(image_root),
+            "calibrate_images": 8,
+            "search_images": 4,
+            "batch_size": 8,
+            "check_images": 4,
+        },
         "passes": [
             {"pass": "quantize_int8", "name": "int8", "input": "fp32"},
             {"pass": "fp16", "name": "fp16", "input": "fp32"},

@@ -1,11 +1,11 @@
 """The command line as a user meets it: a tiny end-to-end run, its cache, and every bad input."""
 
 import json
-from pathlib import Path
 import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -45,8 +45,14 @@ def first_run(tmp_path_factory, image_folder):
 
 def test_compress_writes_models_report_and_plot(first_run):
     _, out, _ = first_run
-    for name in ("model.fp32.onnx", "model.int8.onnx", "model.fp16.onnx", "report.json", "report.md",
-                 "accuracy_vs_latency.png"):
+    for name in (
+        "model.fp32.onnx",
+        "model.int8.onnx",
+        "model.fp16.onnx",
+        "report.json",
+        "report.md",
+        "accuracy_vs_latency.png",
+    ):
         assert (out / name).is_file(), name
     report = json.loads((out / "report.json").read_text())
     assert REPORT_KEYS <= set(report) and set(report["machine"]) >= {"cpu", "threads", "onnxruntime", "torch"}
@@ -118,15 +124,19 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, image_folder):
     fails(_config(tmp_path, image_folder, model={"name": "deit_tiny_patch16_22"}), "unknown timm model")
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"junk")
-    fails(_config(tmp_path, image_folder, model={"random_init": False, "checkpoint": str(junk)}),
-          "not a loadable PyTorch checkpoint")
+    fails(
+        _config(tmp_path, image_folder, model={"random_init": False, "checkpoint": str(junk)}),
+        "not a loadable PyTorch checkpoint",
+    )
     other = tmp_path / "other.pth"
     from onnxvit.config import ModelConfig
     from onnxvit.models import create_model
 
     torch.save(create_model(ModelConfig(**{**TINY_MODEL, "num_classes": 7})).state_dict(), other)
-    fails(_config(tmp_path, image_folder, model={"random_init": False, "checkpoint": str(other)}),
-          "num_classes differs: the checkpoint has 7, the model 4")
+    fails(
+        _config(tmp_path, image_folder, model={"random_init": False, "checkpoint": str(other)}),
+        "num_classes differs: the checkpoint has 7, the model 4",
+    )
     empty = tmp_path / "empty"
     empty.mkdir()
     fails(_config(tmp_path, image_folder, data={"root": str(empty)}), "no class sub-folders")
@@ -135,8 +145,14 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, image_folder):
     flat.mkdir(parents=True)
     fails(_config(tmp_path, image_folder, data={"root": str(flat.parent)}), "holds no images")
     manifest = tmp_path / "split.json"
-    manifest.write_text(json.dumps({"format": "onnxvit-split/1", "splits": {
-        "calibrate": ["class0/img0.jpg"], "search": [], "evaluate": ["class9/missing.jpg"]}}))
+    manifest.write_text(
+        json.dumps(
+            {
+                "format": "onnxvit-split/1",
+                "splits": {"calibrate": ["class0/img0.jpg"], "search": [], "evaluate": ["class9/missing.jpg"]},
+            }
+        )
+    )
     fails(_config(tmp_path, image_folder, data={"manifest": str(manifest)}), "class9/missing.jpg")
     foreign = tmp_path / "foreign"
     foreign.mkdir()
@@ -149,8 +165,13 @@ def test_offline_hub_says_use_a_checkpoint(tmp_path, image_folder):
     """In a fresh process, as a user runs it (huggingface_hub reads HF_HUB_OFFLINE at import)."""
     path = _config(tmp_path, image_folder, model={"random_init": False, "pretrained": True})
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "-m", "onnxvit.cli", "compress", str(path), "--quiet"],
-                          capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "onnxvit.cli", "compress", str(path), "--quiet"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
     assert "model.pretrained: could not fetch" in done.stderr and "set model.checkpoint" in done.stderr

@@ -37,31 +37,51 @@ def test_relative_paths_follow_the_yaml_folder(tmp_path, image_folder):
     assert config.output.dir == (tmp_path / "results").resolve()
 
 
-@pytest.mark.parametrize("mutate, expected", [
-    (lambda d: d.update(modle=d.pop("model")), "modle: unknown key; did you mean 'model'?"),
-    (lambda d: d["model"].update(nmae=d["model"].pop("name")), "model.nmae: unknown key; did you mean 'name'?"),
-    (lambda d: d["benchmark"].update(threads="two"), "benchmark.threads:"),
-    (lambda d: d["model"].update(random_init=False), "exactly one of checkpoint"),
-    (lambda d: d["model"].update(pretrained=True), "got pretrained, random_init"),
-    (lambda d: d.pop("output"), "output: required key is missing"),
-    (lambda d: d["passes"][0].update({"pass": "quantise_int8"}), "unknown pass 'quantise_int8'; did you mean 'quantize_int8'?"),
-    (lambda d: d["passes"][0].update(options={"calibrate_metod": "minmax"}),
-     "passes[0].options.calibrate_metod: unknown key; did you mean 'calibrate_method'?"),
-    (lambda d: d["passes"][0].update(options={"calibrate_method": "median"}), "passes[0].options.calibrate_method:"),
-    (lambda d: d["passes"][0].update(options={"schemes": "auto"}), "passes[0].options.schemes:"),
-    (lambda d: d["passes"][0].update(options={"reconstruct_bridges": True, "bridges": "float"}),
-     "reconstruct_bridges: the bridge layers are kept float"),
-    (lambda d: d["passes"][1].update(input="int4"), "passes[1].input: no model named 'int4'"),
-    # what a pass needs and what an option does are checked at load, not half-way through a run
-    (lambda d: (d["data"].update(search_images=0), d["passes"][0].update(options={"min_sqnr_db": 20})),
-     "passes[0]: quantize_int8 with these options needs search images, and the search split is empty"),
-    (lambda d: d["passes"][0].update(options={"calibrate_method": "minmax"}),
-     "calibrate_method: only used with mode: static"),
-    (lambda d: d["passes"][0].update({"pass": "mixed_precision", "options": {"choices": ["float", "int8"],
-                                                                             "block_size": 64}}),
-     "block_size: only used by the w4 / w8 choices"),
-    (lambda d: d["passes"][1].update(name="int8"), "passes[1].name: 'int8' is already taken"),
-])
+@pytest.mark.parametrize(
+    "mutate, expected",
+    [
+        (lambda d: d.update(modle=d.pop("model")), "modle: unknown key; did you mean 'model'?"),
+        (lambda d: d["model"].update(nmae=d["model"].pop("name")), "model.nmae: unknown key; did you mean 'name'?"),
+        (lambda d: d["benchmark"].update(threads="two"), "benchmark.threads:"),
+        (lambda d: d["model"].update(random_init=False), "exactly one of checkpoint"),
+        (lambda d: d["model"].update(pretrained=True), "got pretrained, random_init"),
+        (lambda d: d.pop("output"), "output: required key is missing"),
+        (
+            lambda d: d["passes"][0].update({"pass": "quantise_int8"}),
+            "unknown pass 'quantise_int8'; did you mean 'quantize_int8'?",
+        ),
+        (
+            lambda d: d["passes"][0].update(options={"calibrate_metod": "minmax"}),
+            "passes[0].options.calibrate_metod: unknown key; did you mean 'calibrate_method'?",
+        ),
+        (
+            lambda d: d["passes"][0].update(options={"calibrate_method": "median"}),
+            "passes[0].options.calibrate_method:",
+        ),
+        (lambda d: d["passes"][0].update(options={"schemes": "auto"}), "passes[0].options.schemes:"),
+        (
+            lambda d: d["passes"][0].update(options={"reconstruct_bridges": True, "bridges": "float"}),
+            "reconstruct_bridges: the bridge layers are kept float",
+        ),
+        (lambda d: d["passes"][1].update(input="int4"), "passes[1].input: no model named 'int4'"),
+        # what a pass needs and what an option does are checked at load, not half-way through a run
+        (
+            lambda d: (d["data"].update(search_images=0), d["passes"][0].update(options={"min_sqnr_db": 20})),
+            "passes[0]: quantize_int8 with these options needs search images, and the search split is empty",
+        ),
+        (
+            lambda d: d["passes"][0].update(options={"calibrate_method": "minmax"}),
+            "calibrate_method: only used with mode: static",
+        ),
+        (
+            lambda d: d["passes"][0].update(
+                {"pass": "mixed_precision", "options": {"choices": ["float", "int8"], "block_size": 64}}
+            ),
+            "block_size: only used by the w4 / w8 choices",
+        ),
+        (lambda d: d["passes"][1].update(name="int8"), "passes[1].name: 'int8' is already taken"),
+    ],
+)
 def test_bad_config_names_the_field(tmp_path, image_folder, mutate, expected):
     assert expected in _error(_write(tmp_path, image_folder, mutate))
 
@@ -81,8 +101,11 @@ def test_requirements_read_a_manifest_without_decoding_images(tmp_path, image_fo
     splits = hash_split(scan_image_folder(image_folder).files, 8, 0)
     manifest = tmp_path / "split.json"
     manifest.write_text(json.dumps(manifest_document(splits, "no search images")))
-    path = _write(tmp_path, image_folder, lambda d: (d["data"].update(manifest=str(manifest)),
-                                                     d["passes"][0].update(options={"min_agreement": 99})))
+    path = _write(
+        tmp_path,
+        image_folder,
+        lambda d: (d["data"].update(manifest=str(manifest)), d["passes"][0].update(options={"min_agreement": 99})),
+    )
     assert "the manifest's search split" in _error(path)
     path = _write(tmp_path, image_folder, lambda d: d["data"].update(manifest=str(manifest)))
     load_config(path)  # no pass needs search images: fine

@@ -29,11 +29,14 @@ def test_split_too_large_is_an_error(image_folder):
         load_dataset(image_folder, None, 20, 4)
 
 
-@pytest.mark.parametrize("broken, expected", [
-    (lambda s: s["evaluate"].append("class0/absent.jpg"), "not an image in"),
-    (lambda s: s["search"].append(s["calibrate"][0]), "must be disjoint"),
-    (lambda s: s.pop("search"), "must hold the lists"),
-])
+@pytest.mark.parametrize(
+    "broken, expected",
+    [
+        (lambda s: s["evaluate"].append("class0/absent.jpg"), "not an image in"),
+        (lambda s: s["search"].append(s["calibrate"][0]), "must be disjoint"),
+        (lambda s: s.pop("search"), "must hold the lists"),
+    ],
+)
 def test_bad_manifest_is_named(tmp_path, image_folder, broken, expected):
     splits = hash_split(scan_image_folder(image_folder).files, 8, 4)
     broken(splits)
@@ -64,5 +67,6 @@ def test_shipped_manifest_matches_the_shared_sample():
     assert {k: len(v) for k, v in splits.items()} == {"calibrate": 32, "search": 31, "evaluate": 937}
     assert splits == hash_split(folder.files, 32, 31)
     assert len(folder.classes) == 1000 and folder.label(splits["evaluate"][0]) == folder.classes.index(
-        splits["evaluate"][0].split("/")[0])
+        splits["evaluate"][0].split("/")[0]
+    )
     assert np.unique([folder.label(f) for f in folder.files]).size == 1000

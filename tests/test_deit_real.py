@@ -12,8 +12,9 @@ from tests.conftest import DEIT_WEIGHTS, REPO, SAMPLE, needs_shared
 def test_real_deit_tiny_compresses_with_parity_and_small_int8_loss(tmp_path):
     doc = yaml.safe_load((REPO / "examples" / "deit_tiny.yaml").read_text())
     doc["model"]["checkpoint"] = str(DEIT_WEIGHTS)
-    doc["data"].update(root=str(SAMPLE), manifest=str(REPO / "calib_data" / "imagenet-sample.json"),
-                       max_eval_images=128)
+    doc["data"].update(
+        root=str(SAMPLE), manifest=str(REPO / "calib_data" / "imagenet-sample.json"), max_eval_images=128
+    )
     doc["benchmark"].update(warmup=2, runs=6, rounds=2)
     doc["output"]["dir"] = str(tmp_path / "out")
     path = tmp_path / "deit.yaml"

@@ -27,14 +27,25 @@ def counted(monkeypatch):
 def _run(tmp_path, tiny_onnx, tiny_images, steps, force=False, fingerprint="calib-A"):
     start = StepRecord(name="fp32", kind="export", input=None, config={}, key="k", sha256=model_sha256(tiny_onnx))
     configs = [get_pass(s.pass_).Config.model_validate(s.options) for s in steps]
-    return run_passes(tiny_onnx, start, steps, configs, Cache(tmp_path / "cache", force),
-                      lambda: PassContext(calibration=[tiny_images[:4]]), {"calibrate": fingerprint, "search": "s"},
-                      lambda a, b: {"checked": 1.0})
+    return run_passes(
+        tiny_onnx,
+        start,
+        steps,
+        configs,
+        Cache(tmp_path / "cache", force),
+        lambda: PassContext(calibration=[tiny_images[:4]]),
+        {"calibrate": fingerprint, "search": "s"},
+        lambda a, b: {"checked": 1.0},
+    )
 
 
 def _steps(method="percentile"):
-    return [StepConfig(**{"pass": "quantize_int8", "name": "int8", "options": {"mode": "static", "calibrate_method": method}}),
-            StepConfig(**{"pass": "fp16", "name": "int8-fp16-io"})]
+    return [
+        StepConfig(
+            **{"pass": "quantize_int8", "name": "int8", "options": {"mode": "static", "calibrate_method": method}}
+        ),
+        StepConfig(**{"pass": "fp16", "name": "int8-fp16-io"}),
+    ]
 
 
 def test_second_run_is_served_from_cache(tmp_path, tiny_onnx, tiny_images, counted):
@@ -48,8 +59,10 @@ def test_second_run_is_served_from_cache(tmp_path, tiny_onnx, tiny_images, count
 
 
 def test_changing_one_pass_redoes_it_and_what_follows(tmp_path, tiny_onnx, tiny_images, counted):
-    steps = [StepConfig(**{"pass": "fp16", "name": "half"}),
-             StepConfig(**{"pass": "quantize_int8", "name": "int8", "input": "fp32", "options": {"mode": "static"}})]
+    steps = [
+        StepConfig(**{"pass": "fp16", "name": "half"}),
+        StepConfig(**{"pass": "quantize_int8", "name": "int8", "input": "fp32", "options": {"mode": "static"}}),
+    ]
     _run(tmp_path, tiny_onnx, tiny_images, steps)
     steps[1].options = {"mode": "static", "calibrate_method": "minmax"}
     _, records = _run(tmp_path, tiny_onnx, tiny_images, steps)

@@ -28,8 +28,9 @@ class _Stop(Exception):
 
 @pytest.fixture(scope="module")
 def student_and_images(tiny_model, tiny_images, image_folder):
-    pruned, _ = prune_model(tiny_model, PruneConfig(method="l1", mlp=0.6, reconstruct=False),
-                            tiny_images[:4], None, "deit")
+    pruned, _ = prune_model(
+        tiny_model, PruneConfig(method="l1", mlp=0.6, reconstruct=False), tiny_images[:4], None, "deit"
+    )
     folder = scan_image_folder(image_folder)
     return pruned, TrainImages(folder, folder.files[:12], "test images")
 
@@ -67,17 +68,23 @@ def test_finetune_config_errors(tmp_path, image_folder):
     assert result.exit_code == 2 and "finetune: fine-tuning follows pruning" in result.stderr
 
     (tmp_path / "eval").mkdir()
-    on_eval = write_config(tmp_path / "eval", image_folder, prune={"method": "l1", "mlp": 0.25},
-                           finetune={"root": str(image_folder)})
+    on_eval = write_config(
+        tmp_path / "eval", image_folder, prune={"method": "l1", "mlp": 0.25}, finetune={"root": str(image_folder)}
+    )
     result = CliRunner().invoke(main, ["compress", str(on_eval), "--quiet"])
     assert result.exit_code == 2 and "finetune.root" in result.stderr and "evaluation split" in result.stderr
     assert not (tmp_path / "eval" / "out").exists()  # nothing written
 
 
 def test_compress_prunes_then_finetunes(tmp_path, image_folder):
-    config = write_config(tmp_path, image_folder, prune={"method": "l1", "mlp": 0.5},
-                          finetune={"epochs": 1, "batch_size": 6},
-                          passes=[], benchmark={"warmup": 1, "runs": 2, "rounds": 1, "torch": False})
+    config = write_config(
+        tmp_path,
+        image_folder,
+        prune={"method": "l1", "mlp": 0.5},
+        finetune={"epochs": 1, "batch_size": 6},
+        passes=[],
+        benchmark={"warmup": 1, "runs": 2, "rounds": 1, "torch": False},
+    )
     result = CliRunner().invoke(main, ["compress", str(config), "--quiet"])
     assert result.exit_code == 0, result.output + repr(result.exception)
     report = json.loads((tmp_path / "out" / "report.json").read_text())

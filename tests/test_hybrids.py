@@ -41,16 +41,37 @@ def test_recalibrated_batchnorm_holds_the_statistics_of_its_input(tiny_images):
 @pytest.mark.parametrize("name", ["mobilevit_xxs", "levit_128s", "efficientformerv2_s0"])
 def test_hybrid_compresses_end_to_end(name, tmp_path, image_folder):
     model = {"name": name, "random_init": True, "recalibrate_bn": True, "num_classes": 4}
-    steps = [{"pass": "fold_batchnorm", "name": "folded", "input": "fp32", "report": False},
-             {"pass": "quantize_int8", "name": "int8", "input": "folded"},
-             {"pass": "ort_default", "name": "ort-default", "input": "fp32"}]
+    steps = [
+        {"pass": "fold_batchnorm", "name": "folded", "input": "fp32", "report": False},
+        {"pass": "quantize_int8", "name": "int8", "input": "folded"},
+        {"pass": "ort_default", "name": "ort-default", "input": "fp32"},
+    ]
     if name == "mobilevit_xxs":  # three MobileViT blocks: conv -> tokens -> conv, six bridges
-        steps.append({"pass": "quantize_int8", "name": "int8-bridges", "input": "folded", "report": False,
-                      "options": {"bridges": "float"}})
-        steps.append({"pass": "quantize_int8", "name": "int8-tuned", "input": "folded", "report": False,
-                      "options": {"schemes": "search", "reconstruct_bridges": True, "calibration_images": 4}})
-    config = write_config(tmp_path, image_folder, model=model, passes=steps,
-                          benchmark={"warmup": 1, "runs": 2, "rounds": 1, "torch": False})
+        steps.append(
+            {
+                "pass": "quantize_int8",
+                "name": "int8-bridges",
+                "input": "folded",
+                "report": False,
+                "options": {"bridges": "float"},
+            }
+        )
+        steps.append(
+            {
+                "pass": "quantize_int8",
+                "name": "int8-tuned",
+                "input": "folded",
+                "report": False,
+                "options": {"schemes": "search", "reconstruct_bridges": True, "calibration_images": 4},
+            }
+        )
+    config = write_config(
+        tmp_path,
+        image_folder,
+        model=model,
+        passes=steps,
+        benchmark={"warmup": 1, "runs": 2, "rounds": 1, "torch": False},
+    )
     result = CliRunner().invoke(main, ["compress", str(config), "--quiet"])
     assert result.exit_code == 0, result.output + repr(result.exception)
     report = json.loads((tmp_path / "out" / "report.json").read_text())
@@ -65,7 +86,8 @@ def test_hybrid_compresses_end_to_end(name, tmp_path, image_folder):
         assert all("conv_1x1" in b["conv"] for b in bridges if b["kind"] == "to_tokens")
         kept = steps_by_name["int8-bridges"]["notes"]
         assert kept["bridges_float"] and kept["quantized_nodes"] == (
-            steps_by_name["int8"]["notes"]["quantized_nodes"] - len(kept["bridges_float"]))
+            steps_by_name["int8"]["notes"]["quantized_nodes"] - len(kept["bridges_float"])
+        )
         tuned = steps_by_name["int8-tuned"]["notes"]
         assert len(tuned["schemes"]) == tuned["quantized_nodes"]
         assert set(tuned["bridge_reconstruction"]) == {b["linear"] for b in bridges}  # the conv stays float

@@ -23,8 +23,12 @@ def _module_name(path: Path) -> str:
 def _imports(path: Path) -> set[str]:
     """Every project module ``path`` imports, at the top or inside a function (TYPE_CHECKING blocks aside)."""
     tree = ast.parse(path.read_text())
-    skipped = {id(node) for block in ast.walk(tree) if isinstance(block, ast.If)
-               and "TYPE_CHECKING" in ast.unparse(block.test) for node in ast.walk(block)}
+    skipped = {
+        id(node)
+        for block in ast.walk(tree)
+        if isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test)
+        for node in ast.walk(block)
+    }
     found = set()
     for node in ast.walk(tree):
         if id(node) in skipped:
@@ -43,8 +47,11 @@ def _graph() -> dict[str, set[str]]:
 
 
 def test_passes_never_imports_onnxvit():
-    offenders = {name: sorted(m for m in deps if m.startswith("onnxvit"))
-                 for name, deps in _graph().items() if name.startswith("passes")}
+    offenders = {
+        name: sorted(m for m in deps if m.startswith("onnxvit"))
+        for name, deps in _graph().items()
+        if name.startswith("passes")
+    }
     assert not {k: v for k, v in offenders.items() if v}
 
 
@@ -58,7 +65,7 @@ def test_no_import_cycle():
             if nxt.startswith(node + "."):
                 continue  # a package importing its own submodule is not a cycle
             if state.get(nxt) == 1:
-                pytest.fail("import cycle: " + " -> ".join(path[path.index(nxt):] + [nxt]))
+                pytest.fail("import cycle: " + " -> ".join(path[path.index(nxt) :] + [nxt]))
             if nxt not in state:
                 visit(nxt, path + [nxt])
         state[node] = 2
@@ -69,7 +76,9 @@ def test_no_import_cycle():
 
 
 def _loaded_after(code: str) -> dict[str, bool]:
-    probe = f"{code}\nimport json, sys\nprint(json.dumps({{m: m in sys.modules for m in ('torch', 'onnxvit', 'timm')}}))"
+    probe = (
+        f"{code}\nimport json, sys\nprint(json.dumps({{m: m in sys.modules for m in ('torch', 'onnxvit', 'timm')}}))"
+    )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -89,8 +98,10 @@ def test_config_validation_and_pass_listing_import_no_torch():
     example = REPO / "examples" / "deit_tiny_mixed.yaml"
     loaded = _loaded_after(f"from onnxvit.config import load_config; load_config({str(example)!r})")
     assert not loaded["torch"] and not loaded["timm"]
-    listing = _loaded_after("from click.testing import CliRunner; from onnxvit.cli import main\n"
-                            "result = CliRunner().invoke(main, ['passes']); assert result.exit_code == 0, result.output")
+    listing = _loaded_after(
+        "from click.testing import CliRunner; from onnxvit.cli import main\n"
+        "result = CliRunner().invoke(main, ['passes']); assert result.exit_code == 0, result.output"
+    )
     assert not listing["torch"]
 
 
@@ -100,9 +111,14 @@ def test_the_lazy_registry_names_every_pass_where_it_lives():
     for name, module in PASS_MODULES.items():
         cls = get_pass(name)
         assert cls.name == name and cls.__module__ == f"passes.{module}"
-    defined = {node.value.value for p in (REPO / "passes").glob("*.py") for node in ast.walk(ast.parse(p.read_text()))
-               if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant)
-               and [t.id for t in node.targets if isinstance(t, ast.Name)] == ["name"]}
+    defined = {
+        node.value.value
+        for p in (REPO / "passes").glob("*.py")
+        for node in ast.walk(ast.parse(p.read_text()))
+        if isinstance(node, ast.Assign)
+        and isinstance(node.value, ast.Constant)
+        and [t.id for t in node.targets if isinstance(t, ast.Name)] == ["name"]
+    }
     assert defined == set(PASS_MODULES)  # a new pass without a registry entry fails here
 
 

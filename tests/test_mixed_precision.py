@@ -12,15 +12,14 @@ import yaml
 
 from onnxvit.engine import JsonMemo
 from onnxvit.errors import UserError
-from passes.metrics import SQNR_CEILING_DB
-from passes.metrics import sqnr_db, top1_agreement
-from passes.runtime import model_logits
-from passes.base import PassContext
-from passes.fuse_vit import FuseVitPass
 from passes import PassError
+from passes.base import PassContext
 from passes.blocks import find_blocks
+from passes.fuse_vit import FuseVitPass
+from passes.metrics import SQNR_CEILING_DB, sqnr_db, top1_agreement
 from passes.mixed_precision import MixedPrecisionConfig, MixedPrecisionPass
 from passes.ort_quant import weighted_nodes
+from passes.runtime import model_logits
 from tests.conftest import write_config
 
 # on a model this small nothing runs faster than float, so the latency limit is off
@@ -49,8 +48,12 @@ def test_blocks_come_from_module_paths_even_after_fusion(tiny_onnx, tiny_images)
     _, merged = MixedPrecisionPass(MixedPrecisionConfig(min_block_layers=5)).prepare(tiny_onnx)
     assert list(merged) == ["rest"] and len(merged["rest"]) == 9
     # fuse_vit names its nodes attention_N / Gemm_N: the block is read from the tensors around them
-    assert any(name.startswith("attention_0") for name in find_blocks(
-        fused, [n for n in weighted_nodes(fused, ["MatMul"]) if n.startswith("attention_")], min_layers=1)["blocks.0"])
+    assert any(
+        name.startswith("attention_0")
+        for name in find_blocks(
+            fused, [n for n in weighted_nodes(fused, ["MatMul"]) if n.startswith("attention_")], min_layers=1
+        )["blocks.0"]
+    )
 
 
 def test_build_puts_each_choice_where_the_assignment_says(tiny_onnx):
@@ -81,15 +84,13 @@ def test_every_candidate_meets_the_constraints(tiny_onnx, search_ctx):
     assert chosen["violates"] == [] and chosen["on_front"]
     # the output is the chosen assignment
     again = MixedPrecisionPass(config).apply(tiny_onnx, chosen["assignment"])
-    np.testing.assert_allclose(model_logits(out, search_ctx.search), model_logits(again, search_ctx.search),
-                               atol=1e-5)
+    np.testing.assert_allclose(model_logits(out, search_ctx.search), model_logits(again, search_ctx.search), atol=1e-5)
 
 
 def test_the_search_resumes_from_its_memo(tiny_onnx, tiny_images, tmp_path, monkeypatch):
     builds = []
     original = MixedPrecisionPass.build
-    monkeypatch.setattr(MixedPrecisionPass, "build",
-                        lambda self, *args: builds.append(1) or original(self, *args))
+    monkeypatch.setattr(MixedPrecisionPass, "build", lambda self, *args: builds.append(1) or original(self, *args))
     config = MixedPrecisionConfig(**FAST)
     path = tmp_path / "step.memo.json"
     first = PassContext(search=[tiny_images[:6]], memo=JsonMemo(path))
@@ -106,10 +107,10 @@ def test_the_search_resumes_from_its_memo(tiny_onnx, tiny_images, tmp_path, monk
 
 def test_a_front_point_round_trips_through_the_report(tmp_path, image_folder):
     from onnxvit.compress import compress
-    from onnxvit.stages.load import Run
     from onnxvit.config import load_config
     from onnxvit.engine import Cache
     from onnxvit.progress import Reporter
+    from onnxvit.stages.load import Run
 
     step = {"pass": "mixed_precision", "name": "mixed", "input": "fp32", "options": {**FAST, "candidates": 4}}
     path = write_config(tmp_path, image_folder, passes=[step])
@@ -133,8 +134,12 @@ def test_a_front_point_round_trips_through_the_report(tmp_path, image_folder):
 
 
 def test_bad_mixed_precision_options_are_one_line_errors(tmp_path, image_folder):
-    for options, words in (({"block_size": 48}, "power of two"), ({"choices": ["int8"]}, "choices"),
-                           ({"choices": ["int8", "int4"]}, "choices"), ({"objective": "top1"}, "real weights")):
+    for options, words in (
+        ({"block_size": 48}, "power of two"),
+        ({"choices": ["int8"]}, "choices"),
+        ({"choices": ["int8", "int4"]}, "choices"),
+        ({"objective": "top1"}, "real weights"),
+    ):
         step = {"pass": "mixed_precision", "name": "mixed", "input": "fp32", "options": options}
         path = write_config(tmp_path, image_folder, passes=[step])
         from onnxvit.config import load_config
@@ -152,7 +157,6 @@ def test_memo_is_a_file_backed_dict(tmp_path):
     assert json.loads(path.read_text()) == {"a": {"x": 1}}
     assert dict(JsonMemo(path)) == {"a": {"x": 1}}
     assert dict(JsonMemo(path, load=False)) == {}
-
 
 
 def test_a16w8_blocks_are_qdq_with_int16_activations(tiny_onnx, tiny_images):

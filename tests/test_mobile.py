@@ -48,14 +48,23 @@ def test_a_model_that_cannot_convert_is_one_line_and_the_rest_goes_on(tiny_onnx,
     good = tmp_path / "good.onnx"
     onnx.save(tiny_onnx, good)
     node = helper.make_node("NoSuchOp", ["x"], ["y"], domain="com.example")
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
-                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])],
+    )
     bad = tmp_path / "bad.onnx"
-    onnx.save(helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 17),
-                                                                    helper.make_opsetid("com.example", 1)]), bad)
+    onnx.save(
+        helper.make_model(
+            graph, ir_version=8, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)]
+        ),
+        bad,
+    )
     messages = []
-    result = build_artifacts({"bad": bad, "good": good}, tmp_path, MobileConfig(), [tiny_images[:2]], 2,
-                             messages.append)
+    result = build_artifacts(
+        {"bad": bad, "good": good}, tmp_path, MobileConfig(), [tiny_images[:2]], 2, messages.append
+    )
     bad_entry, good_entry = result["artifacts"]
     assert bad_entry["path"] is None and "NoSuchOp" in bad_entry["error"] and "\n" not in bad_entry["error"]
     assert len(messages) == 1 and good_entry["ok"] and result["operators_config"] == OPERATORS_CONFIG
@@ -71,8 +80,9 @@ def test_lite_round_trip(tiny_model, tiny_images, tmp_path):
 
 
 def test_parity_flags_a_corrupted_weight(tiny_model, tiny_onnx, tiny_images, tmp_path):
-    variants, _ = build_lite_variants(tiny_model, LiteConfig(int8_engines=[]), torch.from_numpy(tiny_images[:1]),
-                                      tmp_path)
+    variants, _ = build_lite_variants(
+        tiny_model, LiteConfig(int8_engines=[]), torch.from_numpy(tiny_images[:1]), tmp_path
+    )
     with torch.no_grad():
         lite_logits = variants["lite-fp32"](torch.from_numpy(tiny_images)).numpy()
     corrupted = onnx.ModelProto()
@@ -81,17 +91,25 @@ def test_parity_flags_a_corrupted_weight(tiny_model, tiny_onnx, tiny_images, tmp
     array = numpy_helper.to_array(weight).copy()
     array.flat[0] += 1.0  # one weight off by 1
     weight.CopyFrom(numpy_helper.from_array(array, weight.name))
-    logits = {"lite-fp32": lite_logits, "fp32": model_logits(tiny_onnx, [tiny_images]),
-              "broken": model_logits(corrupted, [tiny_images])}
+    logits = {
+        "lite-fp32": lite_logits,
+        "fp32": model_logits(tiny_onnx, [tiny_images]),
+        "broken": model_logits(corrupted, [tiny_images]),
+    }
     rows = parity_table(logits, [("fp32", "lite-fp32", "fp32"), ("broken", "lite-fp32", "fp32")], LiteConfig())
     assert rows[0]["ok"] and rows[0]["max_abs"] <= 1e-4
     assert not rows[1]["ok"] and rows[1]["max_abs"] > 1e-4
 
 
 def test_compress_with_mobile_and_lite(tmp_path, image_folder):
-    config = write_config(tmp_path, image_folder, passes=[{"pass": "quantize_int8", "name": "int8"}],
-                          mobile={"variants": ["int8"]}, lite={"int8_engines": ["x86"]},
-                          benchmark={"warmup": 1, "runs": 2, "rounds": 1, "torch": False})
+    config = write_config(
+        tmp_path,
+        image_folder,
+        passes=[{"pass": "quantize_int8", "name": "int8"}],
+        mobile={"variants": ["int8"]},
+        lite={"int8_engines": ["x86"]},
+        benchmark={"warmup": 1, "runs": 2, "rounds": 1, "torch": False},
+    )
     result = CliRunner().invoke(main, ["compress", str(config), "--quiet"])
     assert result.exit_code == 0, result.output + repr(result.exception)
     out = tmp_path / "out"
@@ -106,10 +124,13 @@ def test_compress_with_mobile_and_lite(tmp_path, image_folder):
     assert "## Parity" in (out / "report.md").read_text()
 
 
-@pytest.mark.parametrize("section, message", [
-    ({"mobile": {"variants": ["int9"]}}, "mobile.variants: 'int9' is not a reported ONNX variant"),
-    ({"lite": {"int8_engines": ["arm64"]}}, "lite.int8_engines: 'arm64' is not a quantized engine"),
-])
+@pytest.mark.parametrize(
+    "section, message",
+    [
+        ({"mobile": {"variants": ["int9"]}}, "mobile.variants: 'int9' is not a reported ONNX variant"),
+        ({"lite": {"int8_engines": ["arm64"]}}, "lite.int8_engines: 'arm64' is not a quantized engine"),
+    ],
+)
 def test_bad_mobile_sections(section, message, tmp_path, image_folder):
     result = CliRunner().invoke(main, ["compress", str(write_config(tmp_path, image_folder, **section)), "--quiet"])
     assert result.exit_code == 2 and message in result.stderr and "Traceback" not in result.output
@@ -118,8 +139,9 @@ def test_bad_mobile_sections(section, message, tmp_path, image_folder):
 def test_each_int8_engine_runs_its_own_kernels(tiny_model, tiny_images, tmp_path):
     """The engine is process-wide and int8 weights are re-packed when a .ptl loads: each variant must
     load and run under its own engine (qnnpack ignores reduce_range, so its numbers differ)."""
-    variants, _ = build_lite_variants(tiny_model, LiteConfig(fp32=False, int8_engines=["x86", "qnnpack"]),
-                                   torch.from_numpy(tiny_images[:1]), tmp_path)
+    variants, _ = build_lite_variants(
+        tiny_model, LiteConfig(fp32=False, int8_engines=["x86", "qnnpack"]), torch.from_numpy(tiny_images[:1]), tmp_path
+    )
     x = torch.from_numpy(tiny_images[:4])
     with torch.no_grad():
         x86, qnnpack = variants["lite-int8-x86"](x), variants["lite-int8-qnnpack"](x)
@@ -137,8 +159,9 @@ def test_static_int8_lite_variant(tiny_model, tiny_images, tmp_path):
     calibration = torch.from_numpy(tiny_images[:8])
     quantized = static_int8(tiny_model, "x86", calibration)
     assert any(isinstance(m, torch.ao.nn.quantized.Linear) for m in quantized.modules())
-    variants, _ = build_lite_variants(tiny_model, LiteConfig(fp32=False, int8_engines=[], static_engines=["x86"]),
-                                   calibration, tmp_path)
+    variants, _ = build_lite_variants(
+        tiny_model, LiteConfig(fp32=False, int8_engines=[], static_engines=["x86"]), calibration, tmp_path
+    )
     x = torch.from_numpy(tiny_images[8:12])
     with torch.no_grad(), quantized_engine("x86"):
         assert torch.allclose(variants["lite-int8-static-x86"](x), quantized(x), atol=1e-5)
@@ -154,8 +177,13 @@ def test_a_model_that_cannot_be_traced_is_one_line_and_the_rest_goes_on(tiny_ima
             return {"logits": self.linear(x).mean((1, 2))}
 
     messages = []
-    variants, errors = build_lite_variants(DictOutput().eval(), LiteConfig(int8_engines=["x86"]),
-                                           torch.from_numpy(tiny_images[:2]), tmp_path, messages.append)
+    variants, errors = build_lite_variants(
+        DictOutput().eval(),
+        LiteConfig(int8_engines=["x86"]),
+        torch.from_numpy(tiny_images[:2]),
+        tmp_path,
+        messages.append,
+    )
     assert set(errors) == {"lite-fp32", "lite-int8-x86"} and not variants
     assert all("\n" not in e and e.startswith("cannot build a Lite model") for e in errors.values())
     assert len(messages) == 2
@@ -164,7 +192,12 @@ def test_a_model_that_cannot_be_traced_is_one_line_and_the_rest_goes_on(tiny_ima
 def test_report_shows_a_lite_model_that_could_not_be_built():
     from onnxvit.report import render_markdown
 
-    report = {"model": "m", "onnxvit_version": "0", "variants": [], "parity": [],
-              "machine": {"cpu": "c", "threads": 2, "onnxruntime": "o", "torch": "t"},
-              "lite": {"lite-fp32": {"error": "cannot build a Lite model: RuntimeError: dict output"}}}
+    report = {
+        "model": "m",
+        "onnxvit_version": "0",
+        "variants": [],
+        "parity": [],
+        "machine": {"cpu": "c", "threads": 2, "onnxruntime": "o", "torch": "t"},
+        "lite": {"lite-fp32": {"error": "cannot build a Lite model: RuntimeError: dict output"}},
+    }
     assert "`lite-fp32`: cannot build a Lite model: RuntimeError: dict output" in render_markdown(report)

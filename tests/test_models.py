@@ -14,11 +14,14 @@ def source():
     return create_model(ModelConfig(random_init=True, **SMALL))
 
 
-@pytest.mark.parametrize("wrap", [
-    lambda sd: sd,
-    lambda sd: {"model": sd, "epoch": 3},
-    lambda sd: {"state_dict": {f"module.{k}": v for k, v in sd.items()}},
-])
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        lambda sd: sd,
+        lambda sd: {"model": sd, "epoch": 3},
+        lambda sd: {"state_dict": {f"module.{k}": v for k, v in sd.items()}},
+    ],
+)
 def test_checkpoint_wrappers_load_the_same_weights(tmp_path, source, wrap):
     path = tmp_path / "ckpt.pth"
     torch.save(wrap(source.state_dict()), path)

@@ -48,7 +48,7 @@ def _additive_problem(genes: int, choices: int, seed: int = 1):
 def test_nsga2_enumerates_small_spaces_and_honours_constraints():
     evaluate = _additive_problem(3, 3)
     explored = nsga2(evaluate, 3, 3, population=4, generations=2)
-    assert len(explored) == 3 ** 3 - 3  # every genome but the three uniform ones
+    assert len(explored) == 3**3 - 3  # every genome but the three uniform ones
     assert all(len(set(g)) > 1 for g in explored)
 
 

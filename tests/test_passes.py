@@ -1,16 +1,15 @@
 import numpy as np
 import onnx
 import pytest
-
-from passes import PassError
 from onnx import numpy_helper
 
-from passes.metrics import sqnr_db
-from passes.runtime import model_logits
+from passes import PassError
 from passes.base import PassContext
 from passes.fp16 import Fp16Config, Fp16Pass
+from passes.metrics import sqnr_db
 from passes.ort_quant import weighted_nodes
 from passes.quantize_int8 import QuantizeInt8Config, QuantizeInt8Pass
+from passes.runtime import model_logits
 from passes.simplify import SimplifyPass
 
 
@@ -30,8 +29,9 @@ def test_simplify_shrinks_the_graph_without_changing_logits(tiny_model, tiny_ima
     exported = export_onnx(tiny_model, tiny_images, ExportConfig())
     simplified = SimplifyPass().run(exported, ctx)
     assert ctx.notes["simplified"] and len(simplified.graph.node) < len(exported.graph.node)
-    np.testing.assert_allclose(model_logits(simplified, [tiny_images]), model_logits(exported, [tiny_images]),
-                               atol=1e-4)
+    np.testing.assert_allclose(
+        model_logits(simplified, [tiny_images]), model_logits(exported, [tiny_images]), atol=1e-4
+    )
 
 
 def test_simplify_falls_back_when_onnxsim_fails_or_miscompiles(tiny_onnx, ctx, monkeypatch):
@@ -82,8 +82,11 @@ def test_quantize_int8_static_options_change_the_graph(tiny_onnx, ctx):
 
 
 def _int8_weights(model: onnx.ModelProto) -> list[np.ndarray]:
-    return [numpy_helper.to_array(t) for t in model.graph.initializer
-            if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2]
+    return [
+        numpy_helper.to_array(t)
+        for t in model.graph.initializer
+        if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2
+    ]
 
 
 def test_quantize_int8_dynamic_quantizes_every_linear_layer(tiny_onnx, tiny_images, ctx):
@@ -110,7 +113,7 @@ def test_accuracy_budget_keeps_the_most_harmful_layers_in_float(tiny_onnx, tiny_
     assert ranked == sorted(ranked)
     kept = notes["kept_float"]
     assert notes["budget_met"] and 1 <= len(kept) <= 9
-    assert kept == [entry["layer"] for entry in notes["sensitivity"][:len(kept)]]
+    assert kept == [entry["layer"] for entry in notes["sensitivity"][: len(kept)]]
     assert notes["search_fidelity"]["sqnr_db"] >= all_int8 + 3
     assert len(_int8_weights(strict)) == len(_int8_weights(loose)) - len(kept)
     QuantizeInt8Pass(QuantizeInt8Config(min_sqnr_db=300.0, max_float_layers=2)).run(tiny_onnx, ctx)
@@ -159,6 +162,7 @@ def test_compute_op_census_says_what_still_runs_in_float(tiny_onnx, tiny_images,
     dynamic = compute_op_census(QuantizeInt8Pass().run(tiny_onnx, ctx))
     assert dynamic["integer"].get("MatMulInteger", 0) + dynamic["integer"].get("DynamicQuantizeMatMul", 0) == 9
     assert dynamic["float"]["Conv"] == 1  # the patch embedding: MatMul / Gemm only by default
-    static = compute_op_census(QuantizeInt8Pass(QuantizeInt8Config(mode="static", op_types=["Conv", "MatMul", "Gemm"]))
-                               .run(tiny_onnx, ctx))
+    static = compute_op_census(
+        QuantizeInt8Pass(QuantizeInt8Config(mode="static", op_types=["Conv", "MatMul", "Gemm"])).run(tiny_onnx, ctx)
+    )
     assert static["integer"].get("Conv") == 1 and "Conv" not in static["float"]  # QDQ-wrapped: fused by ORT

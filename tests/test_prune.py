@@ -15,8 +15,7 @@ from onnxvit.cli import main
 from onnxvit.config import ExportConfig, PruneConfig, load_config
 from onnxvit.errors import UserError
 from onnxvit.export import check_export, export_onnx
-from onnxvit.prune import (HessianImportance, count_params_macs, load_pruned, prune_model, serialize_pruned,
-                           widths)
+from onnxvit.prune import HessianImportance, count_params_macs, load_pruned, prune_model, serialize_pruned, widths
 from tests.conftest import write_config
 
 
@@ -25,11 +24,18 @@ def _logits(model: torch.nn.Module, images: np.ndarray) -> torch.Tensor:
         return model(torch.from_numpy(images))
 
 
-@pytest.mark.parametrize("importance_cls", [
-    HessianImportance,
-    pytest.param(tp.importance.GroupHessianImportance, marks=pytest.mark.xfail(
-        strict=True, reason="torch-pruning 1.6.1 keeps only the last sample; drop our subclass when this passes")),
-])
+@pytest.mark.parametrize(
+    "importance_cls",
+    [
+        HessianImportance,
+        pytest.param(
+            tp.importance.GroupHessianImportance,
+            marks=pytest.mark.xfail(
+                strict=True, reason="torch-pruning 1.6.1 keeps only the last sample; drop our subclass when this passes"
+            ),
+        ),
+    ],
+)
 def test_hessian_importance_accumulates_every_sample(importance_cls):
     layer = torch.nn.Linear(3, 2)
     importance = importance_cls()
@@ -58,8 +64,9 @@ def test_gradient_methods_rank_by_the_data(tiny_model, tiny_images):
     """Taylor and Hessian see gradients: different targets give different cuts than magnitude."""
     cuts = {}
     for method in ("l1", "taylor", "hessian"):
-        pruned, _ = prune_model(tiny_model, PruneConfig(method=method, mlp=0.5, batches=2, batch_size=4),
-                                tiny_images[:8], None, "deit")
+        pruned, _ = prune_model(
+            tiny_model, PruneConfig(method=method, mlp=0.5, batches=2, batch_size=4), tiny_images[:8], None, "deit"
+        )
         cuts[method] = pruned.blocks[0].mlp.fc1.weight.detach().clone()
     assert not torch.equal(cuts["l1"], cuts["taylor"])
     assert not torch.equal(cuts["taylor"], cuts["hessian"])
@@ -125,11 +132,13 @@ def test_ratio_target_is_met(tiny_model, tiny_images):
 
 
 def test_checkpoint_rebuilds_from_timm(tiny_model, tiny_images, tmp_path):
-    pruned, summary = prune_model(tiny_model, PruneConfig(method="l1", mlp=0.25, heads=0.34, head_dims=0.25),
-                                  tiny_images[:2], None, "deit")
+    pruned, summary = prune_model(
+        tiny_model, PruneConfig(method="l1", mlp=0.25, heads=0.34, head_dims=0.25), tiny_images[:2], None, "deit"
+    )
     path = tmp_path / "pruned.pt"
-    path.write_bytes(serialize_pruned(tiny_model, pruned, "deit_tiny_patch16_224",
-                                      {"depth": 2, "num_classes": 4}, summary))
+    path.write_bytes(
+        serialize_pruned(tiny_model, pruned, "deit_tiny_patch16_224", {"depth": 2, "num_classes": 4}, summary)
+    )
     rebuilt, saved_summary = load_pruned(path)
     assert saved_summary == summary and widths(rebuilt) == widths(pruned)
     assert torch.equal(_logits(rebuilt, tiny_images[:2]), _logits(pruned, tiny_images[:2]))
@@ -138,24 +147,36 @@ def test_checkpoint_rebuilds_from_timm(tiny_model, tiny_images, tmp_path):
         load_pruned(tmp_path / "plain.pt")
 
 
-@pytest.mark.parametrize("options, message", [
-    ({"ratio": 1.5}, "prune.ratio: Input should be less than 1"),
-    ({"ratio": 0}, "prune.ratio: Input should be greater than 0"),
-    ({"method": "fisher", "ratio": 0.1}, "prune.method: Input should be 'l1', 'l2', 'taylor', 'hessian' or 'random'"),
-    ({}, "prune: say how much to prune"),
-    ({"ratio": 0.1, "mlp": 0.2}, "prune: give either ratio or explicit mlp, not both"),
-    ({"ratio": 0.1, "ration_kinds": ["mlp"]}, "prune.ration_kinds: unknown key; did you mean 'ratio_kinds'"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"ratio": 1.5}, "prune.ratio: Input should be less than 1"),
+        ({"ratio": 0}, "prune.ratio: Input should be greater than 0"),
+        (
+            {"method": "fisher", "ratio": 0.1},
+            "prune.method: Input should be 'l1', 'l2', 'taylor', 'hessian' or 'random'",
+        ),
+        ({}, "prune: say how much to prune"),
+        ({"ratio": 0.1, "mlp": 0.2}, "prune: give either ratio or explicit mlp, not both"),
+        ({"ratio": 0.1, "ration_kinds": ["mlp"]}, "prune.ration_kinds: unknown key; did you mean 'ratio_kinds'"),
+    ],
+)
 def test_bad_prune_config_is_rejected(options, message, tmp_path, image_folder):
     with pytest.raises(UserError, match=re.escape(message)):
         load_config(write_config(tmp_path, image_folder, prune=options))
 
 
-@pytest.mark.parametrize("options, message", [
-    ({"heads": 0.9}, "would remove every one of the 3 heads"),
-    ({"mlp": 0.2, "ignore": ["blocks.0.mlp.fcx"]}, "prune.ignore: VisionTransformer has no module 'blocks.0.mlp.fcx'; did you mean"),
-    ({"ratio": 0.9}, "more than pruning mlp, head_dims can remove"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"heads": 0.9}, "would remove every one of the 3 heads"),
+        (
+            {"mlp": 0.2, "ignore": ["blocks.0.mlp.fcx"]},
+            "prune.ignore: VisionTransformer has no module 'blocks.0.mlp.fcx'; did you mean",
+        ),
+        ({"ratio": 0.9}, "more than pruning mlp, head_dims can remove"),
+    ],
+)
 def test_impossible_prune_is_a_user_error(options, message, tiny_model, tiny_images):
     with pytest.raises(UserError, match=message):
         prune_model(tiny_model, PruneConfig(method="l1", **options), tiny_images[:2], None, "deit")
@@ -163,8 +184,7 @@ def test_impossible_prune_is_a_user_error(options, message, tiny_model, tiny_ima
 
 def test_compress_with_prune_reports_each_stage(tmp_path, image_folder):
     prune = {"method": "taylor", "ratio": 0.15, "batches": 1, "batch_size": 4}
-    config = write_config(tmp_path, image_folder, prune=prune,
-                          passes=[{"pass": "quantize_int8", "name": "int8"}])
+    config = write_config(tmp_path, image_folder, prune=prune, passes=[{"pass": "quantize_int8", "name": "int8"}])
     result = CliRunner().invoke(main, ["compress", str(config), "--quiet"], catch_exceptions=True)
     assert result.exit_code == 0, result.output + repr(result.exception)
     out = tmp_path / "out"
@@ -194,8 +214,9 @@ def test_reconstruction_brings_the_pruned_model_closer_to_the_dense_one(tiny_mod
     reference = _logits(tiny_model, held_out).numpy()
     fidelity = {}
     for reconstruct in (False, True):
-        pruned, summary = prune_model(tiny_model, PruneConfig(method="l1", mlp=0.5, reconstruct=reconstruct),
-                                      tiny_images[:8], None, "deit")
+        pruned, summary = prune_model(
+            tiny_model, PruneConfig(method="l1", mlp=0.5, reconstruct=reconstruct), tiny_images[:8], None, "deit"
+        )
         assert summary["reconstructed"] == (2 if reconstruct else 0)  # the two fc2 layers
         fidelity[reconstruct] = sqnr_db(reference, _logits(pruned, held_out).numpy())
     assert fidelity[True] > fidelity[False] + 1, fidelity

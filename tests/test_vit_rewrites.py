@@ -5,11 +5,11 @@ import numpy as np
 import onnx
 import pytest
 
-from passes.runtime import model_logits
 from passes.base import PassContext
 from passes.fuse_vit import FuseVitConfig, FuseVitPass
 from passes.ort_quant import channel_ranges
 from passes.reparam_layernorm import ReparamLayerNormConfig, ReparamLayerNormPass, find_sites
+from passes.runtime import model_logits
 
 
 def _count(model: onnx.ModelProto, op: str) -> int:
@@ -54,8 +54,9 @@ def test_fuse_vit_turns_timm_attention_into_multihead_attention(exported, tiny_i
     assert _count(model, "MultiHeadAttention") == 2 and _count(model, "Softmax") == 0
     assert _count(model, "Gemm") == 1  # the classifier, on the 2-D class token
     assert _count(model, "Reshape") < _count(tiny_onnx, "Reshape") - 10
-    np.testing.assert_allclose(model_logits(model, [tiny_images]), model_logits(tiny_onnx, [tiny_images]),
-                               atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(
+        model_logits(model, [tiny_images]), model_logits(tiny_onnx, [tiny_images]), atol=1e-4, rtol=1e-4
+    )
 
 
 def test_fuse_vit_options_switch_each_rewrite(exported):
@@ -83,9 +84,13 @@ def test_fuse_vit_on_another_width_and_head_count(tiny_images):
     ctx = PassContext()
     model = FuseVitPass().run(wide, ctx)
     assert ctx.notes["attention_fused"] == 1
-    heads = [a.i for n in model.graph.node if n.op_type == "MultiHeadAttention" for a in n.attribute if a.name == "num_heads"]
+    heads = [
+        a.i for n in model.graph.node if n.op_type == "MultiHeadAttention" for a in n.attribute if a.name == "num_heads"
+    ]
     assert heads == [6]
-    np.testing.assert_allclose(model_logits(model, [tiny_images]), model_logits(wide, [tiny_images]), atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(
+        model_logits(model, [tiny_images]), model_logits(wide, [tiny_images]), atol=1e-4, rtol=1e-4
+    )
 
 
 def test_fuse_vit_matches_timm_explicit_attention_too(tiny_images):
@@ -93,8 +98,9 @@ def test_fuse_vit_matches_timm_explicit_attention_too(tiny_images):
     ctx = PassContext()
     model = FuseVitPass().run(explicit, ctx)
     assert ctx.notes["attention_fused"] == 1 and _count(model, "Softmax") == 0
-    np.testing.assert_allclose(model_logits(model, [tiny_images]), model_logits(explicit, [tiny_images]),
-                               atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(
+        model_logits(model, [tiny_images]), model_logits(explicit, [tiny_images]), atol=1e-4, rtol=1e-4
+    )
 
 
 def test_fuse_vit_leaves_attention_it_does_not_recognise(tiny_images):
@@ -103,7 +109,9 @@ def test_fuse_vit_leaves_attention_it_does_not_recognise(tiny_images):
     ctx = PassContext()
     model = FuseVitPass().run(normed, ctx)
     assert ctx.notes["attention_fused"] == 0 and _count(model, "Softmax") == 1
-    np.testing.assert_allclose(model_logits(model, [tiny_images]), model_logits(normed, [tiny_images]), atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(
+        model_logits(model, [tiny_images]), model_logits(normed, [tiny_images]), atol=1e-4, rtol=1e-4
+    )
 
 
 def test_reparam_layernorm_evens_channel_ranges_and_keeps_fp32_logits(fused, tiny_images):
@@ -111,8 +119,9 @@ def test_reparam_layernorm_evens_channel_ranges_and_keeps_fp32_logits(fused, tin
     ctx = PassContext(calibration=[tiny_images[:8]])
     rewritten = ReparamLayerNormPass(ReparamLayerNormConfig(alpha=1.0)).run(model, ctx)
     assert ctx.notes["layernorms"] == 4  # norm1 -> qkv and norm2 -> fc1, in both blocks
-    np.testing.assert_allclose(model_logits(rewritten, [tiny_images]), model_logits(model, [tiny_images]),
-                               atol=1e-3, rtol=1e-3)
+    np.testing.assert_allclose(
+        model_logits(rewritten, [tiny_images]), model_logits(model, [tiny_images]), atol=1e-3, rtol=1e-3
+    )
 
     def spread(m: onnx.ModelProto) -> float:
         names = [site.norm.output[0] for site in find_sites(m)]

@@ -8,10 +8,10 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from passes.metrics import sqnr_db
-from passes.runtime import make_session
 from passes.base import PassContext
+from passes.metrics import sqnr_db
 from passes.quantize_int8 import QuantizeInt8Config, QuantizeInt8Pass
+from passes.runtime import make_session
 from passes.weight_schemes import WeightScheme
 
 K = 256
@@ -21,18 +21,21 @@ def _weights(rng: np.random.Generator) -> dict[str, np.ndarray]:
     loud = rng.standard_normal((K, 16))
     loud[:, 0] *= 50
     return {
-        "skewed": rng.uniform(0.5, 1.5, (K, 16)),        # never crosses zero: a symmetric range wastes half
-        "loud": loud,                                    # one output channel 50x the others
-        "laplace": rng.laplace(0, 1, (K, 16)),           # long tails: clipping them buys finer steps
+        "skewed": rng.uniform(0.5, 1.5, (K, 16)),  # never crosses zero: a symmetric range wastes half
+        "loud": loud,  # one output channel 50x the others
+        "laplace": rng.laplace(0, 1, (K, 16)),  # long tails: clipping them buys finer steps
     }
 
 
 def _model(weights: dict[str, np.ndarray]) -> onnx.ModelProto:
     nodes = [helper.make_node("MatMul", ["x", f"{name}/w"], [name], name=name) for name in weights]
     graph = helper.make_graph(
-        nodes, "layers", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", K])],
+        nodes,
+        "layers",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", K])],
         [helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, ["n", 16]) for name in weights],
-        [numpy_helper.from_array(w.astype(np.float32), f"{name}/w") for name, w in weights.items()])
+        [numpy_helper.from_array(w.astype(np.float32), f"{name}/w") for name, w in weights.items()],
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
 
 
@@ -49,8 +52,10 @@ def searched():
     results = {}
     for schemes in ("fixed", "search"):
         ctx = PassContext(calibration=calibration, input_name="x")
-        results[schemes] = (QuantizeInt8Pass(QuantizeInt8Config(schemes=schemes, reduce_range=True)).run(model, ctx),
-                            ctx.notes)
+        results[schemes] = (
+            QuantizeInt8Pass(QuantizeInt8Config(schemes=schemes, reduce_range=True)).run(model, ctx),
+            ctx.notes,
+        )
     fresh = rng.standard_normal((128, K)).astype(np.float32)  # not the calibration inputs
     return model, results, fresh
 
@@ -76,9 +81,15 @@ def test_onnx_runtime_writes_the_chosen_scales(searched):
     model, results, _ = searched
     quantized, notes = results["search"]
     written = {init.name: numpy_helper.to_array(init) for init in quantized.graph.initializer}
-    by_label = {scheme.label: scheme for scheme in (
-        WeightScheme(pc, sym, clip) for pc in (True, False) for sym in (True, False)
-        for clip in (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6, 0.5))}
+    by_label = {
+        scheme.label: scheme
+        for scheme in (
+            WeightScheme(pc, sym, clip)
+            for pc in (True, False)
+            for sym in (True, False)
+            for clip in (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6, 0.5)
+        )
+    }
     weights = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
     for layer, entry in notes["schemes"].items():
         scheme = by_label[entry["chosen"]]
@@ -89,16 +100,24 @@ def test_onnx_runtime_writes_the_chosen_scales(searched):
 
 def _bridge_model(rng: np.random.Generator) -> onnx.ModelProto:
     """Conv feature map -> token sequence -> a linear layer with long-tailed weights: one bridge."""
-    initializers = [numpy_helper.from_array(rng.standard_normal((64, 8, 1, 1)).astype(np.float32), "conv/w"),
-                    numpy_helper.from_array(np.array([0, 64, 16], np.int64), "tokens/shape"),
-                    numpy_helper.from_array(rng.laplace(0, 1, (64, 32)).astype(np.float32), "linear/w")]
-    nodes = [helper.make_node("Conv", ["x", "conv/w"], ["map"], name="conv"),
-             helper.make_node("Reshape", ["map", "tokens/shape"], ["flat"], name="tokens"),
-             helper.make_node("Transpose", ["flat"], ["seq"], perm=[0, 2, 1], name="to_seq"),
-             helper.make_node("MatMul", ["seq", "linear/w"], ["y"], name="linear")]
-    graph = helper.make_graph(nodes, "bridge", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT,
-                                                                              ["n", 8, 4, 4])],
-                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], initializers)
+    initializers = [
+        numpy_helper.from_array(rng.standard_normal((64, 8, 1, 1)).astype(np.float32), "conv/w"),
+        numpy_helper.from_array(np.array([0, 64, 16], np.int64), "tokens/shape"),
+        numpy_helper.from_array(rng.laplace(0, 1, (64, 32)).astype(np.float32), "linear/w"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "conv/w"], ["map"], name="conv"),
+        helper.make_node("Reshape", ["map", "tokens/shape"], ["flat"], name="tokens"),
+        helper.make_node("Transpose", ["flat"], ["seq"], perm=[0, 2, 1], name="to_seq"),
+        helper.make_node("MatMul", ["seq", "linear/w"], ["y"], name="linear"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "bridge",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 8, 4, 4])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+        initializers,
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
 
 
@@ -111,7 +130,9 @@ def test_bridge_reconstruction_tunes_the_block_and_the_model_keeps_it():
     sqnr = {}
     for reconstruct in (False, True):
         ctx = PassContext(calibration=calibration, input_name="x")
-        quantized = QuantizeInt8Pass(QuantizeInt8Config(reconstruct_bridges=reconstruct, reduce_range=True)).run(model, ctx)
+        quantized = QuantizeInt8Pass(QuantizeInt8Config(reconstruct_bridges=reconstruct, reduce_range=True)).run(
+            model, ctx
+        )
         sqnr[reconstruct] = sqnr_db(reference, make_session(quantized, 1).run(None, {"x": fresh})[0])
     assert ctx.notes["bridges"] == [{"at": "tokens", "kind": "to_tokens", "conv": "conv", "linear": "linear"}]
     entry = ctx.notes["bridge_reconstruction"]["linear"]
@@ -125,10 +146,12 @@ def test_static_gemm_weights_take_their_channel_axis(trans_b):
     rng = np.random.default_rng(2)
     weight = rng.laplace(0, 1, (16, K) if trans_b else (K, 16)).astype(np.float32)
     graph = helper.make_graph(
-        [helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="gemm", transB=trans_b)], "gemm",
+        [helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="gemm", transB=trans_b)],
+        "gemm",
         [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", K])],
         [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["n", 16])],
-        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(np.zeros(16, np.float32), "b")])
+        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(np.zeros(16, np.float32), "b")],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
     calibration = [rng.standard_normal((64, K)).astype(np.float32)]
     fresh = rng.standard_normal((64, K)).astype(np.float32)
@@ -136,6 +159,8 @@ def test_static_gemm_weights_take_their_channel_axis(trans_b):
     sqnr = {}
     for schemes in ("fixed", "search"):
         ctx = PassContext(calibration=calibration, input_name="x")
-        quantized = QuantizeInt8Pass(QuantizeInt8Config(mode="static", schemes=schemes, reduce_range=True)).run(model, ctx)
+        quantized = QuantizeInt8Pass(QuantizeInt8Config(mode="static", schemes=schemes, reduce_range=True)).run(
+            model, ctx
+        )
         sqnr[schemes] = sqnr_db(reference, _outputs(quantized, fresh)["y"])
     assert "clip" in ctx.notes["schemes"]["gemm"]["chosen"] and sqnr["search"] > sqnr["fixed"] + 1, sqnr

@@ -6,14 +6,13 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-
-from passes import PassError
 from onnx import TensorProto, helper, numpy_helper
 
-from passes.metrics import sqnr_db
-from passes.runtime import model_logits
+from passes import PassError
 from passes.base import PassContext
+from passes.metrics import sqnr_db
 from passes.quantize_int8 import QuantizeInt8Config, QuantizeInt8Pass
+from passes.runtime import model_logits
 from passes.zero_point_guard import ZeroPointGuardConfig, ZeroPointGuardPass
 
 RNG = np.random.default_rng(0)
@@ -22,20 +21,33 @@ RNG = np.random.default_rng(0)
 def _offset_model(mix: bool = True) -> onnx.ModelProto:
     """x ~ N(0,1); y = 10 + 0.1 x and z = 5 + 0.05 x: all-positive and narrow. y @ W (a weight) and
     z @ V (V computed, as softmax @ V), summed."""
-    init = [numpy_helper.from_array(np.float32(0.1), "s"), numpy_helper.from_array(np.float32(10.0), "o"),
-            numpy_helper.from_array(np.float32(0.05), "s2"), numpy_helper.from_array(np.float32(5.0), "o2"),
-            numpy_helper.from_array(RNG.normal(size=(16, 8)).astype(np.float32), "w"),
-            numpy_helper.from_array(RNG.normal(size=(16, 8)).astype(np.float32), "wv")]
-    nodes = [helper.make_node("Mul", ["x", "s"], ["xs"]), helper.make_node("Add", ["xs", "o"], ["y"], name="offset"),
-             helper.make_node("Mul", ["x", "s2"], ["xs2"]), helper.make_node("Add", ["xs2", "o2"], ["z"]),
-             helper.make_node("MatMul", ["y", "w"], ["lin"], name="linear"),
-             helper.make_node("MatMul", ["x", "wv"], ["v"], name="values"),
-             helper.make_node("MatMul", ["z", "v"], ["mix"], name="mix"),
-             helper.make_node("Add", ["lin", "mix"], ["out"])]
+    init = [
+        numpy_helper.from_array(np.float32(0.1), "s"),
+        numpy_helper.from_array(np.float32(10.0), "o"),
+        numpy_helper.from_array(np.float32(0.05), "s2"),
+        numpy_helper.from_array(np.float32(5.0), "o2"),
+        numpy_helper.from_array(RNG.normal(size=(16, 8)).astype(np.float32), "w"),
+        numpy_helper.from_array(RNG.normal(size=(16, 8)).astype(np.float32), "wv"),
+    ]
+    nodes = [
+        helper.make_node("Mul", ["x", "s"], ["xs"]),
+        helper.make_node("Add", ["xs", "o"], ["y"], name="offset"),
+        helper.make_node("Mul", ["x", "s2"], ["xs2"]),
+        helper.make_node("Add", ["xs2", "o2"], ["z"]),
+        helper.make_node("MatMul", ["y", "w"], ["lin"], name="linear"),
+        helper.make_node("MatMul", ["x", "wv"], ["v"], name="values"),
+        helper.make_node("MatMul", ["z", "v"], ["mix"], name="mix"),
+        helper.make_node("Add", ["lin", "mix"], ["out"]),
+    ]
     if not mix:  # the linear branch alone: z @ V's int8 error (V's scale times z's mean) would hide y's
         nodes = nodes[:2] + [nodes[4], helper.make_node("Identity", ["lin"], ["out"])]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 16, 16])],
-                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)], initializer=init)
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 16, 16])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
+        initializer=init,
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 

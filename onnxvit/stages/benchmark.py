@@ -27,8 +27,7 @@ def machine_info(threads: int) -> dict[str, Any]:
     import onnxruntime
     import torch
 
-    return {"cpu": cpu_name(), "threads": threads, "onnxruntime": onnxruntime.__version__,
-            "torch": torch.__version__}
+    return {"cpu": cpu_name(), "threads": threads, "onnxruntime": onnxruntime.__version__, "torch": torch.__version__}
 
 
 def latency(run: Run, variants: list[Variant]) -> dict[str, dict[str, float]]:
@@ -41,6 +40,10 @@ def latency(run: Run, variants: list[Variant]) -> dict[str, dict[str, float]]:
         with run.reporter.task(f"timing {len(variants)} variants", bench.rounds, live=False) as advance:
             return measure_latency(runners, bench.warmup, bench.runs, bench.rounds, lambda: advance(1))
 
-    key = cache_key(models={v.name: v.identity for v in variants}, benchmark=bench.model_dump(mode="json"),
-                    machine=machine_info(bench.threads), shape=run.input_shape)
+    key = cache_key(
+        models={v.name: v.identity for v in variants},
+        benchmark=bench.model_dump(mode="json"),
+        machine=machine_info(bench.threads),
+        shape=run.input_shape,
+    )
     return run.cache.json("latency", key, measure)

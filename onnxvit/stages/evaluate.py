@@ -34,8 +34,9 @@ def logits(run: Run, variant: Variant) -> np.ndarray:
     return run.cache.array(f"logits-{variant.name}", key, produce)
 
 
-def evaluate(run: Run, variants: list[Variant], reference: Variant) -> tuple[dict[str, dict[str, float]],
-                                                                               dict[str, np.ndarray]]:
+def evaluate(
+    run: Run, variants: list[Variant], reference: Variant
+) -> tuple[dict[str, dict[str, float]], dict[str, np.ndarray]]:
     """Each variant's scores (by name) against the labels and ``reference``, and its logits."""
     outputs = {v.name: logits(run, v) for v in [reference, *variants]}
     labels = run.dataset.labels("evaluate")

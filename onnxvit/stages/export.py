@@ -18,10 +18,19 @@ def export(run: Run, model: Any, model_id: str, name: str) -> tuple[onnx.ModelPr
     from onnxvit.export import check_export, export_onnx
 
     cfg = run.config.export
-    record = StepRecord(name=name, kind="export", input=None, config=cfg.model_dump(mode="json"),
-                        key=cache_key(weights=model_id, export=cfg.model_dump(mode="json"), torch=torch.__version__,
-                                      simplify_version=SimplifyPass.version,
-                                      calibration=run.fingerprint("calibrate")))
+    record = StepRecord(
+        name=name,
+        kind="export",
+        input=None,
+        config=cfg.model_dump(mode="json"),
+        key=cache_key(
+            weights=model_id,
+            export=cfg.model_dump(mode="json"),
+            torch=torch.__version__,
+            simplify_version=SimplifyPass.version,
+            calibration=run.fingerprint("calibrate"),
+        ),
+    )
 
     def produce() -> onnx.ModelProto:
         proto = export_onnx(model, run.calibration_images, cfg)

@@ -51,8 +51,9 @@ class Run:
             from onnxvit.models import recalibrate_batchnorm
 
             count = recalibrate_batchnorm(model, self.calibration_images)
-            self.reporter.log(f"model: re-estimated {count} BatchNorm layers on {len(self.calibration_images)} "
-                              "calibration images")
+            self.reporter.log(
+                f"model: re-estimated {count} BatchNorm layers on {len(self.calibration_images)} calibration images"
+            )
         return model
 
     @property
@@ -64,9 +65,11 @@ class Run:
     def weights_id(self) -> str:
         """What the dense model's weights came from: the cache key part of everything made from them."""
         m = self.config.model
-        return cache_key(model=m.model_dump(mode="json"),
-                         checkpoint=sha256_file(m.checkpoint) if m.checkpoint else None,
-                         batchnorm_images=self.fingerprint("calibrate") if m.recalibrate_bn else None)
+        return cache_key(
+            model=m.model_dump(mode="json"),
+            checkpoint=sha256_file(m.checkpoint) if m.checkpoint else None,
+            batchnorm_images=self.fingerprint("calibrate") if m.recalibrate_bn else None,
+        )
 
     @cached_property
     def dataset(self) -> Dataset:
@@ -111,12 +114,18 @@ class Run:
     def context(self) -> PassContext:
         """What the graph passes may use: the splits' images, labels when they mean something, progress."""
         labels = None if self.config.model.random_init else self.dataset.labels("search")
-        return PassContext(calibration=batches(self.calibration_images, 8), search=batches(self.search_images, 16),
-                           threads=self.config.benchmark.threads, log=self.reporter.log, search_labels=labels,
-                           progress=lambda description, total: self.reporter.task(description, total, live=False))
+        return PassContext(
+            calibration=batches(self.calibration_images, 8),
+            search=batches(self.search_images, 16),
+            threads=self.config.benchmark.threads,
+            log=self.reporter.log,
+            search_labels=labels,
+            progress=lambda description, total: self.reporter.task(description, total, live=False),
+        )
 
     def check(self, before: onnx.ModelProto, after: onnx.ModelProto) -> dict[str, float]:
         """The numeric check recorded after every step: ``after``'s logits against ``before``'s."""
         threads = self.config.benchmark.threads
-        return compare_logits(model_logits(before, self.check_batches, threads),
-                              model_logits(after, self.check_batches, threads))
+        return compare_logits(
+            model_logits(before, self.check_batches, threads), model_logits(after, self.check_batches, threads)
+        )

@@ -46,8 +46,10 @@ def finetune_images(run: Run) -> Any:
         files = run.dataset.splits["calibrate"] + run.dataset.splits["search"]
         return TrainImages(run.dataset.folder, files, f"calibrate + search splits of data.root ({len(files)} images)")
     if root.resolve() == run.dataset.folder.root.resolve():
-        raise UserError(f"finetune.root: {root} is data.root, whose evaluation split the report scores; "
-                        "leave finetune.root empty to train on the calibrate and search splits only")
+        raise UserError(
+            f"finetune.root: {root} is data.root, whose evaluation split the report scores; "
+            "leave finetune.root empty to train on the calibrate and search splits only"
+        )
     folder = scan_image_folder(root)
     return TrainImages(folder, folder.files, f"{root} ({len(folder.files)} images)")
 
@@ -58,8 +60,10 @@ def gradient_labels(run: Run, config: PruneConfig) -> np.ndarray | None:
     classes = getattr(run.dense_model, "num_classes", 0)
     fits = len(labels) > 0 and int(np.max(labels)) < classes
     if config.loss == "labels" and not fits:
-        raise UserError(f"prune.loss: the folder's labels go up to {int(np.max(labels))} but the model has "
-                        f"{classes} classes; use loss: predictions")
+        raise UserError(
+            f"prune.loss: the folder's labels go up to {int(np.max(labels))} but the model has "
+            f"{classes} classes; use loss: predictions"
+        )
     if config.loss == "predictions" or (config.loss == "auto" and (run.config.model.random_init or not fits)):
         return None
     return labels
@@ -75,28 +79,42 @@ def prune(run: Run, config: PruneConfig | None = None) -> Pruned:
     assert cfg is not None
     finetune = run.config.finetune
     train = finetune_images(run) if finetune else None
-    key = cache_key(weights=run.weights_id, prune=cfg.model_dump(mode="json"),
-                    calibration=run.fingerprint("calibrate"), torch_pruning=torch_pruning.__version__,
-                    finetune=finetune.model_dump(mode="json") if finetune else None,
-                    finetune_images=train.files if train else None)
+    key = cache_key(
+        weights=run.weights_id,
+        prune=cfg.model_dump(mode="json"),
+        calibration=run.fingerprint("calibrate"),
+        torch_pruning=torch_pruning.__version__,
+        finetune=finetune.model_dump(mode="json") if finetune else None,
+        finetune_images=train.files if train else None,
+    )
     fresh: list[Any] = []
 
     def produce() -> bytes:
         images = run.calibration_images
         used = min(len(images), cfg.batches * cfg.batch_size) if cfg.method in ("taylor", "hessian") else 0
         with run.reporter.task(f"pruning ({cfg.method} importance)", used) as advance:
-            pruned, summary = prune_model(run.dense_model, cfg, images, gradient_labels(run, cfg),
-                                          run.config.model.name, advance, run.reporter.log)
-        if finetune is not None:
+            pruned, summary = prune_model(
+                run.dense_model,
+                cfg,
+                images,
+                gradient_labels(run, cfg),
+                run.config.model.name,
+                advance,
+                run.reporter.log,
+            )
+        if finetune is not None and train is not None:
             from onnxvit.finetune import distill
 
-            summary["finetune"] = distill(pruned, run.dense_model, train, finetune, run.cache.folder, key,
-                                          run.reporter.task, run.reporter.log)
+            summary["finetune"] = distill(
+                pruned, run.dense_model, train, finetune, run.cache.folder, key, run.reporter.task, run.reporter.log
+            )
         fresh.append(pruned)
         return serialize_pruned(run.dense_model, pruned, run.config.model.name, run.model_kwargs, summary)
 
     path = run.cache.blob("pruned", key, ".pt", produce)
     model, summary = load_pruned(path)
-    run.reporter.log(f"prune: {cfg.method}, removed {summary['removed']['params']:.1%} of parameters, "
-                     f"{summary['removed']['macs']:.1%} of MACs{'' if fresh else ' (cached)'}")
+    run.reporter.log(
+        f"prune: {cfg.method}, removed {summary['removed']['params']:.1%} of parameters, "
+        f"{summary['removed']['macs']:.1%} of MACs{'' if fresh else ' (cached)'}"
+    )
     return Pruned(model, summary, path, key)

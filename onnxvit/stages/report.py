@@ -14,15 +14,28 @@ from passes.graph import compute_op_census
 
 def variant_entry(variant: Variant, latency: dict[str, float], scores: dict[str, float]) -> dict[str, Any]:
     """One element of report.json's ``variants``."""
-    entry = {"name": variant.name, "runtime": variant.runtime, "path": variant.path.name if variant.path else None,
-             "size_bytes": variant.size_bytes, "latency_ms": latency, **variant.counts, **scores}
+    entry: dict[str, Any] = {
+        "name": variant.name,
+        "runtime": variant.runtime,
+        "path": variant.path.name if variant.path else None,
+        "size_bytes": variant.size_bytes,
+        "latency_ms": latency,
+        **variant.counts,
+        **scores,
+    }
     if variant.proto is not None:
         entry["compute_ops"] = compute_op_census(variant.proto)
     return entry
 
 
-def document(run: Run, variants: list[Variant], reference: str, latency: dict[str, dict[str, float]],
-             scores: dict[str, dict[str, float]], sections: dict[str, Any]) -> dict[str, Any]:
+def document(
+    run: Run,
+    variants: list[Variant],
+    reference: str,
+    latency: dict[str, dict[str, float]],
+    scores: dict[str, dict[str, float]],
+    sections: dict[str, Any],
+) -> dict[str, Any]:
     """report.json's content (less ``schema_version``, which the writer adds). ``sections`` holds the
     stage results named by their report key: prune, mobile, lite, parity, steps, seconds."""
     config, folder = run.config, run.config.output.dir
@@ -32,13 +45,16 @@ def document(run: Run, variants: list[Variant], reference: str, latency: dict[st
         "onnxvit_version": __version__,
         "config_sha256": run.config_sha256,
         "machine": machine_info(bench.threads),
-        "weights": "checkpoint" if config.model.checkpoint else
-                   ("pretrained" if config.model.pretrained else "random_init"),
+        "weights": "checkpoint"
+        if config.model.checkpoint
+        else ("pretrained" if config.model.pretrained else "random_init"),
         "batch_size": bench.batch_size,
         # Paths relative to the report's folder: a report moved with its models keeps its meaning.
-        "data": {"root": os.path.relpath(config.data.root, folder),
-                 "manifest": os.path.relpath(config.data.manifest, folder) if config.data.manifest else None,
-                 **{f"{s}_images": len(f) for s, f in run.dataset.splits.items()}},
+        "data": {
+            "root": os.path.relpath(config.data.root, folder),
+            "manifest": os.path.relpath(config.data.manifest, folder) if config.data.manifest else None,
+            **{f"{s}_images": len(f) for s, f in run.dataset.splits.items()},
+        },
         "reference": reference,
         "prune": sections.get("prune"),
         "variants": [variant_entry(v, latency[v.name], scores[v.name]) for v in variants],
