@@ -171,16 +171,24 @@ def bench(report_dir: Path) -> None:
 @main.command()
 def passes() -> None:
     """List the graph passes and their options."""
+    from onnxvit.reference import summary
     from passes import get_pass, pass_names
 
     for name in pass_names():
         cls = get_pass(name)
-        doc = " ".join((cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").split())
-        click.echo(f"{name}: {doc.split('. ')[0].rstrip('.')}.")
+        click.echo(f"{name}: {summary(cls)}")
         for field, info in cls.Config.model_fields.items():
             default = info.get_default(call_default_factory=True)
             shown = default.model_dump() if hasattr(default, "model_dump") else default
             click.echo(f"  {field} (default {shown!r}): {info.description}")
+
+
+@main.command()
+def reference() -> None:
+    """Print the config and pass reference (docs/reference.md) generated from the code."""
+    from onnxvit.reference import reference as render
+
+    click.echo(render(), nl=False)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """PyTorch to ONNX, with a dynamic batch axis, checked against PyTorch's own logits.
 
 The TorchScript exporter is the default: on timm ViTs it takes under a second and gives standard
-ops; the dynamo exporter takes ~10x longer and is kept as an option.
+ops; the dynamo exporter is much slower and is kept as an option.
 """
 
 from __future__ import annotations

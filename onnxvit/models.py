@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import onnxvit._compat  # noqa: F401  (must precede timm, hence the split)
+
+# isort: split
+
 import difflib
 from pathlib import Path
 from typing import Any
@@ -10,7 +14,6 @@ import numpy as np
 import timm
 import torch
 
-import onnxvit._compat  # noqa: F401  (must precede timm)
 from onnxvit.config import ModelConfig
 from onnxvit.errors import UserError
 
@@ -63,8 +66,10 @@ def load_checkpoint(model: torch.nn.Module, path: Path, config_field: str = "mod
         (k for k in mismatched if k.endswith("weight") and state[k].ndim == 2 and expected[k].shape[0] == head), None
     )
     if head_key is not None:
-        hint = (f"num_classes differs: the checkpoint has {state[head_key].shape[0]}, the model {head}; "
-                "set model.num_classes")
+        hint = (
+            f"num_classes differs: the checkpoint has {state[head_key].shape[0]}, the model {head}; "
+            "set model.num_classes"
+        )
     raise UserError(f"{path} does not fit {type(model).__name__}: {'; '.join(problems)}; {hint}")
 
 

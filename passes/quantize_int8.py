@@ -6,11 +6,11 @@ without VNNI):
 - Only the linear layers (MatMul / Gemm with a constant weight) are quantized; quantizing every op,
   as ONNX Runtime's defaults do, is slower than FP32 and loses accuracy.
 - ``mode: dynamic`` (the default) gives ``DynamicQuantizeMatMul``: activations quantized per call
-  inside the kernel. Its linear layers ran 8.1 ms against 9.6 ms for static QDQ (``QGemm`` 8.4 ms
-  plus 1.1 ms of separate ``QuantizeLinear``), and per-input ranges are more faithful than
-  calibrated ones. ``mode: static`` (QDQ, calibrated) stays for targets that need fixed ranges.
+  inside the kernel, with no separate ``QuantizeLinear`` op as static QDQ has, and per-input
+  ranges are more faithful than calibrated ones (docs/guide.md has the measurements).
+  ``mode: static`` (QDQ, calibrated) stays for targets that need fixed ranges.
 - ``reduce_range``: x86 CPUs without VNNI multiply uint8 x int8 pairs with a saturating 16-bit
-  instruction; 7-bit weights avoid it and gained 2.3 dB logit SQNR on the real DeiT-tiny.
+  instruction; 7-bit weights avoid the saturation, which costs more fidelity than the lost bit.
   ``auto`` turns it on only on such CPUs.
 """
 

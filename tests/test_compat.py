@@ -8,10 +8,3 @@ def test_timm_imports_beside_cpu_torch():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "1000"
-
-
-def test_compat_defines_only_missing_schemas():
-    from onnxvit import _compat
-
-    # A second call finds every schema present (defined by torchvision or by us): nothing redefined.
-    assert _compat.ensure_torchvision_importable() == []

@@ -127,3 +127,17 @@ def test_the_report_writer_knows_no_pass():
 
     source = (REPO / "onnxvit" / "report.py").read_text()
     assert not [name for name in PASS_MODULES if name in source]
+
+
+def test_the_committed_reference_is_current():
+    from onnxvit.reference import reference
+
+    committed = (REPO / "docs" / "reference.md").read_text()
+    assert committed == reference(), "docs/reference.md is stale: run `onnxvit reference > docs/reference.md`"
+
+
+def test_every_option_is_described():
+    from onnxvit.reference import reference
+
+    rows = [line for line in reference().splitlines() if line.startswith("| `")]
+    assert rows and not [row for row in rows if row.rstrip().endswith("|  |")]

@@ -73,7 +73,9 @@ def test_a_model_that_cannot_convert_is_one_line_and_the_rest_goes_on(tiny_onnx,
 def test_lite_round_trip(tiny_model, tiny_images, tmp_path):
     x = torch.from_numpy(tiny_images[:4])
     notes = save_lite(tiny_model, x[:1], tmp_path / "m.ptl")
-    assert notes["size_bytes"] > 0 and "optimize_for_mobile" in notes
+    assert notes["size_bytes"] == (tmp_path / "m.ptl").stat().st_size
+    # mobile optimization ran exactly when this torch build has XNNPACK, and the notes say which
+    assert (notes["optimize_for_mobile"] is True) == bool(torch.backends.xnnpack.enabled)
     lite = load_lite(tmp_path / "m.ptl")
     with torch.no_grad():
         assert torch.allclose(lite(x), tiny_model(x), atol=1e-5)  # traced at batch 1, run at batch 4
@@ -120,7 +122,8 @@ def test_compress_with_mobile_and_lite(tmp_path, image_folder):
     assert [(p["onnx"], p["torch"]) for p in report["parity"]] == [("fp32", "lite-fp32"), ("int8", "lite-int8-x86")]
     fp32_pair, int8_pair = report["parity"]
     assert fp32_pair["ok"] and fp32_pair["max_abs"] <= 1e-4
-    assert int8_pair["ok"] == (int8_pair["agree_top1"] >= 95) and int8_pair["sqnr_db"] > 10
+    # two different quantizers: close (a real comparison of the two models' logits), never identical
+    assert int8_pair["sqnr_db"] > 10 and int8_pair["max_abs"] > 0
     assert "## Parity" in (out / "report.md").read_text()
 
 
