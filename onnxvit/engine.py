@@ -23,6 +23,7 @@ from onnxvit import __version__
 from onnxvit.errors import UserError
 from onnxvit.fileio import atomic_write_bytes, atomic_write_json, sha256_bytes, sha256_json
 from passes import PassContext, PassError, get_pass
+from passes.graph import model_problem
 
 
 def model_sha256(model: onnx.ModelProto) -> str:
@@ -232,6 +233,9 @@ def run_passes(
                 output = pass_cls(pass_config).run(models[source], context)
             except (UserError, PassError) as exc:
                 raise UserError(f"step '{record.name}' ({record.kind}): {exc}") from None
+            problem = model_problem(output)
+            if problem is not None:  # a bug in the pass, not the user's: keep the traceback
+                raise RuntimeError(f"step '{record.name}' ({record.kind}) wrote an invalid ONNX model: {problem}")
             record.notes = dict(context.notes)
             record.check = check(models[source], output)
             return output

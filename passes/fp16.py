@@ -9,6 +9,7 @@ from pydantic import Field
 
 from passes import register_pass
 from passes.base import Pass, PassConfig, PassContext
+from passes.graph import topological_sort
 
 
 class Fp16Config(PassConfig):
@@ -45,6 +46,7 @@ class Fp16Pass(Pass):
     name = "fp16"
     Config = Fp16Config
     config: Fp16Config
+    version = 2  # 2: nodes in topological order (version 1 wrote an invalid graph)
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
         from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
@@ -57,6 +59,8 @@ class Fp16Pass(Pass):
             node_block_list=cfg.node_block_list or None,
         )
         drop_repeated_nodes(converted)
+        # the converter appends the input Cast after the nodes that read it
+        ctx.notes["reordered_nodes"] = topological_sort(converted)
         ctx.notes["kept_float32_ops"] = sorted(
             {n.op_type for n in converted.graph.node if n.op_type in cfg.op_block_list}
         )

@@ -16,6 +16,57 @@ def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
     return onnx.ModelProto.FromString(model.SerializeToString())
 
 
+STANDARD_DOMAINS = ("", "ai.onnx")
+
+
+def model_problem(model: onnx.ModelProto) -> str | None:
+    """Why ``model`` is not a valid ONNX model, or None. The full check (with shape inference) where
+    every op is a standard one; with contrib ops, which the checker cannot know, the structural check
+    plus topological order."""
+    try:
+        if all(node.domain in STANDARD_DOMAINS for node in model.graph.node):
+            onnx.checker.check_model(model, full_check=True)
+            return None
+        onnx.checker.check_model(model)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        return " ".join(str(exc).split())[:300]
+    ready = {"", *(i.name for i in model.graph.input), *(t.name for t in model.graph.initializer)}
+    for node in model.graph.node:
+        missing = [name for name in node.input if name not in ready]
+        if missing:
+            return f"node {node.name or node.op_type} reads {missing[0]} before any node writes it"
+        ready.update(node.output)
+    return None
+
+
+def topological_sort(model: onnx.ModelProto) -> int:
+    """Reorder the graph's nodes so that each comes after the producers of its inputs (ONNX requires it;
+    ONNX Runtime tolerates disorder, other tools do not), keeping the given order where it is valid.
+    Returns how many nodes moved; raises ValueError on a cycle or an input nothing produces."""
+    graph = model.graph
+    ready = {"", *(i.name for i in graph.input), *(t.name for t in graph.initializer)}
+    nodes = list(graph.node)
+    pending, order = list(range(len(nodes))), []
+    while pending:
+        waiting = []
+        for index in pending:
+            if all(name in ready for name in nodes[index].input):
+                order.append(index)
+                ready.update(nodes[index].output)
+            else:
+                waiting.append(index)
+        if len(waiting) == len(pending):
+            missing = sorted({n for i in waiting for n in nodes[i].input if n not in ready})[:3]
+            raise ValueError(f"graph cannot be ordered: no producer for {missing}")
+        pending = waiting
+    moved = sum(i != j for i, j in enumerate(order))
+    if moved:
+        copies = [onnx.NodeProto.FromString(nodes[i].SerializeToString()) for i in order]
+        del graph.node[:]
+        graph.node.extend(copies)
+    return moved
+
+
 def attribute(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
     for attr in node.attribute:
         if attr.name == name:

@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import onnx
 import pytest
 import torch
 import yaml
@@ -72,6 +73,11 @@ def test_compress_writes_models_report_and_plot(first_run):
     steps = {s["name"]: s for s in report["steps"]}
     assert steps["int8"]["check"]["sqnr_db"] > 10 and steps["fp32"]["notes"]["simplified"]
     assert "| int8 |" in (out / "report.md").read_text()
+    # every model written is valid ONNX (the full checker where the ops are standard)
+    from passes.graph import model_problem
+
+    written = sorted(out.glob("*.onnx")) + sorted((out / "cache").glob("*.onnx"))
+    assert written and {p.name: model_problem(onnx.load(p)) for p in written} == {p.name: None for p in written}
 
 
 def test_second_run_comes_from_the_cache(first_run):

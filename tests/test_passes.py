@@ -166,3 +166,26 @@ def test_compute_op_census_says_what_still_runs_in_float(tiny_onnx, tiny_images,
         QuantizeInt8Pass(QuantizeInt8Config(mode="static", op_types=["Conv", "MatMul", "Gemm"])).run(tiny_onnx, ctx)
     )
     assert static["integer"].get("Conv") == 1 and "Conv" not in static["float"]  # QDQ-wrapped: fused by ORT
+
+
+def test_fp16_output_is_a_valid_onnx_model(tiny_onnx, ctx):
+    """The converter appends the input Cast after its readers: ONNX Runtime runs that, onnx's checker
+    (and other tools) refuse it."""
+    converted = Fp16Pass().run(tiny_onnx, ctx)
+    onnx.checker.check_model(converted, full_check=True)
+    assert ctx.notes["reordered_nodes"] > 0  # the pass did reorder: without it the check above fails
+
+
+def test_topological_sort_orders_a_shuffled_graph_and_refuses_a_missing_producer(tiny_onnx):
+    from passes.graph import copy_model, topological_sort
+
+    shuffled = copy_model(tiny_onnx)
+    nodes = list(shuffled.graph.node)
+    del shuffled.graph.node[:]
+    shuffled.graph.node.extend(nodes[::-1])
+    assert topological_sort(shuffled) > 0
+    onnx.checker.check_model(shuffled, full_check=True)
+    assert topological_sort(shuffled) == 0
+    del shuffled.graph.node[0]
+    with pytest.raises(ValueError, match="no producer"):
+        topological_sort(shuffled)

@@ -8,6 +8,7 @@ import onnx
 
 from onnxvit.engine import StepRecord, cache_key
 from onnxvit.stages.load import Run
+from passes.graph import model_problem
 from passes.simplify import SimplifyConfig, SimplifyPass
 
 
@@ -40,6 +41,9 @@ def export(run: Run, model: Any, model_id: str, name: str) -> tuple[onnx.ModelPr
             ctx = run.context()
             proto = SimplifyPass(SimplifyConfig(atol=cfg.atol)).run(proto, ctx)
             record.notes = dict(ctx.notes)
+        problem = model_problem(proto)
+        if problem is not None:
+            raise RuntimeError(f"{name}: the export is not a valid ONNX model: {problem}")
         return proto
 
     proto = run.cache.step(record, produce)
