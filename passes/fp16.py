@@ -41,6 +41,12 @@ def drop_repeated_nodes(model: onnx.ModelProto) -> int:
     return dropped
 
 
+def _qdq_kept_float(model: onnx.ModelProto) -> set[str]:
+    """Q/DQ ops before opset 19 take only float32 scales: converting them writes an invalid model."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    return {"QuantizeLinear", "DequantizeLinear"} if opset < 19 else set()
+
+
 @register_pass
 class Fp16Pass(Pass):
     name = "fp16"
@@ -55,7 +61,7 @@ class Fp16Pass(Pass):
         converted = convert_float_to_float16(
             onnx.ModelProto.FromString(model.SerializeToString()),
             keep_io_types=cfg.keep_io_types,
-            op_block_list=sorted(set(DEFAULT_OP_BLOCK_LIST) | set(cfg.op_block_list)),
+            op_block_list=sorted(set(DEFAULT_OP_BLOCK_LIST) | set(cfg.op_block_list) | _qdq_kept_float(model)),
             node_block_list=cfg.node_block_list or None,
         )
         drop_repeated_nodes(converted)
