@@ -42,7 +42,7 @@ class Variant:
     ) -> np.ndarray:
         """The first output for every image, in batches of ``batch_size``, as float32."""
         if self.runtime == "onnxruntime":
-            session = make_session(self.path if self.path is not None else self._proto(), threads)
+            session = make_session(self._source(), threads)
             name = session.get_inputs()[0].name
             outputs = []
             for batch in batches(images, batch_size):
@@ -54,12 +54,15 @@ class Variant:
     def runner(self, shape: tuple[int, ...], threads: int, batch_size: int) -> Runner:
         """One call on the benchmark input, for the timing loop."""
         if self.runtime == "onnxruntime":
-            return onnx_runner(self.path if self.path is not None else self._proto(), shape, threads, batch_size)
+            return onnx_runner(self._source(), shape, threads, batch_size)
         from onnxvit.benchmark import torch_runner
 
         return torch_runner(self.module, shape, threads, batch_size)
 
-    def _proto(self) -> onnx.ModelProto:
+    def _source(self) -> Path | onnx.ModelProto:
+        """What ONNX Runtime opens: the written file (what ships), else the model in memory."""
+        if self.path is not None:
+            return self.path
         if self.proto is None:
             raise ValueError(f"variant {self.name}: no ONNX model")
         return self.proto
