@@ -54,13 +54,15 @@ def compress(config_path: Path, force: bool = False, quiet: bool = False, output
     folder = config.output.dir
     started = time.perf_counter()
     run = Run(config, pass_configs, Reporter(quiet), Cache(folder / CACHE_DIR, force))
-    check_inputs(run)
+    with run.timed("load"):
+        check_inputs(run)
     prepare_output(folder)
 
     variants: list[Variant] = []
     sections: dict[str, Any] = {}
     dense_records = []
-    pruned = prune.prune(run) if config.prune is not None else None
+    with run.timed("prune"):
+        pruned = prune.prune(run) if config.prune is not None else None
     if pruned is not None:
         dense_proto, dense_record = export.export(run, run.dense_model, run.weights_id, DENSE_VARIANT)
         dense_records.append(dense_record)
@@ -74,12 +76,15 @@ def compress(config_path: Path, force: bool = False, quiet: bool = False, output
         model, model_id = run.dense_model, run.weights_id
         counts = count_params_macs(model, run.input_shape)
 
-    fp32, export_record = export.export(run, model, model_id, EXPORT_VARIANT)
-    models, records = passes.apply(run, fp32, export_record)
+    with run.timed("export"):
+        fp32, export_record = export.export(run, model, model_id, EXPORT_VARIANT)
+    with run.timed("passes"):
+        models, records = passes.apply(run, fp32, export_record)
     reported = [EXPORT_VARIANT] + [s.output for s in config.passes if s.report]
     variants += [passes.write_variant(run, name, models[name], counts) for name in reported]
-    sections["mobile"] = mobile.ort_artifacts(run, variants)
-    lite, lite_notes = mobile.lite_variants(run, model, model_id, counts)
+    with run.timed("mobile"):
+        sections["mobile"] = mobile.ort_artifacts(run, variants)
+        lite, lite_notes = mobile.lite_variants(run, model, model_id, counts)
     sections["lite"] = lite_notes if config.lite is not None else None
     if config.benchmark.torch:
         from onnxvit.models import parameter_bytes
@@ -91,12 +96,15 @@ def compress(config_path: Path, force: bool = False, quiet: bool = False, output
 
     by_name = {v.name: v for v in variants}
     reference = DENSE_VARIANT if pruned is not None else EXPORT_VARIANT
-    scores, logits = evaluate.evaluate(run, variants, by_name[reference])
-    latency = benchmark.latency(run, variants)
+    with run.timed("evaluate"):
+        scores, logits = evaluate.evaluate(run, variants, by_name[reference])
+    with run.timed("benchmark"):
+        latency = benchmark.latency(run, variants)
     int8_steps = [s.output for s in config.passes if s.report and s.pass_ in INT8_PASSES]
     sections["parity"] = mobile.parity(run, int8_steps, [v.name for v in lite], logits)
     sections["steps"] = [r.to_json() for r in dense_records + records]
     sections["seconds"] = round(time.perf_counter() - started, 2)
+    sections["timings"] = dict(run.timings)
     document = report.document(run, variants, reference, latency, scores, sections)
     write_report(document, folder)
     run.cache.record_run()

@@ -187,14 +187,15 @@ def run_passes(
     pass_configs: list[Any],
     cache: Cache,
     make_context: Callable[[], PassContext],
-    data_fingerprints: dict[str, str],
+    data_fingerprints: dict[str, Any],
     check: Callable[[onnx.ModelProto, onnx.ModelProto], dict[str, float]],
     log: Callable[[str], None] = lambda message: None,
 ) -> tuple[dict[str, onnx.ModelProto], list[StepRecord]]:
     """Apply ``steps`` (config.StepConfig) in order, each to its input model, through the cache.
 
     ``make_context`` is called only when some step really runs (it loads calibration images);
-    ``data_fingerprints`` names the calibrate / search images in the keys of passes that read them;
+    ``data_fingerprints`` names the calibrate / search images, and the batch they are measured at, in
+    the keys of passes that read them;
     ``check(before, after)`` is the numeric check recorded for every step that runs.
     """
     models = {start_record.name: start}
@@ -222,6 +223,8 @@ def run_passes(
             key_parts["calibration"] = data_fingerprints["calibrate"]
         if "search" in needs or "labels" in needs:
             key_parts["search"] = data_fingerprints["search"]
+        if needs:
+            key_parts["batch_size"] = data_fingerprints.get("batch_size", 1)
         record.key = cache_key(**key_parts)
 
         def produce(pass_cls=pass_cls, pass_config=pass_config, source=source, record=record) -> onnx.ModelProto:

@@ -13,7 +13,7 @@ from typing import Any, Callable, Literal
 import numpy as np
 import onnx
 
-from passes.runtime import batches, make_session
+from passes.runtime import batches, model_logits
 from passes.timing import Runner, onnx_runner
 
 Runtime = Literal["onnxruntime", "torch", "torch-lite"]
@@ -42,13 +42,7 @@ class Variant:
     ) -> np.ndarray:
         """The first output for every image, in batches of ``batch_size``, as float32."""
         if self.runtime == "onnxruntime":
-            session = make_session(self._source(), threads)
-            name = session.get_inputs()[0].name
-            outputs = []
-            for batch in batches(images, batch_size):
-                outputs.append(session.run(None, {name: batch})[0].astype(np.float32))
-                advance(len(batch))
-            return np.concatenate(outputs)
+            return model_logits(self._source(), batches(images, batch_size), threads, advance)
         return _torch_logits(self.module, images, batch_size, threads, advance)
 
     def runner(self, shape: tuple[int, ...], threads: int, batch_size: int) -> Runner:

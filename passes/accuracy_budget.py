@@ -12,9 +12,11 @@ from typing import Any, Callable
 
 import numpy as np
 import onnx
+from onnx import helper
 
+from passes.graph import graph_suffix, suffix_inputs
 from passes.metrics import SQNR_CEILING_DB, sqnr_db, top1_agreement
-from passes.runtime import model_logits
+from passes.runtime import make_session, model_logits, run_feeds
 
 Quantize = Callable[[list[str]], onnx.ModelProto]
 
@@ -51,10 +53,47 @@ class FidelityProbe:
         self.reference = model_logits(reference, batches, threads)
 
     def __call__(self, model: onnx.ModelProto) -> Fidelity:
-        logits = model_logits(model, self.batches, self.threads)
+        return self.score(model_logits(model, self.batches, self.threads))
+
+    def score(self, logits: np.ndarray) -> Fidelity:
         return Fidelity(
             min(float(sqnr_db(self.reference, logits)), SQNR_CEILING_DB), top1_agreement(logits, self.reference)
         )
+
+
+class AloneProbe:
+    """The fidelity of the model with one layer quantized, rerunning only the network from that layer
+    on: the float values entering it are captured once per chunk of layers (``values(names)``, one
+    dict per search batch), and the float prefix, identical for every candidate, is not rerun."""
+
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        build: Quantize,
+        probe: FidelityProbe,
+        values: Callable[[list[str]], list[dict[str, np.ndarray]]],
+        chunk: int = 8,
+    ) -> None:
+        self.model, self.build, self.probe, self.values, self.chunk = model, build, probe, values, chunk
+        self.position = {node.name: index for index, node in enumerate(model.graph.node)}
+
+    def rank(self, layers: list[str]) -> dict[str, Fidelity]:
+        result: dict[str, Fidelity] = {}
+        for start in range(0, len(layers), self.chunk):
+            chunk = layers[start : start + self.chunk]
+            names = sorted({name for layer in chunk for name in suffix_inputs(self.model, self.position[layer])})
+            captured = self.values(names)
+            for layer in chunk:
+                suffix = graph_suffix(
+                    self.build([layer]),
+                    self.position[layer],
+                    {name: helper.np_dtype_to_tensor_dtype(value.dtype) for name, value in captured[0].items()},
+                )
+                inputs = [i.name for i in suffix.graph.input]
+                feeds = [{name: batch[name] for name in inputs} for batch in captured]
+                outputs = run_feeds(make_session(suffix, 1), feeds, self.probe.threads)
+                result[layer] = self.probe.score(np.concatenate([out[0] for out in outputs]).astype(np.float32))
+        return result
 
 
 def fit_budget(
@@ -64,9 +103,12 @@ def fit_budget(
     budget: Budget,
     max_float: int,
     log: Callable[[str], None],
+    alone: AloneProbe | None = None,
 ) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """Quantize ``layers`` except the fewest most harmful ones, so that ``budget`` holds on the search
-    split; returns the model and what was measured (per layer, when the ranking ran)."""
+    split; returns the model and what was measured (per layer, when the ranking ran). ``alone``
+    measures the layers one at a time faster than a whole model each; every model kept or
+    rejected is measured whole."""
     model = quantize(layers)
     fidelity = probe(model)
     notes: dict[str, Any] = {"search_fidelity": fidelity.rounded(), "kept_float": [], "budget_met": True}
@@ -76,9 +118,9 @@ def fit_budget(
         f"budget not met with every layer in int8 ({fidelity.sqnr_db:.1f} dB, {fidelity.agreement:.1f}% "
         f"agreement); ranking {len(layers)} layers"
     )
-    alone = {layer: probe(quantize([layer])) for layer in layers}
-    ranked = sorted(layers, key=lambda layer: (alone[layer].sqnr_db, alone[layer].agreement))
-    notes["sensitivity"] = [{"layer": layer, **alone[layer].rounded()} for layer in ranked]
+    single = alone.rank(layers) if alone is not None else {layer: probe(quantize([layer])) for layer in layers}
+    ranked = sorted(layers, key=lambda layer: (single[layer].sqnr_db, single[layer].agreement))
+    notes["sensitivity"] = [{"layer": layer, **single[layer].rounded()} for layer in ranked]
     best = (model, fidelity, [])
     for count in range(1, min(max_float, len(layers)) + 1):
         kept = ranked[:count]

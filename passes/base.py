@@ -41,7 +41,9 @@ class PassContext:
     """What a pass may use besides its input model.
 
     ``calibration`` is a list of preprocessed NCHW float32 batches from the calibration split;
-    ``search`` the same from the search split, for passes that choose by measured fidelity;
+    ``search`` the same from the search split, for passes that choose by measured fidelity, in
+    batches of ``batch_size``: the batch the model runs at in the app (a dynamic int8 model's
+    activation ranges, and so its logits, depend on the batch), which every search measures at;
     ``search_labels`` their class labels when the weights are real (``None`` for random weights);
     ``notes`` collects what the pass wants in the report (what it changed, what it fell back from);
     ``memo`` keeps JSON-able results of long searches across interrupted runs (the engine backs it
@@ -52,6 +54,7 @@ class PassContext:
     calibration: list[np.ndarray] = field(default_factory=list)
     search: list[np.ndarray] = field(default_factory=list)
     input_name: str = "input"
+    batch_size: int = 1
     threads: int = 2
     log: Callable[[str], None] = lambda message: None
     notes: dict[str, Any] = field(default_factory=dict)

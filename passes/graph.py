@@ -330,3 +330,38 @@ def find_bridges(model: onnx.ModelProto, hops: int = 8) -> list[dict[str, Any]]:
                 }
             )
     return bridges
+
+
+def graph_suffix(model: onnx.ModelProto, start: int, dtypes: dict[str, int]) -> onnx.ModelProto:
+    """The nodes from index ``start`` on (of a topologically sorted graph) as a model of its own: its
+    inputs are what those nodes read from earlier nodes or the graph's inputs (``dtypes`` gives
+    their element types), its outputs the graph's. A search that changes one layer reruns only this."""
+    graph = model.graph
+    nodes = list(graph.node[start:])
+    needed = suffix_inputs(model, start)
+    used = {name for node in nodes for name in node.input}
+    suffix = helper.make_graph(
+        nodes,
+        f"{graph.name}_from_{start}",
+        [helper.make_tensor_value_info(name, dtypes[name], None) for name in needed],
+        list(graph.output),
+        [init for init in graph.initializer if init.name in used],
+    )
+    cut = helper.make_model(suffix, opset_imports=list(model.opset_import))
+    cut.ir_version = model.ir_version
+    return cut
+
+
+def suffix_inputs(model: onnx.ModelProto, start: int) -> list[str]:
+    """The tensors ``graph_suffix(model, start)`` reads from before ``start``."""
+    graph = model.graph
+    produced = {out for node in graph.node[start:] for out in node.output}
+    initializers = {init.name for init in graph.initializer}
+    return list(
+        dict.fromkeys(
+            name
+            for node in graph.node[start:]
+            for name in node.input
+            if name and name not in produced and name not in initializers
+        )
+    )

@@ -9,12 +9,27 @@ SQNR_CEILING_DB = 200.0  # identical logits have infinite SQNR; JSON has no infi
 
 def sqnr_db(reference: np.ndarray, test: np.ndarray) -> float:
     """Signal-to-quantization-noise ratio of ``test`` against ``reference`` in dB (inf when equal)."""
-    reference = reference.astype(np.float64)
-    noise = float(np.sum((reference - test.astype(np.float64)) ** 2))
-    signal = float(np.sum(reference**2))
+    reference = reference.astype(np.float64).ravel()
+    error = reference - test.astype(np.float64).ravel()
+    noise, signal = float(error @ error), float(reference @ reference)
     if noise == 0.0:
         return float("inf")
     return 10.0 * np.log10(max(signal, 1e-30) / noise)
+
+
+class SqnrAgainst:
+    """``sqnr_db`` against one fixed reference, prepared once: a search scores many candidates
+    against the same float output. In float32 (BLAS dot products): a search compares candidates to
+    a thousandth of a dB, far above its rounding."""
+
+    def __init__(self, reference: np.ndarray) -> None:
+        self.reference = np.ascontiguousarray(reference, np.float32).ravel()
+        self.signal = float(np.dot(self.reference.astype(np.float64), self.reference.astype(np.float64)))
+
+    def __call__(self, test: np.ndarray) -> float:
+        error = self.reference - np.asarray(test, np.float32).ravel()
+        noise = float(np.dot(error, error))
+        return float("inf") if noise == 0.0 else 10.0 * np.log10(max(self.signal, 1e-30) / noise)
 
 
 def capped_sqnr_db(reference: np.ndarray, test: np.ndarray) -> float:

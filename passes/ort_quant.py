@@ -17,7 +17,7 @@ from onnx import helper
 
 from passes.base import PassContext
 from passes.graph import copy_model
-from passes.runtime import make_session
+from passes.runtime import make_session, run_feeds
 
 
 class CalibrationReader:
@@ -83,9 +83,9 @@ def tensor_values(
     probe = copy_model(model)
     del probe.graph.output[:]
     probe.graph.output.extend(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in computed)
-    session = make_session(probe, threads) if computed else None
-    for batch in batches:
-        values = dict(zip(computed, session.run(computed, {input_name: batch}))) if session else {}
+    outputs = run_feeds(make_session(probe, 1), [{input_name: b} for b in batches], threads) if computed else []
+    for index, batch in enumerate(batches):
+        values = dict(zip(computed, outputs[index])) if computed else {}
         yield {name: batch if name == input_name else values[name] for name in names}
 
 

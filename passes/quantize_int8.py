@@ -26,10 +26,12 @@ import onnx
 from pydantic import Field, model_validator
 
 from passes import register_pass
-from passes.accuracy_budget import Budget, FidelityProbe, fit_budget
+from passes.accuracy_budget import AloneProbe, Budget, FidelityProbe, fit_budget
 from passes.base import Pass, PassConfig, PassContext, PassError, Requirement, count_ops
 from passes.graph import copy_model, find_bridges, gemms_as_matmul
+from passes.int8_layers import DynamicInt8Builder
 from passes.ort_quant import CalibrationReader, ensure_node_names, run_ort_quantizer, tensor_values, weighted_nodes
+from passes.runtime import batches
 from passes.weight_schemes import Overrides, WeightScheme, WeightTuner
 
 QuantTypeName = Literal["int8", "uint8"]
@@ -117,6 +119,7 @@ def u8s8_saturates() -> bool:
 @register_pass
 class QuantizeInt8Pass(Pass):
     name = "quantize_int8"
+    version = 2  # searches measure at the deploy batch, on models written by DynamicInt8Builder
     Config = QuantizeInt8Config
     config: QuantizeInt8Config
     tabled_notes = frozenset({"schemes", "bridge_reconstruction"})
@@ -161,9 +164,28 @@ class QuantizeInt8Pass(Pass):
         quantized_count: int | None
         if budget.active:
             probe = FidelityProbe(model, ctx.search, ctx.threads)
-            quantized, notes = fit_budget(layers, quantize, probe, budget, cfg.max_float_layers, ctx.log)
+            builder = self._builder(prepared, layers, reduce_range, overrides)
+            candidate = quantize if builder is None else builder.build
+            alone = None
+            if builder is not None:
+
+                def search_values(names: list[str]) -> list[dict[str, np.ndarray]]:
+                    return list(tensor_values(prepared, names, ctx.search, ctx.input_name, ctx.threads))
+
+                alone = AloneProbe(prepared, builder.build, probe, search_values)
+            _, notes = fit_budget(layers, candidate, probe, budget, cfg.max_float_layers, ctx.log, alone)
+            kept = set(notes["kept_float"])
+            quantized = quantize([layer for layer in layers if layer not in kept])
+            if builder is not None:  # what ships is the quantizer's model: measure it, say if it differs
+                shipped = probe(quantized).rounded()
+                notes["search_model_equals_quantizer_output"] = shipped == notes["search_fidelity"]
+                if shipped != notes["search_fidelity"]:
+                    ctx.log(
+                        f"int8: the quantizer's model measures {shipped}, the searched one {notes['search_fidelity']}"
+                    )
+                    notes["search_fidelity"] = shipped
             ctx.notes.update(notes)
-            quantized_count = len(layers) - len(notes["kept_float"])
+            quantized_count = len(layers) - len(kept)
         else:
             quantized = quantize(layers if cfg.weighted_only else None)
             quantized_count = len(layers) if cfg.weighted_only else None
@@ -187,12 +209,18 @@ class QuantizeInt8Pass(Pass):
             return {}
         ctx.require_calibration("quantize_int8 (schemes / reconstruct_bridges)")
 
+        # each layer's inputs at the deploy batch: a dynamic layer's activation range is the batch's
+        deployed = batches(np.concatenate(calibration), ctx.batch_size)
+
         def values(names: list[str]) -> list[dict[str, np.ndarray]]:
-            return list(tensor_values(model, names, calibration, ctx.input_name, ctx.threads))
+            return list(tensor_values(model, names, deployed, ctx.input_name, ctx.threads))
 
         def quantize_piece(
             piece: onnx.ModelProto, nodes: list[str], overrides: Overrides, feeds: list[dict[str, np.ndarray]]
         ) -> onnx.ModelProto:
+            builder = self._builder(piece, nodes, reduce_range, overrides)
+            if builder is not None:
+                return builder.build(nodes)
             return self.quantize_layers(piece, nodes, reduce_range, feeds, overrides)
 
         qtype = onnx.TensorProto.INT8 if cfg.weight_type == "int8" else onnx.TensorProto.UINT8
@@ -208,6 +236,18 @@ class QuantizeInt8Pass(Pass):
                 schemes, table = tuner.reconstruct(tuned_bridges, schemes)
                 ctx.notes["bridge_reconstruction"] = table
         return tuner.overrides(schemes)
+
+    def _builder(
+        self, model: onnx.ModelProto, layers: list[str], reduce_range: bool, overrides: Overrides
+    ) -> DynamicInt8Builder | None:
+        """The direct writer of this pass's dynamic int8 layers for searches, where it applies."""
+        if self.config.mode != "dynamic" or not self.config.weighted_only:
+            return None
+        qtype = onnx.TensorProto.INT8 if self.config.weight_type == "int8" else onnx.TensorProto.UINT8
+        try:
+            return DynamicInt8Builder(model, layers, qtype, reduce_range, self.config.per_channel, overrides)
+        except ValueError:  # a layer it does not write (a weight from a Constant node): the quantizer
+            return None
 
     def quantize_layers(
         self,

@@ -24,11 +24,11 @@ import numpy as np
 import onnx
 import onnx.utils
 from onnx import helper
-from onnxruntime.quantization.quant_utils import compute_scale_zp, get_qmin_qmax_for_qType
+from onnxruntime.quantization.quant_utils import get_qmin_qmax_for_qType
 
 from passes.graph import GraphIndex, weight_channel_axis
-from passes.metrics import sqnr_db
-from passes.runtime import make_session
+from passes.metrics import SqnrAgainst
+from passes.runtime import make_session, run_feeds
 
 CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6, 0.5)
 
@@ -57,11 +57,32 @@ class WeightScheme:
         lows, highs = rows.min(1), rows.max(1)
         if not self.per_channel:
             lows, highs = np.full_like(lows, lows.min()), np.full_like(highs, highs.max())
-        entries = []
-        for low, high in zip(lows * self.clip, highs * self.clip):
-            zero_point, scale = compute_scale_zp(np.float32(low), np.float32(high), qmin, qmax, self.symmetric)
-            entries.append({"axis": axis, "scale": np.float32(scale), "zero_point": zero_point})
-        return entries
+        zero_points, scales = channel_scale_zp(
+            (lows * self.clip).astype(np.float32), (highs * self.clip).astype(np.float32), qmin, qmax, self.symmetric
+        )
+        return [
+            {"axis": axis, "scale": scale, "zero_point": zero_point} for scale, zero_point in zip(scales, zero_points)
+        ]
+
+
+def channel_scale_zp(
+    rmin: np.ndarray, rmax: np.ndarray, qmin: np.generic, qmax: np.generic, symmetric: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """ONNX Runtime's ``compute_scale_zp`` for every channel at once (float32 ranges): the same
+    arithmetic, vectorised, since a search computes it for every channel of every candidate."""
+    rmin, rmax = np.minimum(rmin, np.float32(0)), np.maximum(rmax, np.float32(0))
+    if symmetric:
+        absmax = np.maximum(np.abs(rmin), np.abs(rmax))
+        rmin, rmax = -absmax, absmax
+    scale = (rmax.astype(np.float64) - rmin.astype(np.float64)) / (np.float64(qmax) - np.float64(qmin))
+    degenerate = scale < np.finfo(np.float32).tiny
+    if symmetric:
+        zero_point = np.full(scale.shape, np.round((qmin + qmax) / np.float64(2.0)))
+    else:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            zero_point = np.round(qmin - rmin / scale)
+    zero_point = np.where(degenerate, 0, zero_point).astype(qmin.dtype)
+    return zero_point, np.where(degenerate, 1.0, scale).astype(np.float32)
 
 
 DEFAULT = WeightScheme()
@@ -92,7 +113,7 @@ class BlockProbe:
 
     def __init__(self, model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], threads: int) -> None:
         self.model, self.feeds, self.threads = model, feeds, threads
-        self.reference = np.concatenate([out.ravel() for out in self._run(model)])
+        self.reference = SqnrAgainst(np.concatenate([out.ravel() for out in self._run(model)]))
 
     @staticmethod
     def cut(extractor: onnx.utils.Extractor, inputs: list[str], outputs: list[str], image: str) -> onnx.ModelProto:
@@ -116,11 +137,10 @@ class BlockProbe:
         raise NotSeparable(f"the layers between also read {sorted(missing)}")
 
     def _run(self, model: onnx.ModelProto) -> list[np.ndarray]:
-        session = make_session(model, self.threads)
-        return [out for feed in self.feeds for out in session.run(None, feed)]
+        return [out for outs in run_feeds(make_session(model, 1), self.feeds, self.threads) for out in outs]
 
     def sqnr(self, quantized: onnx.ModelProto) -> float:
-        return float(sqnr_db(self.reference, np.concatenate([out.ravel() for out in self._run(quantized)])))
+        return self.reference(np.concatenate([out.ravel() for out in self._run(quantized)]))
 
 
 Overrides = dict[str, list[dict[str, Any]]]
@@ -160,7 +180,7 @@ class WeightTuner:
             result[node.input[1]] = scheme.overrides(weight, axis, self.qtype, self.reduce_range)
         return result
 
-    def _probes(self, ends: list[tuple[str, str]], chunk: int = 8) -> Iterator[BlockProbe | NotSeparable]:
+    def _probes(self, ends: list[tuple[str, str]], chunk: int = 16) -> Iterator[BlockProbe | NotSeparable]:
         """A probe per (input, output) pair, or why there is none; the float inputs of ``chunk`` pieces
         are captured in one pass over the calibration images."""
         for start in range(0, len(ends), chunk):

@@ -12,7 +12,7 @@ from passes.base import PassContext
 from passes.metrics import sqnr_db
 from passes.quantize_int8 import QuantizeInt8Config, QuantizeInt8Pass
 from passes.runtime import make_session
-from passes.weight_schemes import WeightScheme
+from passes.weight_schemes import SCHEMES, WeightScheme
 
 K = 256
 
@@ -164,3 +164,26 @@ def test_static_gemm_weights_take_their_channel_axis(trans_b):
         )
         sqnr[schemes] = sqnr_db(reference, _outputs(quantized, fresh)["y"])
     assert "clip" in ctx.notes["schemes"]["gemm"]["chosen"] and sqnr["search"] > sqnr["fixed"] + 1, sqnr
+
+
+@pytest.mark.parametrize("qtype", [onnx.TensorProto.INT8, onnx.TensorProto.UINT8])
+@pytest.mark.parametrize("reduce_range", [True, False])
+@pytest.mark.parametrize("scheme", [*SCHEMES, WeightScheme(False, False, 0.7), WeightScheme(True, False, 0.85)])
+def test_vectorised_scales_are_onnx_runtimes(scheme, reduce_range, qtype):
+    """Every channel's scale and zero point equal ONNX Runtime's own compute_scale_zp, bit for bit,
+    also for an all-zero channel and one that never crosses zero."""
+    from onnxruntime.quantization.quant_utils import compute_scale_zp, get_qmin_qmax_for_qType
+
+    rng = np.random.default_rng(3)
+    weight = rng.standard_normal((32, 12)).astype(np.float32)
+    weight[:, 3] = 0.0
+    weight[:, 5] = np.abs(weight[:, 5]) + 0.5
+    entries = scheme.overrides(weight, 1, qtype, reduce_range)
+    qmin, qmax = get_qmin_qmax_for_qType(qtype, reduce_range, scheme.symmetric)
+    lows, highs = weight.min(0), weight.max(0)
+    if not scheme.per_channel:
+        lows, highs = np.full_like(lows, lows.min()), np.full_like(highs, highs.max())
+    for entry, low, high in zip(entries, lows * scheme.clip, highs * scheme.clip):
+        zero_point, scale = compute_scale_zp(np.float32(low), np.float32(high), qmin, qmax, scheme.symmetric)
+        assert entry["scale"] == np.float32(scale) and entry["scale"].dtype == np.float32
+        assert entry["zero_point"] == zero_point and entry["zero_point"].dtype == zero_point.dtype

@@ -27,7 +27,10 @@ def logits(run: Run, variant: Variant) -> np.ndarray:
 
     def produce() -> np.ndarray:
         images = run.evaluation_images
-        with run.reporter.task(f"evaluating {variant.name}", len(images)) as advance:
+        with (
+            run.timed(f"evaluate/{variant.name}"),
+            run.reporter.task(f"evaluating {variant.name}", len(images)) as advance,
+        ):
             return variant.logits(images, run.config.data.batch_size, run.config.benchmark.threads, advance)
 
     key = cache_key(model=variant.identity, evaluate=run.fingerprint("evaluate"))

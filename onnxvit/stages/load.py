@@ -6,7 +6,10 @@ and builds no model it does not need.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
@@ -31,6 +34,16 @@ class Run:
     pass_configs: list[Any]
     reporter: Reporter
     cache: Cache
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def timed(self, part: str) -> Iterator[None]:
+        """Add the wall time of the block to ``timings[part]``: the cold-run profile in report.json."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[part] = round(self.timings.get(part, 0.0) + time.perf_counter() - start, 3)
 
     @cached_property
     def config_sha256(self) -> str:
@@ -88,7 +101,7 @@ class Run:
         files = self.dataset.splits[split]
         if not files:
             return np.zeros((0, *self.input_shape), np.float32)
-        with self.reporter.task(f"reading {split} images", len(files)) as advance:
+        with self.timed("decode"), self.reporter.task(f"reading {split} images", len(files)) as advance:
             return load_images(self.dataset.folder, files, self.preprocessing[0], advance)
 
     @cached_property
@@ -105,7 +118,8 @@ class Run:
 
     @property
     def check_batches(self) -> list[np.ndarray]:
-        return [self.calibration_images[: self.config.data.check_images]]
+        """The check images at the deploy batch: a step's numeric check measures the model as it runs."""
+        return batches(self.calibration_images[: self.config.data.check_images], self.config.benchmark.batch_size)
 
     def fingerprint(self, split: str) -> str:
         """What a split's images are, as preprocessed: the cache key part of whatever read them."""
@@ -116,7 +130,8 @@ class Run:
         labels = None if self.config.model.random_init else self.dataset.labels("search")
         return PassContext(
             calibration=batches(self.calibration_images, 8),
-            search=batches(self.search_images, 16),
+            search=batches(self.search_images, self.config.benchmark.batch_size),
+            batch_size=self.config.benchmark.batch_size,
             threads=self.config.benchmark.threads,
             log=self.reporter.log,
             search_labels=labels,

@@ -31,7 +31,10 @@ def apply(
         pass_configs,
         run.cache,
         run.context,
-        {split: run.fingerprint(split) for split in ("calibrate", "search")},
+        {
+            **{split: run.fingerprint(split) for split in ("calibrate", "search")},
+            "batch_size": run.config.benchmark.batch_size,
+        },
         run.check,
         run.reporter.log,
     )

@@ -37,7 +37,7 @@ def document(
     sections: dict[str, Any],
 ) -> dict[str, Any]:
     """report.json's content (less ``schema_version``, which the writer adds). ``sections`` holds the
-    stage results named by their report key: prune, mobile, lite, parity, steps, seconds."""
+    stage results named by their report key: prune, mobile, lite, parity, steps, seconds, timings."""
     config, folder = run.config, run.config.output.dir
     bench = config.benchmark
     return {
@@ -63,4 +63,5 @@ def document(
         "parity": sections.get("parity", []),
         "steps": sections.get("steps", []),
         "seconds": sections.get("seconds"),
+        "timings": sections.get("timings", {}),
     }
