@@ -94,7 +94,7 @@ class Bench:
             "size_mb": variant.size_bytes / 1e6,
             **variant.counts,
             **columns,
-            "logits": evaluate.logits(self.run, variant),
+            "logits": evaluate.logits(self.run, variant)[0],
         }
 
     def onnx_arm(self, name: str, prune_config: PruneConfig | None, budget: bool) -> None:

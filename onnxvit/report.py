@@ -86,6 +86,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"Accuracy on the evaluation split ({data.get('evaluate_images', '?')} images of {data.get('root', '?')}); "
         f"agreement, SQNR and ratios against the `{report.get('reference', 'fp32')}` ONNX model. "
         f"Latency: batch {report.get('batch_size', 1)}, median of timed runs after warm-up.",
+        _scoring_batches(report),
     ]
     prune = report.get("prune")
     if prune:
@@ -139,6 +140,16 @@ def _pass_of(step: dict[str, Any]) -> type[Pass]:
 def _untabled(step: dict[str, Any]) -> dict[str, Any]:
     """A step's notes less what its pass's own section shows as tables."""
     return {k: v for k, v in step["notes"].items() if k not in _pass_of(step).tabled_notes}
+
+
+def _scoring_batches(report: dict[str, Any]) -> str:
+    """Which batch each variant's figures were measured at (the deploy batch unless logits are identical)."""
+    deploy = report.get("batch_size", 1)
+    other = {v["name"]: v["eval_batch_size"] for v in report["variants"] if v.get("eval_batch_size", deploy) != deploy}
+    line = f"Every figure is measured at batch {deploy}, as the model runs in the app"
+    if other:
+        line += "; " + ", ".join(f"`{n}` at batch {b}" for n, b in other.items()) + " (its logits are identical there)"
+    return line + "."
 
 
 def _precision_section(report: dict[str, Any]) -> list[str]:

@@ -73,8 +73,10 @@ class DynamicInt8Builder:
             if node.op_type != "MatMul" or node.input[1] not in initializers:
                 raise ValueError(f"{name}: the builder writes MatMul layers with a constant weight")
             weight = numpy_helper.to_array(initializers[node.input[1]])
+            axis = weight_channel_axis(node)
+            assert axis is not None  # a MatMul's
             entries = (overrides or {}).get(node.input[1]) or default.overrides(
-                weight, (weight_channel_axis(node) or -1) % weight.ndim, qtype, reduce_range
+                weight, axis % weight.ndim, qtype, reduce_range
             )
             self.weights[name] = quantize_weight(weight, entries, qtype)
 

@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -78,6 +79,36 @@ def test_compress_writes_models_report_and_plot(first_run):
 
     written = sorted(out.glob("*.onnx")) + sorted((out / "cache").glob("*.onnx"))
     assert written and {p.name: model_problem(onnx.load(p)) for p in written} == {p.name: None for p in written}
+
+
+def test_reported_figures_are_those_of_the_written_files_at_the_deploy_batch(first_run):
+    """Re-scored by hand (a plain ONNX Runtime session, one image per call, as an app runs it), the
+    written int8 and fp32 files give the report's top-1, agreement and SQNR."""
+    from onnxvit.compress import CACHE_DIR
+    from onnxvit.config import load_config
+    from onnxvit.engine import Cache
+    from onnxvit.progress import Reporter
+    from onnxvit.stages.evaluate import score
+    from onnxvit.stages.load import Run
+    from passes.runtime import make_session
+
+    config_path, out, _ = first_run
+    config, pass_configs = load_config(config_path)
+    run = Run(config, pass_configs, Reporter(True), Cache(out / CACHE_DIR))
+    images, labels = run.evaluation_images, run.dataset.labels("evaluate")
+
+    def batch_one(path: Path) -> np.ndarray:
+        session = make_session(path, 2)
+        return np.concatenate([session.run(None, {"input": image[None]})[0] for image in images])
+
+    report = json.loads((out / "report.json").read_text())
+    variants = {v["name"]: v for v in report["variants"]}
+    reference = batch_one(out / "model.fp32.onnx")
+    for name in ("fp32", "int8"):
+        again = score(batch_one(out / f"model.{name}.onnx"), labels, reference)
+        assert variants[name]["eval_batch_size"] == 1
+        assert {k: variants[name][k] for k in again} == again, name
+    assert "measured at batch 1" in (out / "report.md").read_text()
 
 
 def test_second_run_comes_from_the_cache(first_run):

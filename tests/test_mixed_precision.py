@@ -123,7 +123,7 @@ def test_a_front_point_round_trips_through_the_report(tmp_path, image_folder):
 
     config, pass_configs = load_config(path)
     run = Run(config, pass_configs, Reporter(quiet=True), Cache(tmp_path / "scratch"))
-    search = [run.search_images]
+    search = run.context().search  # what the pass measured: the search split at the deploy batch
     fp32 = onnx.load(tmp_path / "out" / "model.fp32.onnx")
     reference = model_logits(fp32, search)
     rebuilt_pass = MixedPrecisionPass(MixedPrecisionConfig.model_validate(record["config"]))

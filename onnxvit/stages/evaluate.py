@@ -22,8 +22,29 @@ def score(logits: np.ndarray, labels: np.ndarray, reference: np.ndarray) -> dict
     }
 
 
-def logits(run: Run, variant: Variant) -> np.ndarray:
-    """``variant``'s logits on the evaluation split, from the cache when this variant was scored before."""
+def scoring_batch(run: Run, variant: Variant) -> int:
+    """The batch ``variant`` is scored at: the deploy batch (``benchmark.batch_size``), where a dynamic
+    int8 model's activation ranges, and so its logits, are what the app computes; or the larger
+    ``data.batch_size`` for a PyTorch variant whose logits on the first such batch of evaluation
+    images are identical there (bit for bit), since PyTorch runs batches faster. ONNX Runtime runs
+    batch 1 fastest with parallel callers, so its variants always use the deploy batch."""
+    deploy, large = run.config.benchmark.batch_size, run.config.data.batch_size
+    if variant.runtime == "onnxruntime" or large <= deploy:
+        return deploy
+
+    def check() -> dict[str, int]:
+        sample, threads = run.evaluation_images[:large], run.config.benchmark.threads
+        same = np.array_equal(variant.logits(sample, deploy, threads), variant.logits(sample, large, threads))
+        return {"batch_size": large if same else deploy}
+
+    key = cache_key(model=variant.identity, evaluate=run.fingerprint("evaluate"), batches=[deploy, large])
+    return int(run.cache.json(f"scoring-batch-{variant.name}", key, check)["batch_size"])
+
+
+def logits(run: Run, variant: Variant) -> tuple[np.ndarray, int]:
+    """``variant``'s logits on the evaluation split and the batch they were computed at, from the
+    cache when this variant was scored before."""
+    batch = scoring_batch(run, variant)
 
     def produce() -> np.ndarray:
         images = run.evaluation_images
@@ -31,16 +52,21 @@ def logits(run: Run, variant: Variant) -> np.ndarray:
             run.timed(f"evaluate/{variant.name}"),
             run.reporter.task(f"evaluating {variant.name}", len(images)) as advance,
         ):
-            return variant.logits(images, run.config.data.batch_size, run.config.benchmark.threads, advance)
+            return variant.logits(images, batch, run.config.benchmark.threads, advance)
 
-    key = cache_key(model=variant.identity, evaluate=run.fingerprint("evaluate"))
-    return run.cache.array(f"logits-{variant.name}", key, produce)
+    key = cache_key(model=variant.identity, evaluate=run.fingerprint("evaluate"), batch_size=batch)
+    return run.cache.array(f"logits-{variant.name}", key, produce), batch
 
 
 def evaluate(
     run: Run, variants: list[Variant], reference: Variant
 ) -> tuple[dict[str, dict[str, float]], dict[str, np.ndarray]]:
     """Each variant's scores (by name) against the labels and ``reference``, and its logits."""
-    outputs = {v.name: logits(run, v) for v in [reference, *variants]}
+    scored = {v.name: logits(run, v) for v in [reference, *variants]}
+    outputs = {name: value for name, (value, _) in scored.items()}
     labels = run.dataset.labels("evaluate")
-    return {v.name: score(outputs[v.name], labels, outputs[reference.name]) for v in variants}, outputs
+    scores = {
+        v.name: {**score(outputs[v.name], labels, outputs[reference.name]), "eval_batch_size": scored[v.name][1]}
+        for v in variants
+    }
+    return scores, outputs
