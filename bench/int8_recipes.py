@@ -6,7 +6,8 @@ quantize_int8 with an accuracy budget; ort-default; ort-dynamic) on:
 - random-init deit_small_patch16_224 and vit_small_patch16_224, for speed (and fidelity to their own
   FP32 outputs on a few images; random weights have no accuracy to report).
 Each model's variants are timed together, interleaved, in one run: compare ratios, not milliseconds
-across models. Prints the table; with --json PATH writes it with the `headline` object of issue 4.
+across models. Prints the table; with --json PATH writes it with the `headline` object of issue 4, and the
+machine's int8 limit with onnxvit int8's efficiency against it (issue 17).
 
     python bench/int8_recipes.py [--output DIR] [--json PATH] [--models deit_tiny,deit_small,vit_small]
 """
@@ -46,8 +47,12 @@ def run_model(key: str, output: Path, quiet: bool) -> dict[str, Any]:
         if random_init:  # no accuracy for random weights: fidelity to their own FP32 only
             row["top1"] = row["top5"] = row["top1_delta_vs_fp32"] = None
     int8_step = next(step for step in report["steps"] if step["name"] == "int8")
+    efficiency = {v["name"]: v.get("int8_efficiency") for v in report["variants"]}
+    for row in rows:
+        row["int8_efficiency"] = efficiency.get(row["name"])
     return {
         "rows": rows,
+        "profile": report["profile"],
         "int8_notes": int8_step["notes"],
         "machine": report["machine"],
         "evaluate_images": report["data"]["evaluate_images"],
@@ -71,6 +76,13 @@ def headline(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
         vit = {row["name"]: row for row in results["vit_small"]["rows"]}
         head["vit_small_int8_speedup_vs_fp32"] = round(vit["int8"]["speedup_vs_fp32"], 3)
     head["int8_kept_float_layers"] = len(results["deit_tiny"]["int8_notes"].get("kept_float", []))
+    # what this CPU's int8 kernels allow for the model, and how much of it onnxvit's int8 reaches
+    machine = results["deit_tiny"]["machine"]
+    head["machine_int8_isa"] = machine.get("int8_isa")
+    head["machine_int8_gemm_speedup"] = machine.get("int8_gemm_speedup")
+    head["int8_bound_speedup"] = machine.get("int8_bound_speedup")
+    head["int8_efficiency"] = tiny["int8"]["int8_efficiency"]
+    head["ort_dynamic_int8_efficiency"] = tiny["ort-dynamic"]["int8_efficiency"]
     return head
 
 
@@ -97,6 +109,7 @@ def main() -> None:
         headline=head,
         machine=results["deit_tiny"]["machine"],
         int8_notes={key: results[key]["int8_notes"] for key in keys},
+        profile={key: results[key]["profile"] for key in keys},
     )
 
 

@@ -17,7 +17,7 @@ from onnxvit.errors import UserError
 from onnxvit.fileio import atomic_write_bytes, atomic_write_json
 from onnxvit.progress import Reporter
 from onnxvit.report import write_report
-from onnxvit.stages import benchmark, evaluate, export, mobile, passes, prune, report
+from onnxvit.stages import benchmark, evaluate, export, mobile, passes, profile, prune, report
 from onnxvit.stages.load import Run
 from onnxvit.variant import Variant
 
@@ -100,6 +100,9 @@ def compress(config_path: Path, force: bool = False, quiet: bool = False, output
         scores, logits = evaluate.evaluate(run, variants, by_name[reference])
     with run.timed("benchmark"):
         latency = benchmark.latency(run, variants)
+    if config.benchmark.profile:
+        with run.timed("profile"):
+            sections["profile"] = profile.profile(run, variants, by_name[EXPORT_VARIANT], latency)
     int8_steps = [s.output for s in config.passes if s.report and s.pass_ in INT8_PASSES]
     sections["parity"] = mobile.parity(run, int8_steps, [v.name for v in lite], logits)
     sections["steps"] = [r.to_json() for r in dense_records + records]

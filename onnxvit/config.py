@@ -178,6 +178,12 @@ class BenchmarkConfig(StrictModel):
     rounds: int = Field(5, gt=0, description="Runs are interleaved across variants in this many rounds.")
     batch_size: int = Field(1, gt=0, description="Batch size for latency.")
     torch: bool = Field(True, description="Also time PyTorch eager FP32.")
+    profile: bool = Field(
+        True,
+        description="Profile every ONNX variant per op (ONNX Runtime's profiler) and measure this CPU's "
+        "int8-vs-float GEMM ratio at the model's linear-layer shapes: where the time goes, and what int8 allows.",
+    )
+    profile_runs: int = Field(20, gt=0, description="Profiled runs per variant, after the warm-up runs.")
 
 
 class MobileConfig(StrictModel):

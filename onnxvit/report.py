@@ -15,6 +15,8 @@ SCHEMA_VERSION = 1
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 PLOT_PNG = "accuracy_vs_latency.png"
+PROFILE_PNG = "profile.png"
+NO_INT8_GAIN = 1.05  # an int8 bound below this: int8 is a size lever on this CPU, not a speed one
 
 
 def _fmt(value: Any, digits: int = 2) -> str:
@@ -108,7 +110,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     if report.get("weights") == "random_init":
         parts.append("\n**Random weights**: top-1 / top-5 mean nothing here; judge agreement and SQNR.")
     parts += ["", markdown_table(variant_table(report))]
-    parts += _precision_section(report) + _parity_section(report) + _mobile_section(report)
+    parts += _precision_section(report) + _profile_section(report) + _parity_section(report) + _mobile_section(report)
     parts += [
         "",
         "## Steps",
@@ -164,6 +166,81 @@ def _precision_section(report: dict[str, Any]) -> list[str]:
     lines = ["", "## Precision of the heavy ops", "", "| variant | integer | float |", "|---|---|---|"]
     lines += [f"| {v['name']} | {ops(v['compute_ops']['integer'])} | {ops(v['compute_ops']['float'])} |" for v in rows]
     return lines
+
+
+def _profile_section(report: dict[str, Any]) -> list[str]:
+    """Where each ONNX variant's time goes, and how close its int8 is to what this CPU allows."""
+    profiled = report.get("profile")
+    if not profiled:
+        return []
+    machine, profiles = report["machine"], profiled["profiles"]
+    isa = ", ".join(machine.get("int8_isa") or []) or "none of AVX2, AVX-512, VNNI, AMX, dot-product"
+    speedup = machine.get("int8_gemm_speedup")
+    lines = [
+        "",
+        "## Where the time goes",
+        "",
+        f"This CPU's int8 instruction sets: {isa}. ONNX Runtime's dynamic int8 GEMM runs "
+        f"{_fmt(speedup)}x its float GEMM at this model's linear-layer shapes (measured alone, in this run).",
+    ]
+    latency = {v["name"]: v["latency_ms"]["median"] for v in report["variants"]}
+    bound, reference = machine.get("int8_bound_speedup"), profiled["reference"]
+    if bound is not None and bound < NO_INT8_GAIN:
+        fastest = min(latency, key=latency.__getitem__)
+        lines.append(
+            f"Here int8 linear layers can make `{reference}` at most {bound:.2f}x faster: on this CPU int8 is a "
+            f"size lever, not a speed one. The fastest variant measured is `{fastest}`."
+        )
+    elif bound is not None:
+        lines.append(
+            f"That allows int8 linear layers to make `{reference}` at most {bound:.2f}x faster (its other ops "
+            "as profiled)."
+        )
+    for v in report["variants"]:
+        if "int8_efficiency" in v:
+            lines.append(
+                f"- `{v['name']}` reached {v['int8_efficiency']:.0%} of what this CPU's int8 kernels allow for "
+                f"this model ({latency[reference] / v['latency_ms']['median']:.2f}x `{reference}`)."
+            )
+    categories = list(dict.fromkeys(c for p in profiles.values() for c in p["categories_ms"]))
+    lines += [
+        "",
+        "ONNX Runtime's profiler, ms per run by op category (after its session fusions), and the sum "
+        "against the profiled run's wall time:",
+        "",
+        "| variant | " + " | ".join(categories) + " | sum | run |",
+        "|---|" + "---|" * (len(categories) + 2),
+    ]
+    for name, p in profiles.items():
+        cells = " | ".join(_fmt(p["categories_ms"].get(c), 3) for c in categories)
+        lines.append(f"| {name} | {cells} | {p['total_ms']:.3f} | {p['run_ms']:.3f} |")
+    lines.append(f"\n![time per op category]({PROFILE_PNG})")
+    for name, p in profiles.items():
+        slowest = ", ".join(f"{n['module']} ({n['op_type']}, {n['ms']:.3f})" for n in p["slowest"])
+        lines.append(f"\nSlowest nodes of `{name}`, ms: {slowest}.")
+    return lines
+
+
+def render_profile_plot(report: dict[str, Any], path: Path) -> None:
+    """Stacked bars: each ONNX variant's profiled time per op category, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    profiles = report["profile"]["profiles"]
+    categories = list(dict.fromkeys(c for p in profiles.values() for c in p["categories_ms"]))
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    bottoms = [0.0] * len(profiles)
+    for category in categories:
+        heights = [p["categories_ms"].get(category, 0.0) for p in profiles.values()]
+        ax.bar(list(profiles), heights, bottom=bottoms, label=category)
+        bottoms = [b + h for b, h in zip(bottoms, heights)]
+    ax.set_ylabel(f"ms per run (batch {report.get('batch_size', 1)}, {report['machine']['threads']} threads)")
+    ax.set_title(f"{report['model']}: where the time goes (ONNX Runtime profiler)", fontsize=9)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.tick_params(axis="x", labelsize=8, rotation=20)
+    save_figure(fig, path)
 
 
 def _parity_section(report: dict[str, Any]) -> list[str]:
@@ -255,6 +332,8 @@ def save_figure(fig: Any, path: Path) -> None:
 def write_report(report: dict[str, Any], folder: Path) -> None:
     report = {"schema_version": SCHEMA_VERSION, **report}
     render_plot(report, folder / PLOT_PNG)
+    if report.get("profile"):
+        render_profile_plot(report, folder / PROFILE_PNG)
     for step in report.get("steps", []):
         for name, figure in _pass_of(step).report_figures(step).items():
             save_figure(figure, folder / name)

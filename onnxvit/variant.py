@@ -42,18 +42,18 @@ class Variant:
     ) -> np.ndarray:
         """The first output for every image, in batches of ``batch_size``, as float32."""
         if self.runtime == "onnxruntime":
-            return model_logits(self._source(), batches(images, batch_size), threads, advance)
+            return model_logits(self.source(), batches(images, batch_size), threads, advance)
         return _torch_logits(self.module, images, batch_size, threads, advance)
 
     def runner(self, shape: tuple[int, ...], threads: int, batch_size: int) -> Runner:
         """One call on the benchmark input, for the timing loop."""
         if self.runtime == "onnxruntime":
-            return onnx_runner(self._source(), shape, threads, batch_size)
+            return onnx_runner(self.source(), shape, threads, batch_size)
         from onnxvit.benchmark import torch_runner
 
         return torch_runner(self.module, shape, threads, batch_size)
 
-    def _source(self) -> Path | onnx.ModelProto:
+    def source(self) -> Path | onnx.ModelProto:
         """What ONNX Runtime opens: the written file (what ships), else the model in memory."""
         if self.path is not None:
             return self.path

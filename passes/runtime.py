@@ -17,15 +17,20 @@ def batches(images: np.ndarray, batch_size: int) -> list[np.ndarray]:
     return [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
 
 
-def make_session(model: onnx.ModelProto | Path | str, threads: int = 2) -> ort.InferenceSession:
-    """A CPU session with ``threads`` intra-op threads and full graph optimization."""
+def session_options(threads: int) -> ort.SessionOptions:
+    """How every session is opened: ``threads`` intra-op threads, full graph optimization, quiet."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
+    return options
+
+
+def make_session(model: onnx.ModelProto | Path | str, threads: int = 2) -> ort.InferenceSession:
+    """A CPU session with ``threads`` intra-op threads and full graph optimization."""
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(source, session_options(threads), providers=["CPUExecutionProvider"])
 
 
 def run_feeds(

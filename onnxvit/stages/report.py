@@ -12,8 +12,10 @@ from onnxvit.variant import Variant
 from passes.graph import compute_op_census
 
 
-def variant_entry(variant: Variant, latency: dict[str, float], scores: dict[str, float]) -> dict[str, Any]:
-    """One element of report.json's ``variants``."""
+def variant_entry(
+    variant: Variant, latency: dict[str, float], scores: dict[str, float], int8: dict[str, float] | None = None
+) -> dict[str, Any]:
+    """One element of report.json's ``variants`` (``int8``: its bound speed-up and efficiency, if profiled)."""
     entry: dict[str, Any] = {
         "name": variant.name,
         "runtime": variant.runtime,
@@ -22,6 +24,7 @@ def variant_entry(variant: Variant, latency: dict[str, float], scores: dict[str,
         "latency_ms": latency,
         **variant.counts,
         **scores,
+        **(int8 or {}),
     }
     if variant.proto is not None:
         entry["compute_ops"] = compute_op_census(variant.proto)
@@ -37,14 +40,16 @@ def document(
     sections: dict[str, Any],
 ) -> dict[str, Any]:
     """report.json's content (less ``schema_version``, which the writer adds). ``sections`` holds the
-    stage results named by their report key: prune, mobile, lite, parity, steps, seconds, timings."""
+    stage results named by their report key: prune, mobile, lite, parity, profile, steps, seconds, timings."""
     config, folder = run.config, run.config.output.dir
     bench = config.benchmark
+    profiled = sections.get("profile") or {}
+    int8 = profiled.get("int8", {})
     return {
         "model": config.model.name,
         "onnxvit_version": __version__,
         "config_sha256": run.config_sha256,
-        "machine": machine_info(bench.threads),
+        "machine": {**machine_info(bench.threads), **profiled.get("machine", {})},
         "weights": "checkpoint"
         if config.model.checkpoint
         else ("pretrained" if config.model.pretrained else "random_init"),
@@ -57,7 +62,8 @@ def document(
         },
         "reference": reference,
         "prune": sections.get("prune"),
-        "variants": [variant_entry(v, latency[v.name], scores[v.name]) for v in variants],
+        "variants": [variant_entry(v, latency[v.name], scores[v.name], int8.get(v.name)) for v in variants],
+        "profile": {k: profiled[k] for k in ("reference", "profiles")} if profiled else None,
         "mobile": sections.get("mobile"),
         "lite": sections.get("lite"),
         "parity": sections.get("parity", []),

@@ -1,0 +1,138 @@
+"""What int8 can give a model on this CPU: the ratio of ONNX Runtime's float and dynamic int8 GEMM
+kernels at the model's own linear-layer shapes, measured in isolation, and the model's best int8
+speed-up that follows from it with everything else as profiled.
+
+A CPU without VNNI multiplies int8 through 16-bit pairs and gains little over float; one with VNNI,
+AMX or ARM's dot-product instructions gains much more. Saying "int8 is 1.2x" means little without
+"and this CPU's int8 kernels allow 1.3x for this model".
+"""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from passes.graph import copy_model, gemms_as_matmul
+from passes.int8_layers import DynamicInt8Builder
+from passes.ort_quant import ensure_node_names, tensor_values
+from passes.runtime import make_session
+from passes.timing import Runner, benchmark_input, measure_latency
+
+ISA_FLAGS = (
+    "avx2",
+    "avx512f",
+    "avx512_vnni",
+    "avx_vnni",
+    "avx512_bf16",
+    "amx_int8",
+    "amx_tile",
+    "asimddp",  # ARM dot product (SDOT / UDOT)
+    "i8mm",  # ARM int8 matrix multiply (SMMLA)
+)
+NO_GAIN = 1.05  # below this bound, int8 is a size lever here, not a speed one
+
+
+def cpu_int8_features() -> list[str]:
+    """The instruction sets among ``ISA_FLAGS`` this CPU reports (Linux /proc/cpuinfo)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = set()
+    for line in text.splitlines():
+        if line.split(":")[0].strip() in ("flags", "Features"):
+            flags |= set(line.split(":", 1)[1].split())
+    return [flag for flag in ISA_FLAGS if flag in flags]
+
+
+@dataclass(frozen=True)
+class LinearShape:
+    """A linear layer's GEMM: ``rows`` = the activation's leading dims, ``k`` inputs, ``n`` outputs."""
+
+    rows: tuple[int, ...]
+    k: int
+    n: int
+
+
+def linear_shapes(model: onnx.ModelProto, input_shape: tuple[int, ...], batch_size: int) -> list[LinearShape]:
+    """Every linear layer (MatMul / Gemm with a constant weight) of a float model, as it runs on the
+    benchmark input, in graph order."""
+    prepared = copy_model(model)
+    ensure_node_names(prepared)
+    gemms_as_matmul(prepared)
+    constants = {init.name: init for init in prepared.graph.initializer}
+    layers = [n for n in prepared.graph.node if n.op_type == "MatMul" and n.input[1] in constants]
+    if not layers:
+        return []
+    image = prepared.graph.input[0].name
+    names = list(dict.fromkeys(n.input[0] for n in layers))
+    values = next(tensor_values(prepared, names, [benchmark_input(input_shape, batch_size)], image, 1))
+    result = []
+    for node in layers:
+        k, n = constants[node.input[1]].dims
+        result.append(LinearShape(tuple(values[node.input[0]].shape[:-1]), int(k), int(n)))
+    return result
+
+
+def _gemm_model(shape: LinearShape, seed: int) -> onnx.ModelProto:
+    weight = np.random.default_rng(seed).standard_normal((shape.k, shape.n)).astype(np.float32) * 0.05
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], "linear")],
+        "linear",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [*shape.rows, shape.k])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(weight, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def gemm_speedup(
+    shapes: list[LinearShape], threads: int, reduce_range: bool, warmup: int = 10, runs: int = 60, rounds: int = 5
+) -> dict:
+    """ONNX Runtime's dynamic int8 GEMM (DynamicQuantizeMatMul, activation quantization included)
+    against its float GEMM at each distinct shape, timed interleaved; the overall ratio weights each
+    shape by how often the model runs it."""
+    counts: dict[LinearShape, int] = {}
+    for shape in shapes:
+        counts[shape] = counts.get(shape, 0) + 1
+    runners = {}
+    for index, shape in enumerate(counts):
+        float_model = _gemm_model(shape, index)
+        int8_model = DynamicInt8Builder(float_model, ["linear"], onnx.TensorProto.INT8, reduce_range).build(["linear"])
+        x = np.random.default_rng(index).standard_normal((*shape.rows, shape.k)).astype(np.float32)
+        for kind, model in (("float", float_model), ("int8", int8_model)):
+            runners[(index, kind)] = _runner(model, x, threads)
+    times = measure_latency({f"{i}/{k}": r for (i, k), r in runners.items()}, warmup, runs, rounds)
+    table = []
+    float_total = int8_total = 0.0
+    for index, (shape, count) in enumerate(counts.items()):
+        f_ms, q_ms = times[f"{index}/float"]["median"], times[f"{index}/int8"]["median"]
+        float_total, int8_total = float_total + count * f_ms, int8_total + count * q_ms
+        table.append(
+            {"rows": list(shape.rows), "k": shape.k, "n": shape.n, "count": count, "float_ms": f_ms, "int8_ms": q_ms}
+        )
+    return {"int8_gemm_speedup": round(float_total / int8_total, 4) if int8_total else None, "shapes": table}
+
+
+def _runner(model: onnx.ModelProto, x: np.ndarray, threads: int) -> Runner:
+    session = make_session(model, threads)
+    return lambda: session.run(None, {"x": x})
+
+
+def int8_bound(reference_total: float, reference_linear: float, gemm_speedup: float) -> float:
+    """The best speed-up int8 linear layers can give a float model here: its linear layers' share of
+    the profiled time made ``gemm_speedup`` times faster, the rest as profiled (Amdahl's law)."""
+    share = reference_linear / reference_total
+    return 1.0 / (1.0 - share + share / gemm_speedup)
+
+
+def machine_summary() -> dict[str, object]:
+    """The CPU's architecture and the int8 instruction sets it has."""
+    return {"arch": platform.machine(), "int8_isa": cpu_int8_features()}

@@ -1,0 +1,246 @@
+"""Where a model's time goes: ONNX Runtime's own profiler, per node of the graph ONNX Runtime runs
+(after its session fusions), by category and precision, each node named by its module path.
+
+A report that says "int8 is 1.4x" cannot say why it is not 2x; the profile can: the int8 GEMMs
+may be fast and the float LayerNorms, attention and layout ops around them the rest. Nodes are
+named by the module path the exporter wrote into tensor names (``blocks.3.mlp.fc1``), found from
+the node's outputs downstream, since fusions rename nodes but keep the tensors after them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+from collections import deque
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from passes.runtime import session_options
+from passes.timing import benchmark_input
+
+# Categories in the order a report shows them; an op type not listed is "elementwise".
+CATEGORY_OPS: dict[str, frozenset[str]] = {
+    "int8 GEMM": frozenset(
+        {
+            "DynamicQuantizeMatMul",
+            "MatMulInteger",
+            "MatMulIntegerToFloat",
+            "QLinearMatMul",
+            "QGemm",
+            "QLinearConv",
+            "ConvInteger",
+            "QAttention",
+        }
+    ),
+    "int4 GEMM": frozenset({"MatMulNBits"}),
+    "float GEMM": frozenset({"MatMul", "Gemm", "FusedMatMul", "FusedGemm", "Conv", "FusedConv", "NhwcFusedConv"}),
+    "attention": frozenset({"MultiHeadAttention", "Attention", "Softmax", "GroupQueryAttention"}),
+    "LayerNorm": frozenset(
+        {
+            "LayerNormalization",
+            "SkipLayerNormalization",
+            "SimplifiedLayerNormalization",
+            "SkipSimplifiedLayerNormalization",
+            "BatchNormalization",
+            "GroupNorm",
+            "InstanceNormalization",
+        }
+    ),
+    "activation": frozenset(
+        {"Gelu", "FastGelu", "BiasGelu", "QuickGelu", "Erf", "Tanh", "Sigmoid", "Relu", "HardSwish", "HardSigmoid"}
+    ),
+    "quantize": frozenset({"DynamicQuantizeLinear", "QuantizeLinear", "DequantizeLinear"}),
+    "token merging": frozenset({"TopK", "GatherElements", "ScatterElements", "ArgMax", "ArgMin"}),
+    "layout": frozenset(
+        {
+            "Reshape",
+            "Transpose",
+            "Concat",
+            "Split",
+            "Slice",
+            "Gather",
+            "Squeeze",
+            "Unsqueeze",
+            "Expand",
+            "Shape",
+            "Flatten",
+            "Cast",
+            "ReorderInput",
+            "ReorderOutput",
+            "Identity",
+            "Where",
+            "Equal",
+            "Tile",
+            "ConstantOfShape",
+            "Range",
+        }
+    ),
+}
+CATEGORIES = (*CATEGORY_OPS, "elementwise")
+_PARAMETER = re.compile(r"^([A-Za-z_]\w*(?:\.\w+)*)\.(?:weight|bias)$")
+LINEAR_OPS = frozenset({"DynamicQuantizeMatMul", "MatMulInteger", "MatMulIntegerToFloat", "QLinearMatMul", "QGemm"}) | {
+    "MatMul",
+    "Gemm",
+    "FusedMatMul",
+    "FusedGemm",
+    "MatMulNBits",
+}
+
+
+def category(op_type: str) -> str:
+    return next((name for name, ops in CATEGORY_OPS.items() if op_type in ops), "elementwise")
+
+
+def module_path(name: str) -> str | None:
+    """The module path in a name the exporter wrote: ``/blocks/blocks.3/mlp/fc1/Add_output_0`` (or a
+    node ``/blocks/blocks.3/mlp/fc1/Add``, or a tensor a pass derived from one) -> ``blocks.3.mlp.fc1``:
+    every segment but the last, where a scope that repeats the tail of its parent's qualified name is
+    merged, not doubled. None for names the exporter did not write (``Gemm_4/matmul``, ``/Add_output_0``)."""
+    segments = name.split("/")
+    if len(segments) < 3 or segments[0]:
+        return None
+    path: list[str] = []
+    for segment in segments[1:-1]:
+        parts = segment.split(".")
+        overlap = next((k for k in range(min(len(path), len(parts) - 1), 0, -1) if path[-k:] == parts[:k]), 0)
+        path = path[: len(path) - overlap] + parts
+    return ".".join(path) or None
+
+
+def parameter_module(name: str) -> str | None:
+    """``blocks.3.mlp.fc1`` for a parameter the exporter kept by its module name, ``blocks.3.mlp.fc1.bias``."""
+    match = _PARAMETER.match(name.removeprefix("FusedBack_"))  # ONNX Runtime's fp16 Cast fusion prefix
+    return match.group(1) if match else None
+
+
+def node_modules(graph: onnx.GraphProto, hops: int = 6) -> dict[str, str]:
+    """Each node's module path: from its own name or outputs, else its readers' (breadth first, up to
+    ``hops``), else a parameter only it reads (``blocks.3.mlp.fc1.bias``), else its inputs; the node's
+    name when none carries one."""
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    # a parameter read by one node only: a simplifier shares equal ones (zero biases) between layers
+    own = {init.name for init in graph.initializer if len(readers.get(init.name, [])) == 1}
+    result = {}
+    for node in graph.node:
+        found = None
+        queue, seen = deque([(node, 0)]), {node.name}
+        while found is None and queue:
+            current, depth = queue.popleft()
+            found = next((p for p in map(module_path, [current.name, *current.output]) if p), None)
+            if depth < hops:
+                for output in current.output:
+                    for reader in readers.get(output, []):
+                        if reader.name not in seen:
+                            seen.add(reader.name)
+                            queue.append((reader, depth + 1))
+        found = found or next((p for p in (parameter_module(name) for name in node.input if name in own) if p), None)
+        found = found or next((p for p in map(module_path, node.input) if p), None)
+        result[node.name] = found or node.name
+    return result
+
+
+@dataclass(frozen=True)
+class NodeTime:
+    """One node of the graph ONNX Runtime ran, and its mean time per model run."""
+
+    node: str
+    op_type: str
+    category: str
+    module: str
+    linear: bool  # a linear layer (a GEMM with a constant weight): what int8 can speed up
+    ms: float
+
+
+@dataclass
+class Profile:
+    nodes: list[NodeTime]
+    runs: int
+    run_ms: float  # median wall time of one profiled run, as ONNX Runtime's profiler saw it
+
+    @property
+    def total_ms(self) -> float:
+        return float(sum(n.ms for n in self.nodes))
+
+    @property
+    def linear_ms(self) -> float:
+        return float(sum(n.ms for n in self.nodes if n.linear))
+
+    def by_category(self) -> dict[str, float]:
+        totals = {name: 0.0 for name in CATEGORIES}
+        for n in self.nodes:
+            totals[n.category] += n.ms
+        return {name: round(ms, 4) for name, ms in totals.items() if ms > 0}
+
+    def slowest(self, count: int = 10) -> list[NodeTime]:
+        return sorted(self.nodes, key=lambda n: -n.ms)[:count]
+
+    def to_json(self) -> dict:
+        return {
+            "runs": self.runs,
+            "run_ms": round(self.run_ms, 4),
+            "total_ms": round(self.total_ms, 4),
+            "linear_ms": round(self.linear_ms, 4),
+            "categories_ms": self.by_category(),
+            "slowest": [{**asdict(n), "ms": round(n.ms, 4)} for n in self.slowest()],
+        }
+
+
+def parse_profile(
+    events: list[dict], graph: onnx.GraphProto, skip_runs: int = 0, source: onnx.GraphProto | None = None
+) -> Profile:
+    """A profile from ONNX Runtime's trace ``events`` of runs of the optimized ``graph``; the first
+    ``skip_runs`` runs (warm-up) are left out. Each node's time is its kernel time per counted run.
+    Nodes that kept their name from ``source`` (the graph before ONNX Runtime's fusions, whose tensors
+    still carry the exporter's names) are named from there."""
+    runs = sorted((e for e in events if e.get("cat") == "Session" and e["name"] == "model_run"), key=lambda e: e["ts"])
+    counted = runs[skip_runs:]
+    if not counted:
+        raise ValueError("the profile holds no run after warm-up")
+    start = counted[0]["ts"]
+    kernels = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= start]
+    constants = {init.name for init in graph.initializer}
+    nodes = {node.name: node for node in graph.node}
+    modules = {**node_modules(graph), **(node_modules(source) if source is not None else {})}
+    totals: dict[str, float] = {}
+    ops: dict[str, str] = {}
+    for event in kernels:
+        name = event["name"][: -len("_kernel_time")]
+        totals[name] = totals.get(name, 0.0) + event["dur"] / 1e3
+        ops[name] = event["args"].get("op_name", nodes[name].op_type if name in nodes else "?")
+    result = []
+    for name, total in totals.items():
+        node = nodes.get(name)
+        op_type = ops[name]
+        linear = op_type in LINEAR_OPS and node is not None and any(i in constants for i in node.input[1:2])
+        result.append(NodeTime(name, op_type, category(op_type), modules.get(name, name), linear, total / len(counted)))
+    return Profile(result, len(counted), float(np.median([e["dur"] / 1e3 for e in counted])))
+
+
+def profile_model(
+    model: onnx.ModelProto | Path, shape: tuple[int, ...], threads: int, batch_size: int, warmup: int, runs: int
+) -> Profile:
+    """``model`` profiled by ONNX Runtime on the benchmark input: ``warmup`` runs, then ``runs``
+    counted, in a session opened as every timed session is."""
+    with tempfile.TemporaryDirectory(prefix="onnxvit-profile-") as tmp:
+        options = session_options(threads)
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(tmp) / "profile")
+        options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+        session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+        feed = {session.get_inputs()[0].name: benchmark_input(shape, batch_size)}
+        for _ in range(warmup + runs):
+            session.run(None, feed)
+        trace = Path(session.end_profiling())
+        events = json.loads(trace.read_text())
+        graph = onnx.load(Path(tmp) / "optimized.onnx", load_external_data=False).graph
+    original = model if isinstance(model, onnx.ModelProto) else onnx.load(model, load_external_data=False)
+    return parse_profile(events, graph, warmup, original.graph)

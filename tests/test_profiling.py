@@ -1,0 +1,117 @@
+"""The per-op profile and the int8 limit: ONNX Runtime's profiler on real models, the limit from given figures."""
+
+import pytest
+
+from passes.base import PassContext
+from passes.int8_limit import LinearShape, gemm_speedup, int8_bound, linear_shapes
+from passes.profiling import CATEGORIES, category, module_path, node_modules, parameter_module, profile_model
+from passes.quantize_int8 import QuantizeInt8Config, QuantizeInt8Pass
+
+
+@pytest.fixture(scope="module")
+def tiny_int8(tiny_onnx, tiny_images):
+    return QuantizeInt8Pass(QuantizeInt8Config()).run(tiny_onnx, PassContext(calibration=[tiny_images[:4]]))
+
+
+def test_module_paths_come_from_exporter_names_and_parameters():
+    assert module_path("/blocks/blocks.3/mlp/fc1/Add_output_0") == "blocks.3.mlp.fc1"
+    assert module_path("/blocks/blocks.0/attn/Softmax") == "blocks.0.attn"
+    assert module_path("/stages/stages.2/blocks/stages.2.blocks.1/Mul_output_0") == "stages.2.blocks.1"
+    assert module_path("/Add_output_0") is None and module_path("Gemm_4/matmul") is None
+    assert parameter_module("blocks.0.attn.qkv.bias") == "blocks.0.attn.qkv"
+    assert parameter_module("FusedBack_head.weight") == "head" and parameter_module("onnx::MatMul_12") is None
+    assert category("DynamicQuantizeMatMul") == "int8 GEMM" and category("MatMul") == "float GEMM"
+    assert category("Add") == "elementwise" and category("FastGelu") == "activation"
+
+
+def test_every_node_of_a_real_model_is_attributed(tiny_onnx, tiny_int8):
+    """Profiled on the tiny DeiT, float and int8: every node ONNX Runtime ran has a category and a
+    time, their sum is the run's, and the linear layers are named by module path."""
+    for model, gemm in ((tiny_onnx, "float GEMM"), (tiny_int8, "int8 GEMM")):
+        profile = profile_model(model, (3, 224, 224), 1, 1, warmup=2, runs=5)
+        assert profile.runs == 5 and len(profile.nodes) > 20
+        assert all(n.category in CATEGORIES and n.ms >= 0 for n in profile.nodes)
+        assert sum(profile.by_category().values()) == pytest.approx(profile.total_ms, rel=1e-3)
+        # kernel times sit inside the run: never more than it, and most of it
+        assert 0.5 * profile.run_ms < profile.total_ms <= 1.05 * profile.run_ms
+        linear = [n for n in profile.nodes if n.linear]
+        assert linear and {n.category for n in linear} == {gemm}
+        # named by module path, not by ONNX node name, and every block's layers found
+        assert all(n.module.startswith(("blocks.0.", "blocks.1.", "head")) for n in linear), linear
+        assert {n.module for n in linear} >= {"blocks.0.mlp.fc1", "blocks.1.mlp.fc1", "blocks.1.mlp.fc2", "head"}
+        assert 0 < profile.linear_ms < profile.total_ms
+        assert profile.to_json()["slowest"][0]["ms"] == pytest.approx(max(n.ms for n in profile.nodes), abs=1e-4)
+
+
+def test_node_modules_name_fused_nodes_from_what_follows(tiny_int8):
+    modules = node_modules(tiny_int8.graph)
+    quantized = [n.name for n in tiny_int8.graph.node if n.op_type == "MatMulInteger"]
+    assert quantized and all(modules[name].startswith(("blocks.", "head")) for name in quantized)
+
+
+def test_the_int8_limit_follows_from_given_figures():
+    # linear layers 60 of 100 ms, int8 GEMM 2x: 40 + 30 = 70 ms at best
+    assert int8_bound(100.0, 60.0, 2.0) == pytest.approx(100 / 70)
+    assert int8_bound(100.0, 60.0, 1.0) == pytest.approx(1.0)  # no faster kernel, no gain
+    assert int8_bound(100.0, 0.0, 4.0) == pytest.approx(1.0)  # nothing to quantize
+    assert int8_bound(100.0, 100.0, 3.0) == pytest.approx(3.0)
+
+
+def test_the_gemm_ratio_is_measured_at_the_model_shapes(tiny_onnx):
+    shapes = linear_shapes(tiny_onnx, (3, 224, 224), 1)
+    dims = {(s.k, s.n) for s in shapes}
+    assert len(shapes) == sum(
+        1
+        for n in tiny_onnx.graph.node
+        if n.op_type in ("MatMul", "Gemm") and n.input[1] in {i.name for i in tiny_onnx.graph.initializer}
+    )
+    # 197 tokens through every block's layers, the class token alone through the head
+    assert all(s.rows[-1] == 197 for s in shapes[:-1]) and shapes[-1].rows[-1] == 1 and shapes[-1].n == 4
+    measured = gemm_speedup([LinearShape((197,), 64, 64)] * 3 + [LinearShape((197,), 64, 256)], 1, True, 2, 6, 2)
+    assert [row["count"] for row in measured["shapes"]] == [3, 1] and measured["int8_gemm_speedup"] > 0
+    assert dims
+
+
+def test_a_cpu_without_int8_gain_is_told_so():
+    from onnxvit.report import _profile_section
+
+    def report(bound: float) -> dict:
+        profile = {
+            "runs": 1,
+            "run_ms": 10.0,
+            "total_ms": 10.0,
+            "linear_ms": 5.0,
+            "categories_ms": {"float GEMM": 5.0},
+            "slowest": [],
+        }
+        return {
+            "machine": {"int8_isa": ["avx2"], "int8_gemm_speedup": 1.02, "int8_bound_speedup": bound},
+            "profile": {"reference": "fp32", "profiles": {"fp32": profile, "int8": profile}},
+            "variants": [
+                {"name": "fp32", "latency_ms": {"median": 10.0}},
+                {"name": "int8", "latency_ms": {"median": 10.5}, "int8_bound_speedup": bound, "int8_efficiency": 0.93},
+            ],
+        }
+
+    slow = "\n".join(_profile_section(report(1.01)))
+    assert "size lever" in slow and "fastest variant measured is `fp32`" in slow
+    fast = "\n".join(_profile_section(report(1.4)))
+    assert "size lever" not in fast and "`int8` reached 93%" in fast
+
+
+def test_compress_reports_the_profile_and_the_limit(tmp_path, image_folder):
+    import json
+
+    from onnxvit.compress import compress
+    from tests.conftest import write_config
+
+    config = write_config(tmp_path, image_folder, benchmark={"warmup": 1, "runs": 4, "rounds": 2, "torch": False})
+    report = compress(config, quiet=True)
+    assert report["machine"]["int8_gemm_speedup"] > 0 and "int8_isa" in report["machine"]
+    assert set(report["profile"]["profiles"]) == {"fp32", "int8", "fp16"}
+    variants = {v["name"]: v for v in report["variants"]}
+    assert "int8_efficiency" in variants["int8"] and "int8_efficiency" not in variants["fp16"]
+    assert variants["int8"]["int8_bound_speedup"] == report["machine"]["int8_bound_speedup"]
+    out = tmp_path / "out"
+    assert (out / "profile.png").stat().st_size > 0 and "## Where the time goes" in (out / "report.md").read_text()
+    assert json.loads((out / "report.json").read_text())["profile"] == report["profile"]
