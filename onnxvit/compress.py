@@ -83,6 +83,7 @@ def compress(config_path: Path, force: bool = False, quiet: bool = False, output
     reported = [EXPORT_VARIANT] + [s.output for s in config.passes if s.report]
     variants += [passes.write_variant(run, name, models[name], counts) for name in reported]
     with run.timed("mobile"):
+        sections["handoff"] = mobile.handoff(run)
         sections["mobile"] = mobile.ort_artifacts(run, variants)
         lite, lite_notes = mobile.lite_variants(run, model, model_id, counts)
     sections["lite"] = lite_notes if config.lite is not None else None

@@ -194,6 +194,22 @@ class MobileConfig(StrictModel):
     optimization: Literal["basic", "extended", "all"] = Field("all", description="Graph optimizations saved in .ort.")
     type_reduction: bool = Field(True, description="Operator config lists the types each op needs, too.")
     fp32_atol: float = Field(1e-5, gt=0, description="Largest .ort vs .onnx logit difference for float models.")
+    bake_preprocessing: bool = Field(
+        False,
+        description="Also write each variant with its normalization inside (model.NAME-rgb8.onnx / .ort): "
+        "input 'image', the center crop as uint8 RGB NHWC; the app only resizes and crops.",
+    )
+    web_check: bool = Field(
+        True,
+        description="Run every .ort file in ONNX Runtime's JavaScript package (onnxruntime-web under Node.js) "
+        "on the check images against the Python run; skipped with the reason in the report when Node.js or "
+        "the package is missing.",
+    )
+    ort_web: Path | None = Field(
+        None,
+        description="Folder whose node_modules holds onnxruntime-web; default: examples/web of the checkout "
+        "(npm ci --prefix examples/web).",
+    )
 
 
 class LiteConfig(StrictModel):
@@ -390,6 +406,8 @@ def load_config(path: Path) -> tuple[Config, list[Any]]:
     config.data.root = _resolve_required(config.data.root, base)
     config.data.manifest = _resolve(config.data.manifest, base)
     config.output.dir = _resolve_required(config.output.dir, base)
+    if config.mobile is not None:
+        config.mobile.ort_web = _resolve(config.mobile.ort_web, base)
     if config.finetune is not None:
         config.finetune.root = _resolve(config.finetune.root, base)
     steps = _validate_steps(config, path)

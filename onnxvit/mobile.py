@@ -93,8 +93,10 @@ def build_artifacts(
     batches: list[np.ndarray],
     threads: int,
     log=lambda m: None,
+    inputs: dict[str, list[np.ndarray]] | None = None,
 ) -> dict[str, Any]:
-    """`.ort` for each named ONNX model, checked; then the operator config of those that converted."""
+    """`.ort` for each named ONNX model, checked on ``batches`` (or its own ``inputs[name]``); then
+    the operator config of those that converted."""
     artifacts, converted = [], []
     for name, onnx_path in paths.items():
         ort_path = folder / f"model.{name}.ort"
@@ -107,7 +109,7 @@ def build_artifacts(
             artifacts.append(entry)
             continue
         entry["size_bytes"] = ort_path.stat().st_size
-        entry.update(check_ort_twin(onnx_path, ort_path, batches, threads))
+        entry.update(check_ort_twin(onnx_path, ort_path, (inputs or {}).get(name, batches), threads))
         entry["quantized"] = is_quantized(onnx_path)
         entry["ok"] = entry["argmax_equal"] if entry["quantized"] else entry["max_abs_vs_onnx"] <= config.fp32_atol
         artifacts.append(entry)

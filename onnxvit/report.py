@@ -270,23 +270,55 @@ def _parity_section(report: dict[str, Any]) -> list[str]:
 
 
 def _mobile_section(report: dict[str, Any]) -> list[str]:
+    lines = []
+    handoff = report.get("handoff")
+    if handoff:
+        lines += [
+            "",
+            f"Beside the models: `{handoff['preprocess']}` (the preprocessing every figure here was measured "
+            f"with: resize, crop, mean, std, layout) and `{handoff['labels']}` ({handoff['classes']} class names).",
+        ]
     mobile = report.get("mobile")
     if not mobile:
-        return []
-    lines = [
+        return lines
+    web = mobile.get("web")
+    lines += [
         "",
         f"## ONNX Runtime Mobile ({mobile['target_platform']}, optimization {mobile['optimization']})",
         "",
-        "| variant | .ort file | size MB | max abs vs .onnx | same top-1 | |",
-        "|---|---|---|---|---|---|",
+        "| variant | .ort file | size MB | max abs vs .onnx | same top-1 | | onnxruntime-web: same top-1 | max abs |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for a in mobile["artifacts"]:
         if a.get("error"):
-            lines.append(f"| {a['variant']} | - | - | - | - | {a['error']} |")
+            lines.append(f"| {a['variant']} | - | - | - | - | {a['error']} | | |")
             continue
+        w = a.get("web") or {}
+        web_cells = (
+            f"{w['top1_equal']} ({w['images'] - w['top1_differ']}/{w['images']}) | {w['max_abs_vs_python']:.3g}"
+            if w.get("loaded")
+            else (f"not loaded: {w['error']} |" if w else "- | -")
+        )
         lines.append(
             f"| {a['variant']} | {a['path']} | {a['size_bytes'] / 1e6:.2f} | {a['max_abs_vs_onnx']:.3g} | "
-            f"{a['argmax_equal']} | {'ok' if a['ok'] else '**FLAGGED**'} |"
+            f"{a['argmax_equal']} | {'ok' if a['ok'] else '**FLAGGED**'} | {web_cells} |"
+        )
+    if isinstance(web, str):
+        lines.append(f"\nonnxruntime-web: {web}.")
+    elif web:
+        lines.append(
+            f"\nonnxruntime-web: every `.ort` file run by {web['runtime']} on the check images, one at a time."
+        )
+    baked = [a for a in mobile["artifacts"] if a.get("baked_preprocessing")]
+    if baked:
+        lines.append(
+            "Preprocessing baked in (`*-rgb8`: input `image`, the center crop as uint8 RGB NHWC), against "
+            "timm's transform and the model: "
+            + ", ".join(
+                f"`{a['variant']}` same top-1 {a['vs_timm']['argmax_equal']}, max abs {a['vs_timm']['max_abs']:.3g}"
+                for a in baked
+            )
+            + "."
         )
     if mobile.get("operators_config"):
         lines.append(

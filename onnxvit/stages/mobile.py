@@ -3,6 +3,7 @@ the PyTorch Lite variants with their parity to ONNX Runtime."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -11,10 +12,25 @@ from onnxvit.config import EXPORT_VARIANT
 from onnxvit.engine import cache_key
 from onnxvit.stages.load import Run
 from onnxvit.variant import Variant
+from passes.runtime import batches, model_logits
+
+
+def handoff(run: Run) -> dict[str, Any]:
+    """``preprocess.json`` and ``labels.txt`` beside the models; report.json's ``handoff``."""
+    from onnxvit.handoff import class_names, preprocess_document, write_handoff
+
+    transform, data_config = run.preprocessing
+    classes = int(getattr(run.created_model, "num_classes", 0) or len(run.dataset.folder.classes))
+    return write_handoff(
+        run.config.output.dir,
+        preprocess_document(transform, data_config, INPUT_NAME),
+        class_names(run.dataset.folder.classes, classes),
+    )
 
 
 def ort_artifacts(run: Run, variants: list[Variant]) -> dict[str, Any] | None:
-    """report.json's ``mobile``: each chosen ONNX variant as ``.ort``, reloaded and compared to its ``.onnx``."""
+    """report.json's ``mobile``: each chosen ONNX variant as ``.ort`` (and, when asked, its twin with
+    the preprocessing baked in), reloaded and compared to its ``.onnx``, then run by onnxruntime-web."""
     config = run.config.mobile
     if config is None:
         return None
@@ -22,9 +38,97 @@ def ort_artifacts(run: Run, variants: list[Variant]) -> dict[str, Any] | None:
 
     chosen = config.variants or [v.name for v in variants]
     paths = {v.name: v.path for v in variants if v.name in chosen and v.path is not None}
-    return build_artifacts(
-        paths, run.config.output.dir, config, run.check_batches, run.config.benchmark.threads, run.reporter.log
+    inputs: dict[str, list[np.ndarray]] = {}
+    baked_sources: dict[str, str] = {}
+    if config.bake_preprocessing:
+        crops = _check_crops(run)
+        for name, path in list(paths.items()):
+            baked_name = f"{name}{BAKED_SUFFIX}"
+            paths[baked_name] = _write_baked(run, path, baked_name)
+            inputs[baked_name] = batches(crops, run.config.benchmark.batch_size)
+            baked_sources[baked_name] = name
+    section = build_artifacts(
+        paths,
+        run.config.output.dir,
+        config,
+        run.check_batches,
+        run.config.benchmark.threads,
+        run.reporter.log,
+        inputs,
     )
+    for entry in section["artifacts"]:
+        if entry["variant"] in baked_sources and entry.get("path"):
+            entry["baked_preprocessing"] = True
+            entry["vs_timm"] = _baked_against_timm(run, paths[entry["variant"]], paths[baked_sources[entry["variant"]]])
+    section["web"] = _web_check(run, section, inputs) if config.web_check else "not checked: mobile.web_check is off"
+    return section
+
+
+BAKED_SUFFIX = "-rgb8"
+INPUT_NAME = "input"
+
+
+def _check_crops(run: Run) -> np.ndarray:
+    """The check images as a baked model takes them: resized and center-cropped, uint8 HWC."""
+    from onnxvit.data import load_image
+    from onnxvit.handoff import crop_uint8
+
+    preprocess = _preprocess(run)
+    files = run.dataset.splits["calibrate"][: run.config.data.check_images]
+    return np.stack([load_image(run.dataset.folder, f, lambda image: crop_uint8(image, preprocess)) for f in files])
+
+
+def _preprocess(run: Run) -> dict[str, Any]:
+    from onnxvit.handoff import preprocess_document
+
+    transform, data_config = run.preprocessing
+    return preprocess_document(transform, data_config, INPUT_NAME)
+
+
+def _write_baked(run: Run, source: Path, name: str) -> Path:
+    """``source`` with the preprocessing baked in, written beside it as ``model.NAME.onnx``."""
+    import onnx
+
+    from onnxvit.fileio import atomic_write_bytes
+    from onnxvit.handoff import bake_preprocessing
+
+    path = run.config.output.dir / f"model.{name}.onnx"
+    atomic_write_bytes(path, bake_preprocessing(onnx.load(source), _preprocess(run)).SerializeToString())
+    return path
+
+
+def _baked_against_timm(run: Run, baked: Path, source: Path) -> dict[str, Any]:
+    """The baked model on the uint8 crops against its source model on timm's transform of the same images."""
+    from passes.metrics import max_abs_diff, top1_agreement
+
+    threads, size = run.config.benchmark.threads, run.config.benchmark.batch_size
+    ours = model_logits(baked, batches(_check_crops(run), size), threads)
+    timm_way = model_logits(source, run.check_batches, threads)
+    return {"max_abs": round(max_abs_diff(ours, timm_way), 6), "argmax_equal": top1_agreement(ours, timm_way) == 100.0}
+
+
+def _web_check(run: Run, section: dict[str, Any], inputs: dict[str, list[np.ndarray]]) -> dict[str, Any] | str:
+    """Every converted `.ort` run by onnxruntime-web in Node.js against Python's run of the same file."""
+    from onnxvit.web_check import WebModel, not_checked, run_in_node
+
+    folder = run.config.mobile.ort_web if run.config.mobile else None
+    reason = not_checked(folder)
+    if reason is not None:
+        run.reporter.log(f"mobile: {reason}")
+        return reason
+    threads, out = run.config.benchmark.threads, run.config.output.dir
+    models = []
+    for entry in section["artifacts"]:
+        if not entry.get("path"):
+            continue
+        images = np.concatenate(inputs.get(entry["variant"], run.check_batches))
+        reference = model_logits(out / entry["path"], batches(images, 1), threads)
+        models.append(WebModel(entry["variant"], out / entry["path"], images, reference))
+    results = run_in_node(models, folder)
+    for entry in section["artifacts"]:
+        if entry["variant"] in results:
+            entry["web"] = results[entry["variant"]]
+    return {"runtime": "onnxruntime-web (WebAssembly) under Node.js", "checked": len(results)}
 
 
 def lite_variants(run: Run, model: Any, model_id: str, counts: dict[str, int]) -> tuple[list[Variant], dict[str, Any]]:
