@@ -68,17 +68,21 @@ BAKED_SUFFIX = "-rgb8"
 INPUT_NAME = "input"
 
 
-def _check_crops(run: Run) -> np.ndarray:
-    """The check images as a baked model takes them: resized and center-cropped, uint8 HWC."""
+def uint8_crops(run: Run, files: list[str]) -> np.ndarray:
+    """Images of the folder as a baked model takes them: resized and center-cropped, uint8 HWC."""
     from onnxvit.data import load_image
     from onnxvit.handoff import crop_uint8
 
-    preprocess = _preprocess(run)
-    files = run.dataset.splits["calibrate"][: run.config.data.check_images]
-    return np.stack([load_image(run.dataset.folder, f, lambda image: crop_uint8(image, preprocess)) for f in files])
+    spec = preprocess(run)
+    return np.stack([load_image(run.dataset.folder, f, lambda image: crop_uint8(image, spec)) for f in files])
 
 
-def _preprocess(run: Run) -> dict[str, Any]:
+def _check_crops(run: Run) -> np.ndarray:
+    return uint8_crops(run, run.dataset.splits["calibrate"][: run.config.data.check_images])
+
+
+def preprocess(run: Run) -> dict[str, Any]:
+    """``preprocess.json``'s content for this run's model."""
     from onnxvit.handoff import preprocess_document
 
     transform, data_config = run.preprocessing
@@ -93,7 +97,7 @@ def _write_baked(run: Run, source: Path, name: str) -> Path:
     from onnxvit.handoff import bake_preprocessing
 
     path = run.config.output.dir / f"model.{name}.onnx"
-    atomic_write_bytes(path, bake_preprocessing(onnx.load(source), _preprocess(run)).SerializeToString())
+    atomic_write_bytes(path, bake_preprocessing(onnx.load(source), preprocess(run)).SerializeToString())
     return path
 
 
