@@ -30,6 +30,7 @@ from passes.accuracy_budget import AloneProbe, Budget, FidelityProbe, fit_budget
 from passes.base import Pass, PassConfig, PassContext, PassError, Requirement, count_ops
 from passes.graph import copy_model, find_bridges, gemms_as_matmul
 from passes.int8_layers import DynamicInt8Builder
+from passes.module_names import node_modules
 from passes.ort_quant import CalibrationReader, ensure_node_names, run_ort_quantizer, tensor_values, weighted_nodes
 from passes.runtime import batches
 from passes.weight_schemes import Overrides, WeightScheme, WeightTuner
@@ -122,7 +123,7 @@ class QuantizeInt8Pass(Pass):
     version = 2  # searches measure at the deploy batch, on models written by DynamicInt8Builder
     Config = QuantizeInt8Config
     config: QuantizeInt8Config
-    tabled_notes = frozenset({"schemes", "bridge_reconstruction"})
+    tabled_notes = frozenset({"schemes", "bridge_reconstruction", "modules"})
     _excluded: list[str] | None = None  # exclude_nodes and, with bridges: float, the bridge layers
 
     @classmethod
@@ -153,6 +154,8 @@ class QuantizeInt8Pass(Pass):
         self._excluded = sorted(excluded) or None
         candidates = weighted_nodes(prepared, cfg.op_types)
         layers = [n for n in candidates if n not in excluded]
+        modules = node_modules(prepared.graph)
+        ctx.notes["modules"] = {layer: modules.get(layer, layer) for layer in candidates}
         if bridges:
             ctx.notes.update(bridges=bridges, bridges_float=sorted(bridge_layers & set(candidates)))
         calibration = ctx.calibration_batches(cfg.calibration_images)
@@ -174,6 +177,8 @@ class QuantizeInt8Pass(Pass):
 
                 alone = AloneProbe(prepared, builder.build, probe, search_values)
             _, notes = fit_budget(layers, candidate, probe, budget, cfg.max_float_layers, ctx.log, alone)
+            for entry in notes.get("sensitivity", []):
+                entry["module"] = modules.get(entry["layer"], entry["layer"])
             kept = set(notes["kept_float"])
             quantized = quantize([layer for layer in layers if layer not in kept])
             if builder is not None:  # what ships is the quantizer's model: measure it, say if it differs
@@ -326,10 +331,24 @@ class QuantizeInt8Pass(Pass):
     @classmethod
     def report_section(cls, step: dict[str, Any]) -> list[str]:
         """The layers whose measured weight scheme or bridge clipping differs from the default."""
-        schemes, bridges = step.get("notes", {}).get("schemes"), step.get("notes", {}).get("bridge_reconstruction")
+        notes = step.get("notes", {})
+        schemes, bridges = notes.get("schemes"), notes.get("bridge_reconstruction")
+        modules = notes.get("modules", {})
+
+        def named(layer: str) -> str:
+            return f"{modules[layer]} (`{layer}`)" if layer in modules else layer
+
+        lines = []
+        if notes.get("kept_float"):
+            lines += [
+                "",
+                f"`{step['name']}` keeps in float, for its accuracy budget: "
+                + ", ".join(named(layer) for layer in notes["kept_float"])
+                + ".",
+            ]
         if not schemes and not bridges:
-            return []
-        lines = ["", f"## Weight schemes: `{step['name']}`", ""]
+            return lines
+        lines += ["", f"## Weight schemes: `{step['name']}`", ""]
         if schemes:
             changed = {layer: e for layer, e in schemes.items() if "sqnr_db" in e and e["chosen"] != e["default"]}
             lines += [
@@ -340,7 +359,8 @@ class QuantizeInt8Pass(Pass):
                 "|---|---|---|---|",
             ]
             lines += [
-                f"| {layer} | {e['chosen']} | {e['sqnr_db'][e['default']]:.2f} | {e['sqnr_db'][e['chosen']]:.2f} |"
+                f"| {named(layer)} | {e['chosen']} | {e['sqnr_db'][e['default']]:.2f} | "
+                f"{e['sqnr_db'][e['chosen']]:.2f} |"
                 for layer, e in changed.items()
             ]
         if bridges:
@@ -352,10 +372,10 @@ class QuantizeInt8Pass(Pass):
                 "|---|---|---|---|---|",
             ]
             lines += [
-                f"| {layer} | {e['bridge']} | {e.get('clip', '-')} | "
+                f"| {named(layer)} | {e['bridge']} | {e.get('clip', '-')} | "
                 f"{e['block_sqnr_db']['before']:.2f} | {e['block_sqnr_db']['after']:.2f} |"
                 if "block_sqnr_db" in e
-                else f"| {layer} | {e['bridge']} | {e['why']} | | |"
+                else f"| {named(layer)} | {e['bridge']} | {e['why']} | | |"
                 for layer, e in bridges.items()
             ]
         return lines

@@ -31,6 +31,10 @@ def test_real_deit_tiny_compresses_with_parity_and_small_int8_loss(tmp_path):
     assert v["int8"]["sqnr_db"] > v["ort-dynamic"]["sqnr_db"] + 2 > v["ort-default"]["sqnr_db"] + 2
     int8_step = next(step for step in report["steps"] if step["name"] == "int8")
     assert int8_step["notes"]["mode"] == "dynamic" and len(int8_step["notes"]["kept_float"]) <= 6
+    # per-layer tables name module paths: every fc1 of the 12 blocks, and the layers kept float
+    modules = int8_step["notes"]["modules"]
+    assert set(modules.values()) >= {f"blocks.{i}.mlp.fc1" for i in range(12)}
+    assert all(modules[layer].startswith("blocks.") for layer in int8_step["notes"]["kept_float"])
     fused = next(step for step in report["steps"] if step["name"] == "fused")
     assert fused["notes"] == {"attention_fused": 12, "linear_3d": 36, "gelu_tanh": 12}
     assert abs(v["int8"]["top1"] - v["fp32"]["top1"]) <= 4  # 1 image = 0.8 points here; full split in bench/

@@ -4,7 +4,8 @@ import pytest
 
 from passes.base import PassContext
 from passes.int8_limit import LinearShape, gemm_speedup, int8_bound, linear_shapes
-from passes.profiling import CATEGORIES, category, module_path, node_modules, parameter_module, profile_model
+from passes.module_names import module_path, node_modules, parameter_module
+from passes.profiling import CATEGORIES, category, profile_model
 from passes.quantize_int8 import QuantizeInt8Config, QuantizeInt8Pass
 
 
@@ -115,3 +116,12 @@ def test_compress_reports_the_profile_and_the_limit(tmp_path, image_folder):
     out = tmp_path / "out"
     assert (out / "profile.png").stat().st_size > 0 and "## Where the time goes" in (out / "report.md").read_text()
     assert json.loads((out / "report.json").read_text())["profile"] == report["profile"]
+
+
+def test_quantize_int8_names_its_layers_by_module(tiny_onnx, tiny_images):
+    ctx = PassContext(calibration=[tiny_images[:4]])
+    QuantizeInt8Pass(QuantizeInt8Config()).run(tiny_onnx, ctx)
+    modules = ctx.notes["modules"]
+    assert len(modules) == 9 and set(modules.values()) >= {"blocks.0.mlp.fc1", "blocks.1.mlp.fc2", "head"}
+    step = {"name": "int8", "notes": {**ctx.notes, "kept_float": list(modules)[:1]}}
+    assert f"{modules[list(modules)[0]]} (`{list(modules)[0]}`)" in "\n".join(QuantizeInt8Pass.report_section(step))
