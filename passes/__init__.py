@@ -21,6 +21,7 @@ PASS_MODULES: dict[str, str] = {
     "quantize_int8": "quantize_int8",
     "reparam_layernorm": "reparam_layernorm",
     "simplify": "simplify",
+    "skip_layernorm": "skip_layernorm",
     "zero_point_guard": "zero_point_guard",
 }
 
