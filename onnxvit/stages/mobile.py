@@ -14,18 +14,15 @@ from onnxvit.stages.load import Run
 from onnxvit.variant import Variant
 from passes.runtime import batches, model_logits
 
+BAKED_SUFFIX = "-rgb8"  # model.NAME-rgb8.onnx / .ort: the preprocessing baked in
+
 
 def handoff(run: Run) -> dict[str, Any]:
     """``preprocess.json`` and ``labels.txt`` beside the models; report.json's ``handoff``."""
-    from onnxvit.handoff import class_names, preprocess_document, write_handoff
+    from onnxvit.handoff import class_names, write_handoff
 
-    transform, data_config = run.preprocessing
     classes = int(getattr(run.created_model, "num_classes", 0) or len(run.dataset.folder.classes))
-    return write_handoff(
-        run.config.output.dir,
-        preprocess_document(transform, data_config, INPUT_NAME),
-        class_names(run.dataset.folder.classes, classes),
-    )
+    return write_handoff(run.config.output.dir, preprocess(run), class_names(run.dataset.folder.classes, classes))
 
 
 def ort_artifacts(run: Run, variants: list[Variant]) -> dict[str, Any] | None:
@@ -40,8 +37,8 @@ def ort_artifacts(run: Run, variants: list[Variant]) -> dict[str, Any] | None:
     paths = {v.name: v.path for v in variants if v.name in chosen and v.path is not None}
     inputs: dict[str, list[np.ndarray]] = {}
     baked_sources: dict[str, str] = {}
+    crops = _check_crops(run) if config.bake_preprocessing else np.zeros(0, np.uint8)
     if config.bake_preprocessing:
-        crops = _check_crops(run)
         for name, path in list(paths.items()):
             baked_name = f"{name}{BAKED_SUFFIX}"
             paths[baked_name] = _write_baked(run, path, baked_name)
@@ -59,13 +56,10 @@ def ort_artifacts(run: Run, variants: list[Variant]) -> dict[str, Any] | None:
     for entry in section["artifacts"]:
         if entry["variant"] in baked_sources and entry.get("path"):
             entry["baked_preprocessing"] = True
-            entry["vs_timm"] = _baked_against_timm(run, paths[entry["variant"]], paths[baked_sources[entry["variant"]]])
+            source = paths[baked_sources[entry["variant"]]]
+            entry["vs_timm"] = _baked_against_timm(run, paths[entry["variant"]], source, crops)
     section["web"] = _web_check(run, section, inputs) if config.web_check else "not checked: mobile.web_check is off"
     return section
-
-
-BAKED_SUFFIX = "-rgb8"
-INPUT_NAME = "input"
 
 
 def uint8_crops(run: Run, files: list[str]) -> np.ndarray:
@@ -83,6 +77,7 @@ def _check_crops(run: Run) -> np.ndarray:
 
 def preprocess(run: Run) -> dict[str, Any]:
     """``preprocess.json``'s content for this run's model."""
+    from onnxvit.export import INPUT_NAME
     from onnxvit.handoff import preprocess_document
 
     transform, data_config = run.preprocessing
@@ -101,12 +96,13 @@ def _write_baked(run: Run, source: Path, name: str) -> Path:
     return path
 
 
-def _baked_against_timm(run: Run, baked: Path, source: Path) -> dict[str, Any]:
-    """The baked model on the uint8 crops against its source model on timm's transform of the same images."""
+def _baked_against_timm(run: Run, baked: Path, source: Path, crops: np.ndarray) -> dict[str, Any]:
+    """The baked model on the check images' uint8 ``crops`` against its source model on timm's
+    transform of the same images."""
     from passes.metrics import max_abs_diff, top1_agreement
 
     threads, size = run.config.benchmark.threads, run.config.benchmark.batch_size
-    ours = model_logits(baked, batches(_check_crops(run), size), threads)
+    ours = model_logits(baked, batches(crops, size), threads)
     timm_way = model_logits(source, run.check_batches, threads)
     return {"max_abs": round(max_abs_diff(ours, timm_way), 6), "argmax_equal": top1_agreement(ours, timm_way) == 100.0}
 
