@@ -38,6 +38,16 @@ def is_quantized(path: Path) -> bool:
     return any(n.op_type in QUANTIZED_OPS or n.op_type.startswith("QLinear") for n in graph.node)
 
 
+def computes_in_float16(path: Path) -> bool:
+    """Whether the model holds float16 weights or casts to float16: its `.ort` twin may fuse ops
+    that round differently at half precision, so it is held to the same top-1, as an integer model."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    half = onnx.TensorProto.FLOAT16
+    return any(init.data_type == half for init in graph.initializer) or any(
+        n.op_type == "Cast" and any(a.name == "to" and a.i == half for a in n.attribute) for n in graph.node
+    )
+
+
 def to_ort_format(onnx_path: Path, ort_path: Path, config: MobileConfig) -> None:
     """Optimize ``onnx_path`` for ``config.target_platform`` and save it as ``ort_path`` (atomically)."""
     options = ort.SessionOptions()
@@ -111,7 +121,9 @@ def build_artifacts(
         entry["size_bytes"] = ort_path.stat().st_size
         entry.update(check_ort_twin(onnx_path, ort_path, (inputs or {}).get(name, batches), threads))
         entry["quantized"] = is_quantized(onnx_path)
-        entry["ok"] = entry["argmax_equal"] if entry["quantized"] else entry["max_abs_vs_onnx"] <= config.fp32_atol
+        entry["float16"] = computes_in_float16(onnx_path)
+        reduced = entry["quantized"] or entry["float16"]
+        entry["ok"] = entry["argmax_equal"] if reduced else entry["max_abs_vs_onnx"] <= config.fp32_atol
         artifacts.append(entry)
         converted.append(ort_path)
     operators = required_operators(converted, folder / OPERATORS_CONFIG, config.type_reduction) if converted else []

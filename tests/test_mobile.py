@@ -34,14 +34,18 @@ def test_ort_twins_are_judged_by_what_the_model_computes_not_its_name(tiny_onnx,
     from passes import get_pass
     from passes.base import PassContext
 
-    quantize = get_pass("quantize_int8")
+    quantize, half = get_pass("quantize_int8"), get_pass("fp16")
     int8 = quantize(quantize.Config()).run(tiny_onnx, PassContext(calibration=[tiny_images[:2]]))
-    paths = {"plain": tmp_path / "plain.onnx", "q8": tmp_path / "q8.onnx"}  # names that say nothing
-    onnx.save(tiny_onnx, paths["plain"])
-    onnx.save(int8, paths["q8"])
-    result = build_artifacts(paths, tmp_path, MobileConfig(), [tiny_images[:2]], 2)
-    assert {a["variant"]: a["quantized"] for a in result["artifacts"]} == {"plain": False, "q8": True}
-    assert all(a["ok"] for a in result["artifacts"])
+    fp16 = half(half.Config()).run(tiny_onnx, PassContext())
+    paths = {"plain": tmp_path / "plain.onnx", "q8": tmp_path / "q8.onnx", "h": tmp_path / "h.onnx"}  # say nothing
+    for name, model in (("plain", tiny_onnx), ("q8", int8), ("h", fp16)):
+        onnx.save(model, paths[name])
+    # a tolerance no float16 twin meets: the half-precision model is held to its top-1 instead
+    result = build_artifacts(paths, tmp_path, MobileConfig(fp32_atol=1e-12), [tiny_images[:2]], 2)
+    kinds = {a["variant"]: (a["quantized"], a["float16"]) for a in result["artifacts"]}
+    assert kinds == {"plain": (False, False), "q8": (True, False), "h": (False, True)}
+    ok = {a["variant"]: a["ok"] for a in result["artifacts"]}
+    assert ok["q8"] and ok["h"] and ok["plain"] == (result["artifacts"][0]["max_abs_vs_onnx"] <= 1e-12)
 
 
 def test_a_model_that_cannot_convert_is_one_line_and_the_rest_goes_on(tiny_onnx, tiny_images, tmp_path):
