@@ -193,7 +193,9 @@ class MobileConfig(StrictModel):
     target_platform: Literal["arm", "amd64"] = Field("arm", description="Phones are arm: no x86-only layouts.")
     optimization: Literal["basic", "extended", "all"] = Field("all", description="Graph optimizations saved in .ort.")
     type_reduction: bool = Field(True, description="Operator config lists the types each op needs, too.")
-    fp32_atol: float = Field(1e-5, gt=0, description="Largest .ort vs .onnx logit difference for float models.")
+    fp32_atol: float = Field(
+        1e-5, gt=0, description="Largest .ort vs .onnx logit difference for float32 models (float16: same top-1)."
+    )
     bake_preprocessing: bool = Field(
         False,
         description="Also write each variant with its normalization inside (model.NAME-rgb8.onnx / .ort): "
