@@ -297,9 +297,10 @@ def _mobile_section(report: dict[str, Any]) -> list[str]:
             continue
         w = a.get("web") or {}
         web_cells = (
-            f"{w['top1_equal']} ({w['images'] - w['top1_differ']}/{w['images']}) | {w['max_abs_vs_python']:.3g}"
+            f"{w['top1_equal'] or '**False**'} ({w['images'] - w['top1_differ']}/{w['images']}) | "
+            f"{w['max_abs_vs_python']:.3g}"
             if w.get("loaded")
-            else (f"not loaded: {w['error']} |" if w else "- | -")
+            else (f"**not loaded**: {w['error']} |" if w else "- | -")
         )
         lines.append(
             f"| {a['variant']} | {a['path']} | {a['size_bytes'] / 1e6:.2f} | {a['max_abs_vs_onnx']:.3g} | "

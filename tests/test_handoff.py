@@ -111,3 +111,18 @@ def test_without_node_the_report_says_not_checked(monkeypatch):
 
     monkeypatch.setattr(web_check.shutil, "which", lambda name: None)
     assert web_check.not_checked() == "not checked: no Node.js"
+
+
+def test_a_web_mismatch_is_flagged_in_the_report():
+    from onnxvit.report import _mobile_section
+
+    def artifact(equal: bool) -> dict:
+        web = {"loaded": True, "top1_equal": equal, "top1_differ": 0 if equal else 2, "images": 8}
+        return {"variant": "int8", "path": "model.int8.ort", "size_bytes": 1, "max_abs_vs_onnx": 0.0,
+                "argmax_equal": True, "ok": True, "web": {**web, "max_abs_vs_python": 0.1}}  # fmt: skip
+
+    def section(equal: bool) -> str:
+        mobile = {"target_platform": "arm", "optimization": "all", "artifacts": [artifact(equal)], "web": {}}
+        return "\n".join(_mobile_section({"mobile": mobile}))
+
+    assert "| True (8/8) |" in section(True) and "**False** (6/8)" in section(False)
