@@ -66,7 +66,11 @@ def linear_shapes(model: onnx.ModelProto, input_shape: tuple[int, ...], batch_si
     ensure_node_names(prepared)
     gemms_as_matmul(prepared)
     constants = {init.name: init for init in prepared.graph.initializer}
-    layers = [n for n in prepared.graph.node if n.op_type == "MatMul" and n.input[1] in constants]
+    layers = [
+        n
+        for n in prepared.graph.node
+        if n.op_type == "MatMul" and n.input[1] in constants and len(constants[n.input[1]].dims) == 2
+    ]
     if not layers:
         return []
     image = prepared.graph.input[0].name
