@@ -19,13 +19,14 @@ from typing import Any
 import numpy as np
 import yaml
 
+from onnxvit.compress import compress
 from onnxvit.stages.mobile import BAKED_SUFFIX, uint8_crops
 from onnxvit.web_check import WebModel, not_checked, run_in_node
 from passes.metrics import max_abs_diff
 from passes.runtime import batches, make_session, model_logits
 from passes.timing import Runner, measure_latency, onnx_runner
 
-from _common import REPO, arguments, compress_doc, example, open_run, print_table, write_json
+from _common import REPO, arguments, example, open_run, print_table, write_json
 
 EXAMPLE = REPO / "examples" / "deit_tiny.yaml"
 
@@ -46,9 +47,10 @@ def main() -> None:
         web_images=dict(type=int, default=937, help="evaluation images run in onnxruntime-web (slow: one thread)"),
     ).parse_args()
     output = args.output.resolve()
-    report = compress_doc(config(), output, quiet=args.quiet)
-    doc_path = output / "bench.yaml"
+    output.mkdir(parents=True, exist_ok=True)
+    doc_path = output / "bench.yaml"  # one config for the run and for the stages called after it
     doc_path.write_text(yaml.safe_dump({**config(), "output": {"dir": str(output)}}))
+    report = compress(doc_path, quiet=args.quiet)
     run = open_run(doc_path, output, quiet=True)
     threads = run.config.benchmark.threads
     images, crops = run.evaluation_images, uint8_crops(run, run.dataset.splits["evaluate"])
