@@ -16,10 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from passes.module_names import node_modules
-from passes.runtime import session_options
+from passes.runtime import make_session, session_options
 from passes.timing import benchmark_input
 
 # Categories in the order a report shows them; an op type not listed is "elementwise".
@@ -181,8 +180,7 @@ def profile_model(
         options.enable_profiling = True
         options.profile_file_prefix = str(Path(tmp) / "profile")
         options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
-        source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
-        session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+        session = make_session(model, threads, options)
         feed = {session.get_inputs()[0].name: benchmark_input(shape, batch_size)}
         for _ in range(warmup + runs):
             session.run(None, feed)

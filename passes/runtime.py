@@ -27,10 +27,13 @@ def session_options(threads: int) -> ort.SessionOptions:
     return options
 
 
-def make_session(model: onnx.ModelProto | Path | str, threads: int = 2) -> ort.InferenceSession:
-    """A CPU session with ``threads`` intra-op threads and full graph optimization."""
+def make_session(
+    model: onnx.ModelProto | Path | str, threads: int = 2, options: ort.SessionOptions | None = None
+) -> ort.InferenceSession:
+    """A CPU session with ``threads`` intra-op threads and full graph optimization (``options``: those
+    of ``session_options`` with more set, e.g. profiling)."""
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
-    return ort.InferenceSession(source, session_options(threads), providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(source, options or session_options(threads), providers=["CPUExecutionProvider"])
 
 
 def run_feeds(
