@@ -28,7 +28,16 @@ from pydantic import Field
 
 from passes import register_pass
 from passes.base import Pass, PassConfig, PassContext
-from passes.graph import MS_DOMAIN, GraphIndex, attribute, copy_model, rebuild, tensor_shapes, use_domain
+from passes.graph import (
+    MS_DOMAIN,
+    GraphIndex,
+    attribute,
+    copy_model,
+    rebuild,
+    tensor_shapes,
+    topological_sort,
+    use_domain,
+)
 
 
 class FuseVitConfig(PassConfig):
@@ -95,19 +104,59 @@ class AttentionMatch:
     scale: float
     nodes: list[onnx.NodeProto]
     output: onnx.NodeProto  # the last node of the group; its output tensor is kept
+    bias: str | None = None  # an additive attention bias (B, 1, 1, tokens), e.g. token merging's log(size)
+    queries: int | None = None  # only the first tokens ask (a class-token-only block); None: all of them
+    qkv_output: str | None = None  # the (B, tokens, 3 * hidden) qkv tensor, when other nodes also read it
+
+
+def _query_slice(index: GraphIndex, name: str) -> tuple[str, int | None, list[onnx.NodeProto]]:
+    """``(x, n, [slice])`` when ``name`` is ``x[:, :, :n]`` of a 4-D tensor, else ``(name, None, [])``."""
+    node = index.produced_by(name, "Slice")
+    if node is None or len(node.input) < 4:
+        return name, None, []
+    starts, ends, axes = (index.constant(node.input[i]) for i in (1, 2, 3))
+    steps = index.constant(node.input[4]) if len(node.input) > 4 and node.input[4] else np.ones(1, np.int64)
+    if any(v is None or v.size != 1 for v in (starts, ends, axes, steps)):
+        return name, None, []
+    assert starts is not None and ends is not None and axes is not None and steps is not None
+    if int(starts[0]) != 0 or int(axes[0]) not in (2, -2) or int(steps[0]) != 1 or int(ends[0]) <= 0:
+        return name, None, []
+    return node.input[0], int(ends[0]), [node]
+
+
+def _qkv_views(index: GraphIndex, name: str, shape: list[int], unflatten: onnx.NodeProto) -> list[onnx.NodeProto]:
+    """The readers of the qkv projection ``name`` besides ``unflatten``, when all only view it as
+    ``shape`` (B, tokens, 3 * hidden); empty when one needs it otherwise."""
+    views = []
+    for node in index.consumers.get(name, []):
+        if node is unflatten:
+            continue
+        target = index.constant(node.input[1]) if node.op_type == "Reshape" else None
+        if target is None or list(target) != shape:
+            return []
+        views.append(node)
+    return views
 
 
 def match_timm_attention(index: GraphIndex, softmax: onnx.NodeProto) -> AttentionMatch | None:
-    """timm's ``Attention.forward`` as exported (fused SDPA or explicit), found from its Softmax."""
+    """timm's ``Attention.forward`` as exported (fused SDPA or explicit), found from its Softmax; also
+    with an additive bias before the Softmax, a query slice, and other readers of the qkv projection
+    (onnxvit's token merging)."""
     if attribute(softmax, "axis", -1) not in (-1, 3):
         return None
-    scores_name, post_scale, nodes = _scaled(index, softmax.input[0])
+    logits, bias, nodes = softmax.input[0], None, [softmax]
+    add = index.produced_by(logits, "Add")
+    if add is not None and not index.is_constant(add.input[1]):
+        logits, bias = add.input[0], add.input[1]
+        nodes.append(add)
+    scores_name, post_scale, scaled = _scaled(index, logits)
     scores = index.produced_by(scores_name, "MatMul")
     if scores is None:
         return None
     q_name, q_scale, q_mul = _scaled(index, scores.input[0])
+    q_name, queries, q_slice = _query_slice(index, q_name)
     kt_name, k_scale, k_mul = _scaled(index, scores.input[1])
-    nodes = [softmax, *nodes, scores, *q_mul, *k_mul]
+    nodes += [*scaled, scores, *q_mul, *q_slice, *k_mul]
     k_transpose = index.produced_by(kt_name, "Transpose")
     q_squeeze = index.produced_by(q_name, "Squeeze")
     if k_transpose is None or attribute(k_transpose, "perm") != [0, 1, 3, 2] or q_squeeze is None:
@@ -127,20 +176,80 @@ def match_timm_attention(index: GraphIndex, softmax: onnx.NodeProto) -> Attentio
         return None
     unflatten = index.produced_by(permute.input[0], "Reshape")
     shape = index.constant(unflatten.input[1]) if unflatten is not None else None
-    if shape is None or shape.shape != (5,) or shape[2] != 3 or min(shape[1:]) <= 0:
+    if unflatten is None or shape is None or shape.shape != (5,) or shape[2] != 3 or min(shape[1:]) <= 0:
         return None
     merge = index.sole_consumer(weighted.output[0], "Transpose")
     if merge is None or attribute(merge, "perm") != [0, 2, 1, 3]:
         return None
     qkv = _linear_before(index, unflatten.input[0])
-    heads, head_dim = int(shape[3]), int(shape[4])
-    if qkv is None or qkv.weight.shape[1] != 3 * heads * head_dim:
+    heads, head_dim, tokens = int(shape[3]), int(shape[4]), int(shape[1])
+    if qkv is None or qkv.weight.shape[1] != 3 * heads * head_dim or (queries is not None and queries >= tokens):
         return None
     nodes += [k_transpose, q_squeeze, k_squeeze, v_squeeze, weighted, split, permute, unflatten, merge]
     nodes += qkv.nodes
-    if not index.private(nodes, keep=merge):
+    qkv_output = None
+    if len(index.consumers.get(unflatten.input[0], [])) > 1:
+        views = _qkv_views(index, unflatten.input[0], [-1, tokens, 3 * heads * head_dim], unflatten)
+        if len(views) == 1:  # a 2-D Gemm output viewed as 3-D: the fused projection makes the view's tensor
+            nodes.append(views[0])
+            qkv_output = views[0].output[0]
+        elif qkv.nodes[-1].op_type != "Gemm":  # already the 3-D tensor: the fused projection makes it
+            qkv_output = unflatten.input[0]
+    if not index.private(nodes, keep=merge, shared=(qkv_output,) if qkv_output else ()):
         return None
-    return AttentionMatch(qkv, heads, head_dim, int(shape[1]), q_scale * k_scale * post_scale, nodes, merge)
+    scale = q_scale * k_scale * post_scale
+    return AttentionMatch(qkv, heads, head_dim, tokens, scale, nodes, merge, bias, queries, qkv_output)
+
+
+def _attention_nodes(found: AttentionMatch, prefix: str) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """The fused replacement of one match: qkv MatMul + Add, Split, [query Slice], [bias Expand],
+    MultiHeadAttention; and the constants it reads."""
+    hidden = found.heads * found.head_dim
+    bias = found.qkv.bias if found.qkv.bias is not None else np.zeros(3 * hidden, np.float32)
+    qkv = found.qkv_output or f"{prefix}/qkv"
+    constants = {
+        "qkv/weight": np.ascontiguousarray(found.qkv.weight, np.float32),
+        "qkv/bias": bias.astype(np.float32).reshape(-1),
+        "split": np.array([hidden] * 3, np.int64),
+    }
+    nodes = [
+        helper.make_node(
+            "MatMul", [found.qkv.x, f"{prefix}/qkv/weight"], [f"{prefix}/qkv/matmul"], name=f"{prefix}/qkv/MatMul"
+        ),
+        helper.make_node("Add", [f"{prefix}/qkv/matmul", f"{prefix}/qkv/bias"], [qkv], name=f"{prefix}/qkv/Add"),
+        helper.make_node(
+            "Split", [qkv, f"{prefix}/split"], [f"{prefix}/{t}" for t in "qkv"], name=f"{prefix}/Split", axis=-1
+        ),
+    ]
+    inputs = [f"{prefix}/q", f"{prefix}/k", f"{prefix}/v"]
+    if found.queries is not None:
+        constants.update(
+            {"query/start": np.array([0]), "query/end": np.array([found.queries]), "query/axis": np.array([1])}
+        )
+        slice_inputs = [f"{prefix}/q"] + [f"{prefix}/query/{part}" for part in ("start", "end", "axis")]
+        nodes.append(helper.make_node("Slice", slice_inputs, [f"{prefix}/query"], name=f"{prefix}/query/Slice"))
+        inputs[0] = f"{prefix}/query"
+    if found.bias is not None:  # MultiHeadAttention broadcasts over batch and heads only: spread over the queries
+        constants["bias/shape"] = np.array([1, 1, found.queries or found.tokens, found.tokens])
+        nodes.append(
+            helper.make_node(
+                "Expand", [found.bias, f"{prefix}/bias/shape"], [f"{prefix}/bias"], name=f"{prefix}/bias/Expand"
+            )
+        )
+        inputs += ["", "", f"{prefix}/bias"]
+    nodes.append(
+        helper.make_node(
+            "MultiHeadAttention",
+            inputs,
+            [found.output.output[0]],
+            name=f"{prefix}/MultiHeadAttention",
+            domain=MS_DOMAIN,
+            num_heads=found.heads,
+            scale=found.scale,
+        )
+    )
+    initializers = [numpy_helper.from_array(value, f"{prefix}/{name}") for name, value in constants.items()]
+    return nodes, initializers
 
 
 def fuse_attention(model: onnx.ModelProto) -> int:
@@ -155,42 +264,12 @@ def fuse_attention(model: onnx.ModelProto) -> int:
                 matches.append(found)
     replacements, removed, initializers = {}, set(), []
     for number, found in enumerate(matches):
-        prefix = f"attention_{number}"
-        hidden = found.heads * found.head_dim
-        bias = found.qkv.bias if found.qkv.bias is not None else np.zeros(3 * hidden, np.float32)
-        out = found.output.output[0]
-        initializers += [
-            numpy_helper.from_array(np.ascontiguousarray(found.qkv.weight, np.float32), f"{prefix}/qkv/weight"),
-            numpy_helper.from_array(bias.astype(np.float32).reshape(-1), f"{prefix}/qkv/bias"),
-            numpy_helper.from_array(np.array([hidden] * 3, np.int64), f"{prefix}/split"),
-        ]
-        replacements[id(found.output)] = [
-            helper.make_node(
-                "MatMul", [found.qkv.x, f"{prefix}/qkv/weight"], [f"{prefix}/qkv/matmul"], name=f"{prefix}/qkv/MatMul"
-            ),
-            helper.make_node(
-                "Add", [f"{prefix}/qkv/matmul", f"{prefix}/qkv/bias"], [f"{prefix}/qkv"], name=f"{prefix}/qkv/Add"
-            ),
-            helper.make_node(
-                "Split",
-                [f"{prefix}/qkv", f"{prefix}/split"],
-                [f"{prefix}/{t}" for t in "qkv"],
-                name=f"{prefix}/Split",
-                axis=-1,
-            ),
-            helper.make_node(
-                "MultiHeadAttention",
-                [f"{prefix}/q", f"{prefix}/k", f"{prefix}/v"],
-                [out],
-                name=f"{prefix}/MultiHeadAttention",
-                domain=MS_DOMAIN,
-                num_heads=found.heads,
-                scale=found.scale,
-            ),
-        ]
+        replacements[id(found.output)], constants = _attention_nodes(found, f"attention_{number}")
+        initializers += constants
         removed.update(id(node) for node in found.nodes)
     if matches:
         rebuild(model, replacements, removed, initializers)
+        topological_sort(model)  # a qkv tensor other nodes read is now made where the attention was
         use_domain(model, MS_DOMAIN)
         for found in matches:  # so shape inference reaches the layers after the fused op
             batch = shapes[found.qkv.x][0]
@@ -198,7 +277,11 @@ def fuse_attention(model: onnx.ModelProto) -> int:
                 helper.make_tensor_value_info(
                     found.output.output[0],
                     onnx.TensorProto.FLOAT,
-                    [batch if batch is not None else "batch", found.tokens, found.heads * found.head_dim],
+                    [
+                        batch if batch is not None else "batch",
+                        found.queries or found.tokens,
+                        found.heads * found.head_dim,
+                    ],
                 )
             )
     return len(matches)

@@ -119,14 +119,16 @@ class GraphIndex:
     def is_constant(self, name: str) -> bool:
         return self.constant(name) is not None
 
-    def private(self, nodes: list[onnx.NodeProto], keep: onnx.NodeProto) -> bool:
-        """Whether every output of ``nodes`` except ``keep``'s is used only inside ``nodes``, so the
-        group can be replaced as a whole."""
+    def private(self, nodes: list[onnx.NodeProto], keep: onnx.NodeProto, shared: tuple[str, ...] = ()) -> bool:
+        """Whether every output of ``nodes`` except ``keep``'s (and the ``shared`` tensors, which the
+        replacement also produces) is used only inside ``nodes``, so the group can be replaced as a whole."""
         inside = {id(node) for node in nodes}
         for node in nodes:
             if node is keep:
                 continue
             for out in node.output:
+                if out in shared:
+                    continue
                 if out in self.graph_outputs or any(id(c) not in inside for c in self.consumers.get(out, [])):
                     return False
         return True

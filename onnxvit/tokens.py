@@ -1,0 +1,224 @@
+"""Token merging inside a timm ViT, before export: fewer tokens in every block, with no training.
+
+Written from the paper (Bolya et al., "Token Merging: Your ViT but Faster", ICLR 2023), not from
+its code (CC BY-NC). In each block, between attention and MLP, the patch tokens are split
+alternately into sets A and B; every A token is matched to its most similar B token (cosine
+similarity of the attention keys, averaged over heads); the ``r`` best-matched A tokens are merged
+into their B partners as a size-weighted average. Sizes (how many patches a token stands for)
+travel with the tokens, and proportional attention adds ``log(size)`` to the attention logits so a
+merged token weighs as the patches it replaced. Prefix tokens (class, distillation, registers) are
+never merged and stay first.
+
+Everything is written so the ONNX export stays small and static: constant token counts per block,
+one TopK for the matching and one for the ranking, GatherElements / ScatterElements(add) for the
+merge (``scatter_reduce(mean)`` exports wrongly, so sizes are carried and divided explicitly).
+
+With a class-token head, the last block only needs the prefix tokens' queries, projection and MLP
+(keys and values still read every token): exact, and a block's worth of work saved at no cost.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from onnxvit.errors import UserError
+
+
+def unsupported_reason(model: nn.Module) -> str | None:
+    """Why token merging cannot apply to ``model``, or None when it can."""
+    from timm.models.vision_transformer import Attention, Block, VisionTransformer
+
+    if not isinstance(model, VisionTransformer):
+        return (
+            f"a {type(model).__name__} has no single global token sequence (windowed, 2-D or convolutional "
+            "attention); token merging needs a plain ViT (timm VisionTransformer: ViT, DeiT)"
+        )
+    if getattr(model, "dynamic_img_size", False):
+        return "dynamic_img_size changes the token count per input; token merging needs a fixed image size"
+    if model.global_pool not in ("token", "avg"):
+        return f"global_pool {model.global_pool!r}: token merging supports 'token' and 'avg' pooling"
+    for index, block in enumerate(model.blocks):
+        attn = getattr(block, "attn", None)
+        if type(block) is not Block or type(attn) is not Attention:
+            return f"blocks.{index} is a {type(block).__name__}, not timm's plain Block with Attention"
+        plain = all(isinstance(getattr(attn, name, None), nn.Identity) for name in ("q_norm", "k_norm", "norm"))
+        if not plain or getattr(attn, "gate", None) is not None:
+            return f"blocks.{index}.attn normalizes or gates q / k / its output, which token merging does not model"
+    return None
+
+
+def check_supported(model: nn.Module, name: str) -> None:
+    reason = unsupported_reason(model)
+    if reason is not None:
+        raise UserError(f"tokens: {name}: {reason}; remove the tokens section for this model")
+
+
+def bipartite_soft_matching(
+    x: torch.Tensor, size: torch.Tensor, metric: torch.Tensor, r: int, prefix: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` (B, N, C) and ``size`` (B, N, 1) with ``r`` patch tokens merged away, by ``metric`` (B, N, c).
+
+    The first ``prefix`` tokens are kept first and untouched. Of the patch tokens, A is the even
+    positions and B the odd ones. The output is the prefix, then A's unmerged tokens in ascending
+    order of their best similarity, then B's tokens, each holding the size-weighted mean of what
+    merged into it.
+    """
+    n, c = x.shape[1], x.shape[2]
+    a_count = (n - prefix + 1) // 2
+    if not 0 < r <= min(a_count, (n - prefix) // 2):
+        raise ValueError(f"cannot merge {r} of {n - prefix} patch tokens")
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    scores = metric[:, prefix::2] @ metric[:, prefix + 1 :: 2].transpose(-1, -2)
+    best, partner = scores.topk(1, dim=-1)  # (B, A, 1) each
+    order = best.topk(a_count, dim=1, largest=False).indices  # ascending: the best matches last
+    kept, merged = order.split([a_count - r, r], dim=1)
+    into = partner.gather(1, merged)
+    widen = torch.zeros(1, 1, c + 1, dtype=order.dtype, device=x.device)
+    weighted = torch.cat([x * size, size], dim=-1)
+    a, b = weighted[:, prefix::2], weighted[:, prefix + 1 :: 2]
+    b = b.scatter_reduce(1, into + widen, a.gather(1, merged + widen), reduce="sum")
+    out = torch.cat([weighted[:, :prefix], a.gather(1, kept + widen), b], dim=1)
+    total, new_size = out.split([c, 1], dim=-1)
+    return total / new_size, new_size
+
+
+class MergingAttention(nn.Module):
+    """timm's Attention with proportional attention, also returning the merge metric (keys averaged
+    over heads), and optionally answering only the first ``queries`` tokens."""
+
+    def __init__(self, attn: nn.Module, tokens: int, queries: int | None, proportional: bool) -> None:
+        super().__init__()
+        self.qkv, self.proj = attn.qkv, attn.proj
+        self.heads, self.head_dim, self.scale = attn.num_heads, attn.head_dim, attn.scale
+        self.tokens, self.queries, self.proportional = tokens, queries, proportional
+
+    def forward(self, x: torch.Tensor, log_size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n, heads, dim = self.tokens, self.heads, self.head_dim
+        qkv = self.qkv(x)
+        q, k, v = qkv.reshape(-1, n, 3, heads, dim).permute(2, 0, 3, 1, 4).unbind(0)
+        metric = qkv[..., heads * dim : 2 * heads * dim]
+        if self.queries is not None:
+            q = q[:, :, : self.queries]
+        attn = (q * self.scale) @ k.transpose(-2, -1)
+        if self.proportional:
+            attn = attn + log_size
+        out = attn.softmax(dim=-1) @ v
+        out = out.transpose(1, 2).reshape(-1, n if self.queries is None else self.queries, heads * dim)
+        return self.proj(out), metric
+
+
+class MergingBlock(nn.Module):
+    """timm's Block (pre-norm attention and MLP, layer scale) that merges ``r`` tokens between its
+    attention and its MLP."""
+
+    def __init__(self, block: nn.Module, tokens: int, r: int, prefix: int, queries: int | None, proportional: bool):
+        super().__init__()
+        self.norm1, self.ls1, self.norm2, self.mlp, self.ls2 = block.norm1, block.ls1, block.norm2, block.mlp, block.ls2
+        self.attn = MergingAttention(block.attn, tokens, queries, proportional)
+        self.r, self.prefix, self.queries = r, prefix, queries
+
+    def forward(self, x: torch.Tensor, size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        log_size = size.log().reshape(-1, 1, 1, self.attn.tokens) if self.attn.proportional else size
+        out, metric = self.attn(self.norm1(x), log_size)
+        if self.queries is not None:
+            x, size = x[:, : self.queries], size[:, : self.queries]
+        x = x + self.ls1(out)
+        if self.r:
+            x, size = bipartite_soft_matching(x, size, metric, self.r, self.prefix)
+        x = x + self.ls2(self.mlp(self.norm2(x)))
+        return x, size
+
+
+class TokenMergedViT(nn.Module):
+    """A timm VisionTransformer whose blocks merge tokens as ``schedule`` says (tokens merged away
+    per block); sizes start at one per token and weigh average pooling."""
+
+    def __init__(
+        self, vit: nn.Module, schedule: Sequence[int], proportional_attention: bool, class_token_only_last_block: bool
+    ) -> None:
+        super().__init__()
+        self.vit = vit
+        self.schedule = list(schedule)
+        self.prefix = vit.num_prefix_tokens
+        self.pool = vit.global_pool
+        self.tokens = token_counts(vit, schedule)
+        cls_only = class_token_only_last_block and self.pool == "token"
+        blocks = []
+        for index, block in enumerate(vit.blocks):
+            queries = self.prefix if cls_only and index == len(vit.blocks) - 1 else None
+            proportional = proportional_attention and sum(schedule[:index]) > 0  # all sizes 1 before a merge
+            blocks.append(MergingBlock(block, self.tokens[index], schedule[index], self.prefix, queries, proportional))
+        self.blocks = nn.ModuleList(blocks)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.vit.num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        vit = self.vit
+        x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(x))))
+        size = torch.ones_like(x[..., :1])
+        for block in self.blocks:
+            x, size = block(x, size)
+        x = vit.norm(x)
+        if self.pool == "avg":
+            patches, sizes = x[:, self.prefix :], size[:, self.prefix :]
+            pooled = (patches * sizes).sum(1) / sizes.sum(1)
+            return vit.head(vit.head_drop(vit.fc_norm(pooled)))
+        return vit.forward_head(x)
+
+
+def token_counts(vit: nn.Module, schedule: Sequence[int]) -> list[int]:
+    """Tokens entering each block under ``schedule``."""
+    counts, tokens = [], vit.patch_embed.num_patches + vit.num_prefix_tokens
+    for r in schedule:
+        counts.append(tokens)
+        tokens -= r
+    return counts
+
+
+def resolve_schedule(vit: nn.Module, r: int | None, schedule: Sequence[int] | str, cls_only_last: bool) -> list[int]:
+    """Tokens merged away per block, from a constant ``r``, a ``decreasing`` schedule starting at
+    ``2r``, or an explicit list; checked to leave every block tokens to merge."""
+    depth = len(vit.blocks)
+    if isinstance(schedule, str):
+        if r is None:
+            raise UserError(f"tokens.r: a {schedule} schedule needs r, the tokens merged per block")
+        if schedule == "constant":
+            values = [r] * depth
+        else:
+            values = [round(2 * r * (1 - i / depth)) for i in range(depth)]
+    else:
+        values = list(schedule)
+        if len(values) != depth:
+            raise UserError(f"tokens.schedule: {len(values)} numbers for a model of {depth} blocks; give one per block")
+    if cls_only_last and vit.global_pool == "token":
+        values[-1] = 0  # the last block keeps only the prefix tokens: nothing left to merge for
+    tokens = vit.patch_embed.num_patches
+    for index, value in enumerate(values):
+        if value < 0 or value > tokens // 2:
+            raise UserError(
+                f"tokens: block {index} has {tokens} patch tokens and can merge 0 to {tokens // 2}, not {value}; "
+                "lower r or the schedule"
+            )
+        tokens -= value
+    return values
+
+
+def merge_tokens(
+    vit: nn.Module,
+    schedule: Sequence[int],
+    proportional_attention: bool = True,
+    class_token_only_last_block: bool = True,
+) -> TokenMergedViT:
+    """``vit`` (shared, not copied) wrapped to merge tokens as ``schedule`` says."""
+    return TokenMergedViT(vit, schedule, proportional_attention, class_token_only_last_block).eval()
+
+
+def describe(model: TokenMergedViT) -> dict[str, Any]:
+    """What the report says of the merge: the schedule and the tokens entering each block."""
+    return {"schedule": model.schedule, "tokens_per_block": model.tokens}
