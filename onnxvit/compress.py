@@ -17,7 +17,7 @@ from onnxvit.errors import UserError
 from onnxvit.fileio import atomic_write_bytes, atomic_write_json
 from onnxvit.progress import Reporter
 from onnxvit.report import write_report
-from onnxvit.stages import benchmark, evaluate, export, mobile, passes, profile, prune, report
+from onnxvit.stages import benchmark, evaluate, export, mobile, passes, profile, prune, report, tokens
 from onnxvit.stages.load import Run
 from onnxvit.variant import Variant
 
@@ -37,9 +37,10 @@ def prepare_output(folder: Path) -> None:
 
 
 def check_inputs(run: Run) -> None:
-    """Fail on a bad image folder, manifest, checkpoint, prune section or Lite engine before anything is written."""
+    """Fail on a bad image folder, manifest, checkpoint, prune or tokens section or Lite engine before writing."""
     run.dataset, run.created_model  # noqa: B018
     prune.check(run)
+    tokens.check(run)
     if run.config.lite is not None:
         from onnxvit.lite import check_engines
 
@@ -63,18 +64,24 @@ def compress(config_path: Path, force: bool = False, quiet: bool = False, output
     dense_records = []
     with run.timed("prune"):
         pruned = prune.prune(run) if config.prune is not None else None
-    if pruned is not None:
+    from onnxvit.prune import count_params_macs
+
+    model, model_id = run.dense_model, run.weights_id
+    counts = pruned.summary["dense"] if pruned is not None else count_params_macs(model, run.input_shape)
+    if pruned is not None or config.tokens is not None:  # the unpruned, unmerged model is the reference
         dense_proto, dense_record = export.export(run, run.dense_model, run.weights_id, DENSE_VARIANT)
         dense_records.append(dense_record)
-        variants.append(passes.write_variant(run, DENSE_VARIANT, dense_proto, pruned.summary["dense"]))
+        variants.append(passes.write_variant(run, DENSE_VARIANT, dense_proto, counts))
+    if pruned is not None:
         atomic_write_bytes(folder / "model.pruned.pt", pruned.path.read_bytes())
         sections["prune"] = {**pruned.summary, "checkpoint": "model.pruned.pt"}
         model, model_id, counts = pruned.model, pruned.key, pruned.summary["pruned"]
-    else:
-        from onnxvit.prune import count_params_macs
-
-        model, model_id = run.dense_model, run.weights_id
+    if config.tokens is not None:
+        with run.timed("tokens"):
+            merged = tokens.merge(run, model, model_id)
+        model, model_id = merged.model, merged.key
         counts = count_params_macs(model, run.input_shape)
+        sections["tokens"] = merged.summary
 
     with run.timed("export"):
         fp32, export_record = export.export(run, model, model_id, EXPORT_VARIANT)
@@ -96,7 +103,7 @@ def compress(config_path: Path, force: bool = False, quiet: bool = False, output
     variants += lite
 
     by_name = {v.name: v for v in variants}
-    reference = DENSE_VARIANT if pruned is not None else EXPORT_VARIANT
+    reference = DENSE_VARIANT if pruned is not None or config.tokens is not None else EXPORT_VARIANT
     with run.timed("evaluate"):
         scores, logits = evaluate.evaluate(run, variants, by_name[reference])
     with run.timed("benchmark"):

@@ -157,6 +157,50 @@ class FinetuneConfig(StrictModel):
     seed: int = Field(0, description="Image order and augmentation seed.")
 
 
+class TokenSearchConfig(StrictModel):
+    """Pick the merge instead of taking one: the fastest candidate, by latency measured in ONNX Runtime,
+    whose logits on the search split stay within the budget against the unmerged model's."""
+
+    candidates: list[int] = Field(
+        [4, 8, 10, 12, 16], min_length=1, description="Tokens merged per block (r) of the constant schedules tried."
+    )
+    schedules: list[Literal["constant", "decreasing"]] = Field(
+        ["constant"], min_length=1, description="Schedule shapes tried for every candidate r."
+    )
+    min_sqnr_db: float = Field(14.0, description="Least SQNR (dB) of the merged logits against the unmerged ones.")
+    min_agreement: float = Field(
+        0.0, ge=0, le=100, description="Least top-1 agreement (%) with the unmerged model on the search split."
+    )
+    runs: int = Field(60, gt=0, description="Timed runs per candidate (after benchmark.warmup), one per round.")
+
+
+class TokensConfig(StrictModel):
+    """Fewer tokens without training: token merging inside the exported model (ViT / DeiT only)."""
+
+    method: Literal["tome"] = Field("tome", description="tome: bipartite soft matching (Bolya et al., ICLR 2023).")
+    r: int | None = Field(None, ge=0, description="Tokens merged away per block (see schedule).")
+    schedule: Literal["constant", "decreasing"] | list[int] = Field(
+        "constant",
+        description="constant: r in every block; decreasing: 2r down to 0; or one number per block.",
+    )
+    proportional_attention: bool = Field(True, description="Add log(token size) to the attention logits.")
+    class_token_only_last_block: bool = Field(
+        True, description="The last block computes only the class token (exact with a class-token head)."
+    )
+    search: TokenSearchConfig | None = Field(None, description="Pick r and the schedule by measured latency.")
+
+    @model_validator(mode="after")
+    def _one_schedule(self) -> TokensConfig:
+        explicit = isinstance(self.schedule, list)
+        if self.search is not None and (self.r is not None or explicit):
+            raise ValueError("give either search or r / a schedule list, not both")
+        if self.search is None and self.r is None and not explicit:
+            raise ValueError("say how many tokens to merge: r: 8, schedule: [per-block list], or search: {}")
+        if explicit and self.r is not None:
+            raise ValueError("give either r or a schedule list, not both")
+        return self
+
+
 class StepConfig(StrictModel):
     pass_: str = Field(alias="pass", description="Pass name (see `onnxvit passes`).")
     name: str | None = Field(None, description="Name of the output model (a report variant); default: the pass name.")
@@ -243,6 +287,7 @@ class Config(StrictModel):
     data: DataConfig = Field(description="The image folder and its calibrate / search / evaluate splits.")
     prune: PruneConfig | None = Field(None, description="Structured pruning in PyTorch before export.")
     finetune: FinetuneConfig | None = Field(None, description="Distill the pruned model from the dense one.")
+    tokens: TokensConfig | None = Field(None, description="Token merging in PyTorch, after pruning, before export.")
     export: ExportConfig = Field(ExportConfig(), description="PyTorch to ONNX.")
     passes: list[StepConfig] = Field([], description="Graph passes in order.")
     benchmark: BenchmarkConfig = Field(BenchmarkConfig(), description="How latency is measured.")
@@ -420,7 +465,9 @@ def load_config(path: Path) -> tuple[Config, list[Any]]:
 def _validate_mobile(config: Config, source: Path) -> None:
     if config.mobile is not None and config.mobile.variants is not None:
         reported = (
-            [EXPORT_VARIANT] + ([DENSE_VARIANT] if config.prune else []) + [s.output for s in config.passes if s.report]
+            [EXPORT_VARIANT]
+            + ([DENSE_VARIANT] if config.prune or config.tokens else [])
+            + [s.output for s in config.passes if s.report]
         )
         for name in config.mobile.variants:
             if name not in reported:

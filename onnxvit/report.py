@@ -107,6 +107,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             if tuned
             else "No fine-tuning."
         )
+    parts += _tokens_section(report.get("tokens"))
     if report.get("weights") == "random_init":
         parts.append("\n**Random weights**: top-1 / top-5 mean nothing here; judge agreement and SQNR.")
     parts += ["", markdown_table(variant_table(report))]
@@ -152,6 +153,35 @@ def _scoring_batches(report: dict[str, Any]) -> str:
     if other:
         line += "; " + ", ".join(f"`{n}` at batch {b}" for n, b in other.items()) + " (its logits are identical there)"
     return line + "."
+
+
+def _tokens_section(tokens: dict[str, Any] | None) -> list[str]:
+    """Token merging: the schedule, the tokens entering each block and, when searched, the search table."""
+    if not tokens:
+        return []
+    last = tokens.get("queries_last_block")
+    parts = [
+        f"\n**Token merging** ({tokens['method']}, proportional attention "
+        f"{'on' if tokens['proportional_attention'] else 'off'}): tokens merged per block {tokens['schedule']}; "
+        f"tokens entering each block {tokens['tokens_per_block']}"
+        + (f"; the last block computes only the first {last} token(s)." if last else ".")
+    ]
+    search = tokens.get("search")
+    if search:
+        parts += [
+            "",
+            f"Schedule search (fidelity against the unmerged model on {search['images']} search images; "
+            f"latency of each candidate fused, one run of each per round): chose `{search['chosen']}`.",
+            "",
+            "| candidate | tokens merged | SQNR dB | agree % | within budget | median ms | speed-up |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for row in search["rows"]:
+            parts.append(
+                f"| {row['candidate']} | {row['tokens_merged']} | {row['sqnr_db']:.2f} | {row['agree_top1']:.1f} | "
+                f"{'yes' if row['within_budget'] else 'no'} | {row['latency_ms']:.2f} | {row['speedup']:.2f} |"
+            )
+    return parts
 
 
 def _precision_section(report: dict[str, Any]) -> list[str]:

@@ -19,9 +19,13 @@ With a class-token head, the last block only needs the prefix tokens' queries, p
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+import copy
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, cast
 
+import numpy as np
+import onnx
 import torch
 import torch.nn as nn
 
@@ -58,14 +62,19 @@ def check_supported(model: nn.Module, name: str) -> None:
 
 
 def bipartite_soft_matching(
-    x: torch.Tensor, size: torch.Tensor, metric: torch.Tensor, r: int, prefix: int
+    x: torch.Tensor,
+    size: torch.Tensor,
+    metric: torch.Tensor,
+    r: int,
+    prefix: int,
+    forced: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``x`` (B, N, C) and ``size`` (B, N, 1) with ``r`` patch tokens merged away, by ``metric`` (B, N, c).
 
     The first ``prefix`` tokens are kept first and untouched. Of the patch tokens, A is the even
     positions and B the odd ones. The output is the prefix, then A's unmerged tokens in ascending
     order of their best similarity, then B's tokens, each holding the size-weighted mean of what
-    merged into it.
+    merged into it. ``forced`` replaces the matching's two choices (partners, ranking) by given ones.
     """
     n, c = x.shape[1], x.shape[2]
     a_count = (n - prefix + 1) // 2
@@ -75,6 +84,8 @@ def bipartite_soft_matching(
     scores = metric[:, prefix::2] @ metric[:, prefix + 1 :: 2].transpose(-1, -2)
     best, partner = scores.topk(1, dim=-1)  # (B, A, 1) each
     order = best.topk(a_count, dim=1, largest=False).indices  # ascending: the best matches last
+    if forced is not None:  # another runtime's choices (see forced_choices)
+        partner, order = forced
     kept, merged = order.split([a_count - r, r], dim=1)
     into = partner.gather(1, merged)
     widen = torch.zeros(1, 1, c + 1, dtype=order.dtype, device=x.device)
@@ -90,10 +101,12 @@ class MergingAttention(nn.Module):
     """timm's Attention with proportional attention, also returning the merge metric (keys averaged
     over heads), and optionally answering only the first ``queries`` tokens."""
 
-    def __init__(self, attn: nn.Module, tokens: int, queries: int | None, proportional: bool) -> None:
+    def __init__(self, attn: Any, tokens: int, queries: int | None, proportional: bool) -> None:
         super().__init__()
         self.qkv, self.proj = attn.qkv, attn.proj
-        self.heads, self.head_dim, self.scale = attn.num_heads, attn.head_dim, attn.scale
+        self.heads: int = attn.num_heads
+        self.head_dim: int = attn.head_dim
+        self.scale: float = attn.scale
         self.tokens, self.queries, self.proportional = tokens, queries, proportional
 
     def forward(self, x: torch.Tensor, log_size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,11 +128,12 @@ class MergingBlock(nn.Module):
     """timm's Block (pre-norm attention and MLP, layer scale) that merges ``r`` tokens between its
     attention and its MLP."""
 
-    def __init__(self, block: nn.Module, tokens: int, r: int, prefix: int, queries: int | None, proportional: bool):
+    def __init__(self, block: Any, tokens: int, r: int, prefix: int, queries: int | None, proportional: bool):
         super().__init__()
         self.norm1, self.ls1, self.norm2, self.mlp, self.ls2 = block.norm1, block.ls1, block.norm2, block.mlp, block.ls2
         self.attn = MergingAttention(block.attn, tokens, queries, proportional)
         self.r, self.prefix, self.queries = r, prefix, queries
+        self.forced: tuple[torch.Tensor, torch.Tensor] | None = None  # set by forcing()
 
     def forward(self, x: torch.Tensor, size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         log_size = size.log().reshape(-1, 1, 1, self.attn.tokens) if self.attn.proportional else size
@@ -128,7 +142,7 @@ class MergingBlock(nn.Module):
             x, size = x[:, : self.queries], size[:, : self.queries]
         x = x + self.ls1(out)
         if self.r:
-            x, size = bipartite_soft_matching(x, size, metric, self.r, self.prefix)
+            x, size = bipartite_soft_matching(x, size, metric, self.r, self.prefix, self.forced)
         x = x + self.ls2(self.mlp(self.norm2(x)))
         return x, size
 
@@ -138,10 +152,10 @@ class TokenMergedViT(nn.Module):
     per block); sizes start at one per token and weigh average pooling."""
 
     def __init__(
-        self, vit: nn.Module, schedule: Sequence[int], proportional_attention: bool, class_token_only_last_block: bool
+        self, vit: Any, schedule: Sequence[int], proportional_attention: bool, class_token_only_last_block: bool
     ) -> None:
         super().__init__()
-        self.vit = vit
+        self.vit = _without_blocks(vit)
         self.schedule = list(schedule)
         self.prefix = vit.num_prefix_tokens
         self.pool = vit.global_pool
@@ -155,8 +169,22 @@ class TokenMergedViT(nn.Module):
         self.blocks = nn.ModuleList(blocks)
 
     @property
+    def merging_blocks(self) -> list[MergingBlock]:
+        return [cast(MergingBlock, block) for block in self.blocks]
+
+    @property
     def num_classes(self) -> int:
         return int(self.vit.num_classes)
+
+    def attention_macs(self) -> int:
+        """MACs of the attention cores at batch 1 (q k^T, softmax, attention @ v), which a module
+        counter does not see in MergingAttention: counted as torch-pruning counts timm's Attention."""
+        total = 0
+        for block in self.merging_blocks:
+            attn = block.attn
+            queries = attn.queries or attn.tokens
+            total += attn.heads * queries * attn.tokens * (2 * attn.head_dim + 1)
+        return total
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         vit = self.vit
@@ -172,7 +200,16 @@ class TokenMergedViT(nn.Module):
         return vit.forward_head(x)
 
 
-def token_counts(vit: nn.Module, schedule: Sequence[int]) -> list[int]:
+def _without_blocks(vit: Any) -> Any:
+    """A shallow copy of ``vit`` sharing every part but its blocks, which the merging blocks replace:
+    each module is reached once, as counters and state dicts expect."""
+    stem = copy.copy(vit)
+    stem._modules = dict(vit._modules)
+    stem._modules["blocks"] = nn.Sequential()
+    return stem
+
+
+def token_counts(vit: Any, schedule: Sequence[int]) -> list[int]:
     """Tokens entering each block under ``schedule``."""
     counts, tokens = [], vit.patch_embed.num_patches + vit.num_prefix_tokens
     for r in schedule:
@@ -181,7 +218,7 @@ def token_counts(vit: nn.Module, schedule: Sequence[int]) -> list[int]:
     return counts
 
 
-def resolve_schedule(vit: nn.Module, r: int | None, schedule: Sequence[int] | str, cls_only_last: bool) -> list[int]:
+def resolve_schedule(vit: Any, r: int | None, schedule: Sequence[int] | str, cls_only_last: bool) -> list[int]:
     """Tokens merged away per block, from a constant ``r``, a ``decreasing`` schedule starting at
     ``2r``, or an explicit list; checked to leave every block tokens to merge."""
     depth = len(vit.blocks)
@@ -210,7 +247,7 @@ def resolve_schedule(vit: nn.Module, r: int | None, schedule: Sequence[int] | st
 
 
 def merge_tokens(
-    vit: nn.Module,
+    vit: Any,
     schedule: Sequence[int],
     proportional_attention: bool = True,
     class_token_only_last_block: bool = True,
@@ -222,3 +259,29 @@ def merge_tokens(
 def describe(model: TokenMergedViT) -> dict[str, Any]:
     """What the report says of the merge: the schedule and the tokens entering each block."""
     return {"schedule": model.schedule, "tokens_per_block": model.tokens}
+
+
+def choice_tensors(proto: onnx.ModelProto, model: TokenMergedViT) -> list[str]:
+    """The tensors of ``model``'s export that hold its merge choices: per merging block, the
+    partner and ranking indices (the index outputs of its two TopKs, in graph order)."""
+    names = [node.output[1] for node in proto.graph.node if node.op_type == "TopK"]
+    merging = sum(1 for block in model.merging_blocks if block.r)
+    if len(names) != 2 * merging:
+        raise ValueError(f"expected 2 TopK per merging block ({2 * merging}), found {len(names)}")
+    return names
+
+
+@contextmanager
+def forcing(model: TokenMergedViT, choices: Sequence[np.ndarray]) -> Iterator[None]:
+    """Within the block, ``model`` makes the merge choices given (as ``choice_tensors`` orders them)
+    instead of its own: the same computation as another runtime's, so the two can be compared
+    exactly although a near-tie may go the other way in each."""
+    blocks = [block for block in model.merging_blocks if block.r]
+    try:
+        for number, block in enumerate(blocks):
+            partner, order = choices[2 * number], choices[2 * number + 1]
+            block.forced = (torch.from_numpy(partner).long(), torch.from_numpy(order).long())
+        yield
+    finally:
+        for block in blocks:
+            block.forced = None

@@ -20,6 +20,11 @@ class Fp16Config(PassConfig):
     node_block_list: list[str] = Field([], description="Node names kept in float32.")
 
 
+# Token merging's choices and merge stay float32: in float16 a near-tie flips far more often, and
+# ONNX Runtime's CPU ScatterElements has no float16 kernel for reduction 'add'.
+MERGE_OPS = ("TopK", "GatherElements", "ScatterElements")
+
+
 def drop_repeated_nodes(model: onnx.ModelProto) -> int:
     """Remove nodes that repeat an earlier node exactly (same op, inputs, outputs, attributes).
 
@@ -52,7 +57,7 @@ class Fp16Pass(Pass):
     name = "fp16"
     Config = Fp16Config
     config: Fp16Config
-    version = 2  # 2: nodes in topological order (version 1 wrote an invalid graph)
+    version = 3  # 2: nodes in topological order (version 1 wrote an invalid graph); 3: MERGE_OPS kept float32
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
         from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
@@ -61,13 +66,15 @@ class Fp16Pass(Pass):
         converted = convert_float_to_float16(
             onnx.ModelProto.FromString(model.SerializeToString()),
             keep_io_types=cfg.keep_io_types,
-            op_block_list=sorted(set(DEFAULT_OP_BLOCK_LIST) | set(cfg.op_block_list) | _qdq_kept_float(model)),
+            op_block_list=sorted(
+                set(DEFAULT_OP_BLOCK_LIST) | set(cfg.op_block_list) | set(MERGE_OPS) | _qdq_kept_float(model)
+            ),
             node_block_list=cfg.node_block_list or None,
         )
         drop_repeated_nodes(converted)
         # the converter appends the input Cast after the nodes that read it
         ctx.notes["reordered_nodes"] = topological_sort(converted)
         ctx.notes["kept_float32_ops"] = sorted(
-            {n.op_type for n in converted.graph.node if n.op_type in cfg.op_block_list}
+            {n.op_type for n in converted.graph.node if n.op_type in {*cfg.op_block_list, *MERGE_OPS}}
         )
         return converted

@@ -95,7 +95,7 @@ class ReparamLayerNormPass(Pass):
     requires = frozenset({"calibration"})
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
-        from passes.metrics import max_abs_diff
+        from passes.metrics import rewrite_change
         from passes.runtime import model_logits
 
         ctx.require_calibration("reparam_layernorm")
@@ -132,7 +132,7 @@ class ReparamLayerNormPass(Pass):
         prune_initializers(result)
         before, after = (model_logits(m, ctx.calibration[:1], ctx.threads) for m in (model, result))
         tolerance = cfg.atol * float(np.ptp(before))
-        change = max_abs_diff(before, after)
+        change = rewrite_change(model, before, after)
         if not change <= tolerance:
             raise ValueError(
                 f"reparam_layernorm changed FP32 logits by {change:.3g} "

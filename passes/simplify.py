@@ -11,6 +11,7 @@ from pydantic import Field
 
 from passes import register_pass
 from passes.base import Pass, PassConfig, PassContext
+from passes.metrics import rewrite_change
 from passes.runtime import model_logits
 
 
@@ -39,7 +40,7 @@ class SimplifyPass(Pass):
         if batches:
             reference = model_logits(model, batches, ctx.threads)
             test = model_logits(simplified, batches, ctx.threads)
-            diff = float(np.max(np.abs(reference - test)))
+            diff = rewrite_change(model, reference, test)
             limit = self.config.atol + self.config.rtol * float(np.max(np.abs(reference)))
             if not diff <= limit:
                 return self._fall_back(model, ctx, f"simplified logits differ by {diff:.3g} > {limit:.3g}")

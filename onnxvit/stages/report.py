@@ -40,7 +40,8 @@ def document(
     sections: dict[str, Any],
 ) -> dict[str, Any]:
     """report.json's content (less ``schema_version``, which the writer adds). ``sections`` holds the
-    stage results named by their report key: prune, handoff, mobile, lite, parity, profile, steps, seconds, timings."""
+    stage results named by their report key: prune, tokens, handoff, mobile, lite, parity, profile, steps,
+    seconds, timings."""
     config, folder = run.config, run.config.output.dir
     bench = config.benchmark
     profiled = sections.get("profile") or {}
@@ -62,6 +63,7 @@ def document(
         },
         "reference": reference,
         "prune": sections.get("prune"),
+        "tokens": sections.get("tokens"),
         "variants": [variant_entry(v, latency[v.name], scores[v.name], int8.get(v.name)) for v in variants],
         "profile": {k: profiled[k] for k in ("reference", "profiles")} if profiled else None,
         "handoff": sections.get("handoff"),

@@ -1,0 +1,154 @@
+"""Stage tokens: token merging on the (pruned) model before export, its schedule searched when asked.
+
+The search judges candidates the way the issue of token merging asks: fidelity on the search split
+against the unmerged model (as the int8 budget does), and speed as ONNX Runtime measures it on each
+candidate's export, never as FLOPs: at batch 1 the merge's own ops take back part of the saving.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from onnxvit.config import TokensConfig
+from onnxvit.engine import cache_key
+from onnxvit.errors import UserError
+from onnxvit.stages.load import Run
+
+VERSION = 1  # of the merge as onnxvit/tokens.py builds it: part of every merged model's cache key
+
+
+@dataclass
+class Merged:
+    """The merged model, what the report says of it (report.json's ``tokens``) and its cache key."""
+
+    model: Any
+    summary: dict[str, Any]
+    key: str
+
+
+def check(run: Run) -> None:
+    """A model token merging cannot apply to is a one-line error before anything runs."""
+    cfg = run.config.tokens
+    if cfg is not None:
+        from onnxvit.tokens import check_supported, resolve_schedule
+
+        check_supported(run.created_model, run.config.model.name)
+        if cfg.search is None:
+            resolve_schedule(run.created_model, cfg.r, cfg.schedule, cfg.class_token_only_last_block)
+
+
+def _candidates(model: Any, cfg: TokensConfig) -> list[tuple[str, list[int]]]:
+    from onnxvit.tokens import resolve_schedule
+
+    assert cfg.search is not None
+    found: dict[str, list[int]] = {}
+    for kind in cfg.search.schedules:
+        for r in cfg.search.candidates:
+            try:
+                schedule = resolve_schedule(model, r, kind, cfg.class_token_only_last_block)
+            except UserError:
+                continue  # more tokens than a block holds: not a candidate for this model
+            found.setdefault(f"{kind} r={r}", schedule)
+    return list(found.items())
+
+
+def search_schedule(run: Run, model: Any, model_id: str, cfg: TokensConfig) -> dict[str, Any]:
+    """The search table and the chosen schedule: the fastest candidate within the fidelity budget."""
+    key = cache_key(
+        weights=model_id,
+        tokens=cfg.model_dump(mode="json"),
+        search_images=run.fingerprint("search"),
+        benchmark=run.config.benchmark.model_dump(mode="json"),
+        version=VERSION,
+    )
+    return run.cache.json("token-search", key, lambda: _search(run, model, cfg))
+
+
+def _search(run: Run, model: Any, cfg: TokensConfig) -> dict[str, Any]:
+    from onnxvit.export import export_onnx, torch_logits
+    from onnxvit.tokens import merge_tokens
+    from passes.fuse_vit import FuseVitConfig, FuseVitPass
+    from passes.metrics import compare_logits
+    from passes.simplify import SimplifyConfig, SimplifyPass
+    from passes.timing import measure_latency, onnx_runner
+
+    assert cfg.search is not None
+    search, bench = cfg.search, run.config.benchmark
+    images = run.search_images
+    if len(images) == 0:
+        raise UserError(
+            "tokens.search: the search split is empty; set data.search_images or the manifest's search split"
+        )
+    candidates = _candidates(model, cfg)
+    batch = [images[i : i + 16] for i in range(0, len(images), 16)]
+    reference = torch_logits(model, batch)
+    rows: list[dict[str, Any]] = []
+    runners = {}
+    with run.reporter.task("searching token merge schedules", len(candidates) + 1) as advance:
+        for name, schedule in [("unmerged", [0] * len(candidates[0][1]))] + candidates:
+            merged = merge_tokens(model, schedule, cfg.proportional_attention, cfg.class_token_only_last_block)
+            fidelity = compare_logits(reference, torch_logits(merged, batch))
+            proto = export_onnx(merged, images, run.config.export)
+            proto = SimplifyPass(SimplifyConfig(atol=run.config.export.atol)).run(proto, run.context())
+            proto = FuseVitPass(FuseVitConfig()).run(proto, run.context())  # timed as the recipes run it
+            runners[name] = onnx_runner(proto, run.input_shape, bench.threads, bench.batch_size)
+            within = fidelity["sqnr_db"] >= search.min_sqnr_db and fidelity["agree_top1"] >= search.min_agreement
+            rows.append(
+                {
+                    "candidate": name,
+                    "schedule": schedule,
+                    "tokens_merged": int(sum(schedule)),
+                    "sqnr_db": round(fidelity["sqnr_db"], 3),
+                    "agree_top1": round(fidelity["agree_top1"], 3),
+                    "within_budget": bool(within),
+                }
+            )
+            advance(1)
+    # one call of each per round: a paired comparison that the machine's drift cannot favour
+    latency = measure_latency(runners, bench.warmup, search.runs, rounds=search.runs)
+    base = latency["unmerged"]["median"]
+    for row in rows:
+        row["latency_ms"] = latency[row["candidate"]]["median"]
+        row["speedup"] = round(base / row["latency_ms"], 4)
+    allowed = [row for row in rows[1:] if row["within_budget"]]
+    if not allowed:
+        best = max(rows[1:], key=lambda row: row["sqnr_db"])
+        raise UserError(
+            f"tokens.search: no candidate keeps min_sqnr_db {search.min_sqnr_db:g} / min_agreement "
+            f"{search.min_agreement:g} on the search split (best: {best['candidate']} at {best['sqnr_db']:.1f} dB, "
+            f"{best['agree_top1']:.1f}%); lower the budget or add smaller candidates"
+        )
+    chosen = min(allowed, key=lambda row: row["latency_ms"])
+    return {"rows": rows, "chosen": chosen["candidate"], "schedule": chosen["schedule"], "images": len(images)}
+
+
+def merge(run: Run, model: Any, model_id: str) -> Merged:
+    """``model`` with token merging as the run's ``tokens`` section says (searched when it asks)."""
+    from onnxvit.tokens import merge_tokens, resolve_schedule
+
+    cfg = run.config.tokens
+    assert cfg is not None
+    search = None
+    if cfg.search is None:
+        schedule = resolve_schedule(model, cfg.r, cfg.schedule, cfg.class_token_only_last_block)
+    else:
+        search = search_schedule(run, model, model_id, cfg)
+        schedule = list(search["schedule"])
+    merged = merge_tokens(model, schedule, cfg.proportional_attention, cfg.class_token_only_last_block)
+    summary = {
+        "method": cfg.method,
+        "schedule": schedule,
+        "tokens_per_block": merged.tokens,
+        "queries_last_block": merged.merging_blocks[-1].queries,
+        "proportional_attention": cfg.proportional_attention,
+        "search": search,
+    }
+    key = cache_key(weights=model_id, tokens=cfg.model_dump(mode="json"), schedule=schedule, version=VERSION)
+    run.reporter.log(
+        f"tokens: merging {int(np.sum(schedule))} tokens over {len(schedule)} blocks"
+        + (f" ({search['chosen']}, searched)" if search else "")
+    )
+    return Merged(merged, summary, key)
