@@ -78,3 +78,32 @@ def write_json(path: Path | None, **content: Any) -> None:
     if path is not None:
         atomic_write_json(path, content)
         print(f"wrote {path}")
+
+
+def latency_axes() -> tuple[Any, Any]:
+    """A figure for top-1 against median latency, the plot most bench scripts draw."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(7, 4.5), dpi=120)
+
+
+def mark(ax: Any, row: dict[str, Any]) -> None:
+    """One named row as a black cross with its name."""
+    ax.scatter([row["median_ms"]], [row["top1"]], marker="x", color="black")
+    ax.annotate(row["name"], (row["median_ms"], row["top1"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+
+
+def finish_latency_plot(
+    fig: Any, ax: Any, title: str, path: Path, xlabel: str = "median latency, ms (batch 1)"
+) -> None:
+    from onnxvit.report import save_figure
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("top-1, % (evaluation split)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    save_figure(fig, path)

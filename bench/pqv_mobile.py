@@ -34,13 +34,12 @@ from onnxvit.config import EXPORT_VARIANT, PruneConfig
 from onnxvit.engine import cache_key
 from onnxvit.lite import dynamic_int8_linear, load_lite, quantized_engine, save_lite
 from onnxvit.prune import Prunable, count_params_macs, sync_attention
-from onnxvit.report import save_figure
 from onnxvit.stages import benchmark, evaluate, export, passes, prune
 from onnxvit.stages.evaluate import score
 from onnxvit.variant import Variant
 from passes import get_pass
 
-from _common import REPO, arguments, open_run, print_table, write_json
+from _common import REPO, arguments, finish_latency_plot, latency_axes, mark, open_run, print_table, write_json
 
 EXAMPLE = REPO / "examples" / "deit_tiny_pruned.yaml"
 PQV_RATIO = 0.09375
@@ -208,20 +207,14 @@ def headline(rows: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]:
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    fig, ax = latency_axes()
     for method, marker in (("l1", "o"), ("taylor", "s"), ("hessian", "^")):
         points = sorted((r["median_ms"], r["top1"]) for r in rows if r["method"] == method)
         if points:
             ax.plot(*zip(*points), marker=marker, label=f"onnxvit {method} + int8 (ORT)")
     for r in rows:
         if r["method"] in ("none", "pqv-taylor"):
-            ax.scatter([r["median_ms"]], [r["top1"]], marker="x", color="black")
-            ax.annotate(r["name"], (r["median_ms"], r["top1"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            mark(ax, r)
     dense = next(r["top1"] for r in rows if r["name"] == "fp32")
     ax.axhline(dense - PQV_TOP1_DROP, ls="--", lw=0.8, color="grey")
     ax.annotate(
@@ -232,12 +225,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         fontsize=7,
         color="grey",
     )
-    ax.set_xlabel("median latency, ms (batch 1, 2 threads)")
-    ax.set_ylabel("top-1, % (evaluation split)")
-    ax.set_title("DeiT-tiny: pruning + int8, onnxvit (ONNX Runtime) vs PQV-Mobile (Lite)", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    save_figure(fig, path)
+    title = "DeiT-tiny: pruning + int8, onnxvit (ONNX Runtime) vs PQV-Mobile (Lite)"
+    finish_latency_plot(fig, ax, title, path, "median latency, ms (batch 1, 2 threads)")
 
 
 def main() -> None:

@@ -29,15 +29,14 @@ from onnxvit.config import EXPORT_VARIANT, PruneConfig, TokensConfig
 from onnxvit.engine import cache_key
 from onnxvit.lite import dynamic_int8_linear, load_lite, quantized_engine, save_lite
 from onnxvit.prune import count_params_macs
-from onnxvit.report import save_figure
-from onnxvit.stages import benchmark, evaluate, export, passes, prune, tokens
+from onnxvit.stages import evaluate, export, passes, prune, tokens
 from onnxvit.stages.evaluate import score
 from onnxvit.stages.load import Run
 from onnxvit.variant import Variant
 from passes.int8_limit import gemm_speedup, linear_shapes, machine_summary
 
-from _common import REPO, arguments, open_run, print_table, write_json
-from pqv_mobile import ENGINE, PQV_RATIO, PQV_TOP1_DROP, pqv_recipe_prune
+from _common import REPO, arguments, finish_latency_plot, latency_axes, mark, open_run, print_table, write_json
+from pqv_mobile import ENGINE, PQV_RATIO, PQV_TOP1_DROP, Bench, pqv_recipe_prune
 
 EXAMPLE = REPO / "examples" / "deit_tiny_tokens.yaml"
 PRUNE = PruneConfig(method="taylor", ratio=0.1, ratio_kinds=["mlp"], round_to=8, batches=4)
@@ -157,11 +156,7 @@ class TokenBench:
                 run, variant, "deit_tiny", runtime=f"torch-lite ({ENGINE})", int8=True, schedule=None, pruned=True
             )
 
-    def time_all(self) -> None:
-        with quantized_engine(ENGINE):
-            latency = benchmark.latency(self.run, list(self.variants.values()))
-        for name, value in latency.items():
-            self.rows[name]["latency_ms"] = value
+    time_all = Bench.time_all  # every row timed together, the Lite one under its x86 int8 engine
 
 
 def table(bench: TokenBench) -> list[dict[str, Any]]:
@@ -231,12 +226,7 @@ def headline(rows: list[dict[str, Any]], bench: TokenBench, gemm: float | None) 
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    fig, ax = latency_axes()
     tiny = [r for r in rows if r["group"] == "deit_tiny"]
     for int8, marker, label in ((False, "o", "merged, fp32 (fused)"), (True, "s", "merged + int8")):
         points = sorted((r["median_ms"], r["top1"]) for r in tiny if r["schedule"] and r["int8"] == int8)
@@ -244,14 +234,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
             ax.plot(*zip(*points), marker=marker, lw=0.8, label=label)
     for r in tiny:
         if not r["schedule"] or r["pruned"]:
-            ax.scatter([r["median_ms"]], [r["top1"]], marker="x", color="black")
-            ax.annotate(r["name"], (r["median_ms"], r["top1"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.set_xlabel("median latency, ms (batch 1)")
-    ax.set_ylabel("top-1, % (evaluation split)")
-    ax.set_title("DeiT-tiny: token merging, int8, pruning (ONNX Runtime) vs PQV-Mobile (Lite)", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    save_figure(fig, path)
+            mark(ax, r)
+    finish_latency_plot(fig, ax, "DeiT-tiny: token merging, int8, pruning (ONNX Runtime) vs PQV-Mobile (Lite)", path)
 
 
 def main() -> None:

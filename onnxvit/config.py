@@ -80,7 +80,10 @@ class ExportConfig(StrictModel):
     opset: int = Field(17, ge=13, le=21, description="ONNX opset.")
     simplify: bool = Field(True, description="Run the simplify pass (onnxsim, checked) on the export.")
     exporter: Literal["torchscript", "dynamo"] = Field("torchscript", description="torch.onnx exporter.")
-    atol: float = Field(1e-4, gt=0, description="Largest logit difference accepted between PyTorch and ONNX.")
+    atol: float = Field(1e-4, gt=0, description="Largest logit difference accepted between PyTorch and ONNX...")
+    rtol: float = Field(
+        1e-5, ge=0, description="...plus this fraction of the largest |logit| (float32 noise grows with the logits)."
+    )
 
 
 PRUNE_KINDS = ("mlp", "heads", "head_dims")

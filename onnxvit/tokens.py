@@ -3,7 +3,8 @@
 Written from the paper (Bolya et al., "Token Merging: Your ViT but Faster", ICLR 2023), not from
 its code (CC BY-NC). In each block, between attention and MLP, the patch tokens are split
 alternately into sets A and B; every A token is matched to its most similar B token (cosine
-similarity of the attention keys, averaged over heads); the ``r`` best-matched A tokens are merged
+similarity of the attention keys, all heads' keys as one vector: the paper averages them over heads,
+which costs a reshape and a reduction per block in the graph); the ``r`` best-matched A tokens are merged
 into their B partners as a size-weighted average. Sizes (how many patches a token stands for)
 travel with the tokens, and proportional attention adds ``log(size)`` to the attention logits so a
 merged token weighs as the patches it replaced. Prefix tokens (class, distillation, registers) are
@@ -84,7 +85,7 @@ def bipartite_soft_matching(
     scores = metric[:, prefix::2] @ metric[:, prefix + 1 :: 2].transpose(-1, -2)
     best, partner = scores.topk(1, dim=-1)  # (B, A, 1) each
     order = best.topk(a_count, dim=1, largest=False).indices  # ascending: the best matches last
-    if forced is not None:  # another runtime's choices (see forced_choices)
+    if forced is not None:  # another runtime's choices (see forcing)
         partner, order = forced
     kept, merged = order.split([a_count - r, r], dim=1)
     into = partner.gather(1, merged)
@@ -98,8 +99,8 @@ def bipartite_soft_matching(
 
 
 class MergingAttention(nn.Module):
-    """timm's Attention with proportional attention, also returning the merge metric (keys averaged
-    over heads), and optionally answering only the first ``queries`` tokens."""
+    """timm's Attention with proportional attention, also returning the merge metric (the keys), and
+    optionally answering only the first ``queries`` tokens."""
 
     def __init__(self, attn: Any, tokens: int, queries: int | None, proportional: bool) -> None:
         super().__init__()

@@ -36,7 +36,7 @@ def export(run: Run, model: Any, model_id: str, name: str) -> tuple[onnx.ModelPr
     def produce() -> onnx.ModelProto:
         proto = export_onnx(model, run.calibration_images, cfg)
         threads = run.config.benchmark.threads
-        record.check = {"max_abs_vs_torch": check_export(model, proto, run.check_batches, cfg.atol, threads)}
+        record.check = {"max_abs_vs_torch": check_export(model, proto, run.check_batches, cfg.atol, threads, cfg.rtol)}
         if cfg.simplify:
             ctx = run.context()
             proto = SimplifyPass(SimplifyConfig(atol=cfg.atol)).run(proto, ctx)

@@ -1,8 +1,8 @@
 """Stage tokens: token merging on the (pruned) model before export, its schedule searched when asked.
 
-The search judges candidates the way the issue of token merging asks: fidelity on the search split
-against the unmerged model (as the int8 budget does), and speed as ONNX Runtime measures it on each
-candidate's export, never as FLOPs: at batch 1 the merge's own ops take back part of the saving.
+The search judges candidates by fidelity on the search split against the unmerged model (as the int8
+budget does) and by speed as ONNX Runtime measures each candidate's fused export, never by FLOPs: at
+batch 1 the merge's own ops take back part of the saving.
 """
 
 from __future__ import annotations
