@@ -15,6 +15,7 @@ import torch
 
 from onnxvit.config import ExportConfig
 from onnxvit.errors import UserError
+from onnxvit.tokens import TokenMergedViT, choice_tensors, forcing
 from passes.metrics import max_abs_diff
 from passes.runtime import make_session, model_logits
 
@@ -79,8 +80,6 @@ def check_export(
     A token-merging model is compared given ONNX Runtime's merge choices: a near-tie in the
     matching may go either way in two runtimes, and one flipped merge moves the logits far more
     than any export error would, so free-running logits cannot tell a wrong export from a tie."""
-    from onnxvit.tokens import TokenMergedViT
-
     if isinstance(model, TokenMergedViT):
         reference, actual = forced_logits(model, proto, batches, threads)
     else:
@@ -96,12 +95,10 @@ def check_export(
 
 
 def forced_logits(
-    model: torch.nn.Module, proto: onnx.ModelProto, batches: list[np.ndarray], threads: int
+    model: TokenMergedViT, proto: onnx.ModelProto, batches: list[np.ndarray], threads: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """PyTorch's logits made with ONNX Runtime's merge choices, and ONNX Runtime's logits."""
-    from onnxvit.tokens import choice_tensors, forcing
-
-    names = choice_tensors(proto, model)  # type: ignore[arg-type]
+    names = choice_tensors(proto, model)
     probe = onnx.ModelProto()
     probe.CopyFrom(proto)
     probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in names)
@@ -110,6 +107,6 @@ def forced_logits(
     for batch in batches:
         logits, *choices = session.run([OUTPUT_NAME, *names], {INPUT_NAME: batch})
         actual.append(logits)
-        with forcing(model, choices):  # type: ignore[arg-type]
+        with forcing(model, choices):
             reference.append(torch_logits(model, [batch]))
     return np.concatenate(reference), np.concatenate(actual)

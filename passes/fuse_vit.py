@@ -366,6 +366,7 @@ class FuseVitPass(Pass):
     name = "fuse_vit"
     Config = FuseVitConfig
     config: FuseVitConfig
+    version = 2  # 2: also attention with a bias before the softmax and a query slice (token merging)
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
         model = copy_model(model)
