@@ -170,6 +170,7 @@ def test_models_without_a_token_sequence_and_bad_sections_are_one_line_errors(tm
     fails("give either search or r", tokens={"r": 4, "search": {}})
     fails("say how many tokens to merge", tokens={})
     fails("tokens.schedule: 3 numbers for a model of 2 blocks", tokens={"schedule": [1, 2, 3]})
+    fails("tokens.search.candidates: none of [500] fits", tokens={"search": {"candidates": [500]}})
     assert not (tmp_path / "out").exists()
     tight = {"search": {"candidates": [90], "min_sqnr_db": 150, "runs": 2}}
     fails("tokens.search: no candidate keeps min_sqnr_db 150", tokens=tight, model=dict(TINY_MODEL))

@@ -38,9 +38,12 @@ def check(run: Run) -> None:
         check_supported(run.created_model, run.config.model.name)
         if cfg.search is None:
             resolve_schedule(run.created_model, cfg.r, cfg.schedule, cfg.class_token_only_last_block)
+        else:
+            _candidates(run.created_model, cfg)
 
 
 def _candidates(model: Any, cfg: TokensConfig) -> list[tuple[str, list[int]]]:
+    """The search's schedules by name; an error when none fits the model."""
     from onnxvit.tokens import resolve_schedule
 
     assert cfg.search is not None
@@ -52,6 +55,11 @@ def _candidates(model: Any, cfg: TokensConfig) -> list[tuple[str, list[int]]]:
             except UserError:
                 continue  # more tokens than a block holds: not a candidate for this model
             found.setdefault(f"{kind} r={r}", schedule)
+    if not found:
+        raise UserError(
+            f"tokens.search.candidates: none of {cfg.search.candidates} fits this model's blocks "
+            f"({model.patch_embed.num_patches} patch tokens); use smaller r"
+        )
     return list(found.items())
 
 
@@ -62,6 +70,7 @@ def search_schedule(run: Run, model: Any, model_id: str, cfg: TokensConfig) -> d
         tokens=cfg.model_dump(mode="json"),
         search_images=run.fingerprint("search"),
         benchmark=run.config.benchmark.model_dump(mode="json"),
+        export=run.config.export.model_dump(mode="json"),
         version=VERSION,
     )
     return run.cache.json("token-search", key, lambda: _search(run, model, cfg))
@@ -88,7 +97,7 @@ def _search(run: Run, model: Any, cfg: TokensConfig) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     runners = {}
     with run.reporter.task("searching token merge schedules", len(candidates) + 1) as advance:
-        for name, schedule in [("unmerged", [0] * len(candidates[0][1]))] + candidates:
+        for name, schedule in [("unmerged", [0] * len(model.blocks))] + candidates:
             merged = merge_tokens(model, schedule, cfg.proportional_attention, cfg.class_token_only_last_block)
             fidelity = compare_logits(reference, torch_logits(merged, batch))
             proto = export_onnx(merged, images, run.config.export)
