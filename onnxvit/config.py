@@ -174,7 +174,7 @@ class TokenSearchConfig(StrictModel):
     min_agreement: float = Field(
         0.0, ge=0, le=100, description="Least top-1 agreement (%) with the unmerged model on the search split."
     )
-    runs: int = Field(60, gt=0, description="Timed runs per candidate (after benchmark.warmup), one per round.")
+    runs: int = Field(60, gt=0, description="Timed runs per candidate (after benchmark.warmup, in its rounds).")
 
 
 class TokensConfig(StrictModel):

@@ -171,7 +171,7 @@ def _tokens_section(tokens: dict[str, Any] | None) -> list[str]:
         parts += [
             "",
             f"Schedule search (fidelity against the unmerged model on {search['images']} search images; "
-            f"latency of each candidate fused, one run of each per round): chose `{search['chosen']}`.",
+            f"latency of each candidate fused, all timed together): chose `{search['chosen']}`.",
             "",
             "| candidate | tokens merged | SQNR dB | agree % | within budget | median ms | speed-up |",
             "|---|---|---|---|---|---|---|",
