@@ -16,6 +16,7 @@ import torch
 from onnxvit.config import ExportConfig
 from onnxvit.errors import UserError
 from onnxvit.tokens import TokenMergedViT, choice_tensors, forcing
+from passes.graph import copy_model
 from passes.metrics import max_abs_diff
 from passes.runtime import make_session, model_logits
 
@@ -99,8 +100,7 @@ def forced_logits(
 ) -> tuple[np.ndarray, np.ndarray]:
     """PyTorch's logits made with ONNX Runtime's merge choices, and ONNX Runtime's logits."""
     names = choice_tensors(proto, model)
-    probe = onnx.ModelProto()
-    probe.CopyFrom(proto)
+    probe = copy_model(proto)
     probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in names)
     session = make_session(probe, threads)
     reference, actual = [], []

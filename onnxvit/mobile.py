@@ -31,17 +31,15 @@ _LEVELS = {
 }
 
 
-def is_quantized(path: Path) -> bool:
+def is_quantized(graph: onnx.GraphProto) -> bool:
     """Whether the model computes in integers somewhere: then its `.ort` twin is held to the same
     top-1, not to a float tolerance (ONNX Runtime may pick other integer kernels for the target)."""
-    graph = onnx.load(str(path), load_external_data=False).graph
     return any(n.op_type in QUANTIZED_OPS or n.op_type.startswith("QLinear") for n in graph.node)
 
 
-def computes_in_float16(path: Path) -> bool:
+def computes_in_float16(graph: onnx.GraphProto) -> bool:
     """Whether the model holds float16 weights or casts to float16: its `.ort` twin may fuse ops
     that round differently at half precision, so it is held to the same top-1, as an integer model."""
-    graph = onnx.load(str(path), load_external_data=False).graph
     half = onnx.TensorProto.FLOAT16
     return any(init.data_type == half for init in graph.initializer) or any(
         n.op_type == "Cast" and any(a.name == "to" and a.i == half for a in n.attribute) for n in graph.node
@@ -96,10 +94,9 @@ def ort_error_line(exc: Exception) -> str:
     return text[:300]
 
 
-def makes_choices(path: Path) -> bool:
+def makes_choices(graph: onnx.GraphProto) -> bool:
     """Whether the model makes data-dependent choices (token merging's TopK): the `.ort` twin's fused
     kernels round differently, a near-tie may go the other way, so it is held to the same top-1."""
-    graph = onnx.load(str(path), load_external_data=False).graph
     return any(n.op_type in CHOICE_OPS for n in graph.node)
 
 
@@ -127,9 +124,10 @@ def build_artifacts(
             continue
         entry["size_bytes"] = ort_path.stat().st_size
         entry.update(check_ort_twin(onnx_path, ort_path, (inputs or {}).get(name, batches), threads))
-        entry["quantized"] = is_quantized(onnx_path)
-        entry["float16"] = computes_in_float16(onnx_path)
-        entry["choices"] = makes_choices(onnx_path)
+        graph = onnx.load(str(onnx_path), load_external_data=False).graph
+        entry["quantized"] = is_quantized(graph)
+        entry["float16"] = computes_in_float16(graph)
+        entry["choices"] = makes_choices(graph)
         reduced = entry["quantized"] or entry["float16"] or entry["choices"]
         entry["ok"] = entry["argmax_equal"] if reduced else entry["max_abs_vs_onnx"] <= config.fp32_atol
         artifacts.append(entry)

@@ -133,14 +133,15 @@ class MergingBlock(nn.Module):
         super().__init__()
         self.norm1, self.ls1, self.norm2, self.mlp, self.ls2 = block.norm1, block.ls1, block.norm2, block.mlp, block.ls2
         self.attn = MergingAttention(block.attn, tokens, queries, proportional)
-        self.r, self.prefix, self.queries = r, prefix, queries
+        self.r, self.prefix = r, prefix
         self.forced: tuple[torch.Tensor, torch.Tensor] | None = None  # set by forcing()
 
     def forward(self, x: torch.Tensor, size: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         log_size = size.log().reshape(-1, 1, 1, self.attn.tokens) if self.attn.proportional else size
         out, metric = self.attn(self.norm1(x), log_size)
-        if self.queries is not None:
-            x, size = x[:, : self.queries], size[:, : self.queries]
+        queries = self.attn.queries
+        if queries is not None:
+            x, size = x[:, :queries], size[:, :queries]
         x = x + self.ls1(out)
         if self.r:
             x, size = bipartite_soft_matching(x, size, metric, self.r, self.prefix, self.forced)

@@ -98,13 +98,14 @@ def _search(run: Run, model: Any, cfg: TokensConfig) -> dict[str, Any]:
     reference = torch_logits(model, batch)
     rows: list[dict[str, Any]] = []
     runners = {}
+    ctx = run.context()
     with run.reporter.task("searching token merge schedules", len(candidates) + 1) as advance:
         for name, schedule in [("unmerged", [0] * len(model.blocks))] + candidates:
             merged = merge_tokens(model, schedule, cfg.proportional_attention, cfg.class_token_only_last_block)
             fidelity = compare_logits(reference, torch_logits(merged, batch))
             proto = export_onnx(merged, images, run.config.export)
-            proto = SimplifyPass(SimplifyConfig(atol=run.config.export.atol)).run(proto, run.context())
-            proto = FuseVitPass(FuseVitConfig()).run(proto, run.context())  # timed as the recipes run it
+            proto = SimplifyPass(SimplifyConfig(atol=run.config.export.atol)).run(proto, ctx)
+            proto = FuseVitPass(FuseVitConfig()).run(proto, ctx)  # timed as the recipes run it
             runners[name] = onnx_runner(proto, run.input_shape, bench.threads, bench.batch_size)
             within = fidelity["sqnr_db"] >= search.min_sqnr_db and fidelity["agree_top1"] >= search.min_agreement
             rows.append(
@@ -154,7 +155,7 @@ def merge(run: Run, model: Any, model_id: str) -> Merged:
         "method": cfg.method,
         "schedule": schedule,
         "tokens_per_block": merged.tokens,
-        "queries_last_block": merged.merging_blocks[-1].queries,
+        "queries_last_block": merged.merging_blocks[-1].attn.queries,
         "proportional_attention": cfg.proportional_attention,
         "search": search,
     }
