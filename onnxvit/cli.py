@@ -97,12 +97,17 @@ def main() -> None:
 @click.option("--force", is_flag=True, help="Ignore the cache and redo every step.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars or messages.")
 @click.option("--output", "-o", type=click.Path(path_type=Path), help="Output folder (overrides output.dir).")
-def compress(config: Path, force: bool, quiet: bool, output: Path | None) -> None:
+@click.option(
+    "--executor",
+    type=click.Choice(["local", "ray"]),
+    help="Where evaluations and searches run (overrides executor.kind); latency is always timed here.",
+)
+def compress(config: Path, force: bool, quiet: bool, output: Path | None, executor: str | None) -> None:
     """Run the pipeline that CONFIG describes and write models and report."""
     from onnxvit.compress import compress as run_compress
     from onnxvit.report import markdown_table, variant_table
 
-    report = run_compress(config, force=force, quiet=quiet, output=output)
+    report = run_compress(config, force=force, quiet=quiet, output=output, executor=executor)
     if not quiet:
         click.echo(markdown_table(variant_table(report)))
 

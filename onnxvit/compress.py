@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from onnxvit import __version__
-from onnxvit.config import DENSE_VARIANT, EXPORT_VARIANT, TORCH_VARIANT, load_config
+from onnxvit.config import DENSE_VARIANT, EXPORT_VARIANT, TORCH_VARIANT, ExecutorConfig, load_config
 from onnxvit.engine import Cache
 from onnxvit.errors import UserError
 from onnxvit.fileio import atomic_write_bytes, atomic_write_json
@@ -37,8 +37,13 @@ def prepare_output(folder: Path) -> None:
 
 
 def check_inputs(run: Run) -> None:
-    """Fail on a bad image folder, manifest, checkpoint, prune or tokens section or Lite engine before writing."""
+    """Fail on a bad image folder, manifest, checkpoint, prune or tokens section, Lite engine or missing Ray
+    before writing."""
     run.dataset, run.created_model  # noqa: B018
+    if run.config.executor.kind == "ray":
+        from onnxvit.distributed import import_ray
+
+        import_ray()
     prune.check(run)
     tokens.check(run)
     if run.config.lite is not None:
@@ -47,14 +52,32 @@ def check_inputs(run: Run) -> None:
         check_engines(run.config.lite)
 
 
-def compress(config_path: Path, force: bool = False, quiet: bool = False, output: Path | None = None) -> dict[str, Any]:
-    """Run the whole pipeline; return the report (also written to the output folder)."""
+def compress(
+    config_path: Path,
+    force: bool = False,
+    quiet: bool = False,
+    output: Path | None = None,
+    executor: str | None = None,
+) -> dict[str, Any]:
+    """Run the whole pipeline; return the report (also written to the output folder). ``executor``
+    (local or ray) overrides ``executor.kind``."""
     config, pass_configs = load_config(config_path)
     if output is not None:
         config.output.dir = output.resolve()
-    folder = config.output.dir
+    if executor == "ray":
+        config.executor = config.executor.model_copy(update={"kind": "ray"})
+    elif executor == "local":
+        config.executor = ExecutorConfig()
+    run = Run(config, pass_configs, Reporter(quiet), Cache(config.output.dir / CACHE_DIR, force))
+    try:
+        return _pipeline(run)
+    finally:
+        run.close()
+
+
+def _pipeline(run: Run) -> dict[str, Any]:
+    config, folder = run.config, run.config.output.dir
     started = time.perf_counter()
-    run = Run(config, pass_configs, Reporter(quiet), Cache(folder / CACHE_DIR, force))
     with run.timed("load"):
         check_inputs(run)
     prepare_output(folder)

@@ -281,6 +281,35 @@ class LiteConfig(StrictModel):
     )
 
 
+class ExecutorConfig(StrictModel):
+    """Where evaluations and the searches' measurements run; latency is always timed in this process."""
+
+    kind: Literal["local", "ray"] = Field(
+        "local", description="local: in this process; ray: as Ray tasks (pip install -e '.[ray]')."
+    )
+    address: str | None = Field(
+        None,
+        description="Ray only: none starts a local cluster; 'auto' joins the one `ray start` runs here; "
+        "'ray://host:10001' a remote one (its nodes need onnxvit installed).",
+    )
+    workers: int | None = Field(
+        None, gt=0, description="Ray only: tasks at once; default: the cluster's CPUs / threads_per_worker."
+    )
+    threads_per_worker: int = Field(1, gt=0, description="Ray only: CPUs (and ONNX Runtime callers) per task.")
+
+    @model_validator(mode="after")
+    def _ray_options(self) -> ExecutorConfig:
+        if self.kind == "local":
+            extra = [name for name in ("address", "workers", "threads_per_worker") if name in self.model_fields_set]
+            if extra:
+                raise ValueError(f"{', '.join(extra)} apply to kind: ray only; remove them or set kind: ray")
+        if self.address is not None and not (
+            self.address == "auto" or self.address.startswith("ray://") or ":" in self.address
+        ):
+            raise ValueError(f"address {self.address!r}: use auto, ray://HOST:PORT or HOST:PORT")
+        return self
+
+
 class OutputConfig(StrictModel):
     dir: Path = Field(description="Folder for models, cache and report.")
 
@@ -296,6 +325,9 @@ class Config(StrictModel):
     benchmark: BenchmarkConfig = Field(BenchmarkConfig(), description="How latency is measured.")
     mobile: MobileConfig | None = Field(None, description="ONNX Runtime Mobile artifacts.")
     lite: LiteConfig | None = Field(None, description="PyTorch Lite interpreter variants, with parity.")
+    executor: ExecutorConfig = Field(
+        ExecutorConfig(), description="Where evaluations and searches run: this process or a Ray cluster."
+    )
     output: OutputConfig = Field(description="Where models, cache and report go.")
 
     @model_validator(mode="after")

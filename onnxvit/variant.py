@@ -13,7 +13,8 @@ from typing import Any, Callable, Literal
 import numpy as np
 import onnx
 
-from passes.runtime import batches, model_logits
+from passes.executor import Executor
+from passes.runtime import batches
 from passes.timing import Runner, onnx_runner
 
 Runtime = Literal["onnxruntime", "torch", "torch-lite"]
@@ -38,11 +39,17 @@ class Variant:
     counts: dict[str, int] = field(default_factory=dict)
 
     def logits(
-        self, images: np.ndarray, batch_size: int, threads: int, advance: Callable[[int], None] = lambda n: None
+        self,
+        images: np.ndarray,
+        batch_size: int,
+        threads: int,
+        advance: Callable[[int], None] = lambda n: None,
+        executor: Executor | None = None,
     ) -> np.ndarray:
-        """The first output for every image, in batches of ``batch_size``, as float32."""
+        """The first output for every image, in batches of ``batch_size``, as float32; an ONNX model's
+        run by ``executor`` (default: here)."""
         if self.runtime == "onnxruntime":
-            return model_logits(self.source(), batches(images, batch_size), threads, advance)
+            return (executor or Executor()).logits(self.source(), batches(images, batch_size), threads, advance)
         return _torch_logits(self.module, images, batch_size, threads, advance)
 
     def runner(self, shape: tuple[int, ...], threads: int, batch_size: int) -> Runner:

@@ -14,9 +14,10 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from passes.executor import Executor
 from passes.graph import graph_suffix, suffix_inputs
 from passes.metrics import SQNR_CEILING_DB, sqnr_db, top1_agreement
-from passes.runtime import make_session, model_logits, run_feeds
+from passes.runtime import make_session, run_feeds
 
 Quantize = Callable[[list[str]], onnx.ModelProto]
 
@@ -46,14 +47,17 @@ class Budget:
 
 
 class FidelityProbe:
-    """Logits of candidate models on the search images, against the float model's."""
+    """Logits of candidate models on the search images, against the float model's; ``executor`` runs
+    them (sharded by images)."""
 
-    def __init__(self, reference: onnx.ModelProto, batches: list[np.ndarray], threads: int) -> None:
-        self.batches, self.threads = batches, threads
-        self.reference = model_logits(reference, batches, threads)
+    def __init__(
+        self, reference: onnx.ModelProto, batches: list[np.ndarray], threads: int, executor: Executor | None = None
+    ) -> None:
+        self.batches, self.threads, self.executor = batches, threads, executor or Executor()
+        self.reference = self.executor.logits(reference, batches, threads)
 
     def __call__(self, model: onnx.ModelProto) -> Fidelity:
-        return self.score(model_logits(model, self.batches, self.threads))
+        return self.score(self.executor.logits(model, self.batches, self.threads))
 
     def score(self, logits: np.ndarray) -> Fidelity:
         return Fidelity(
@@ -78,22 +82,35 @@ class AloneProbe:
         self.position = {node.name: index for index, node in enumerate(model.graph.node)}
 
     def rank(self, layers: list[str]) -> dict[str, Fidelity]:
+        """Each layer's fidelity when it alone is quantized; a chunk's suffixes run as one ``map`` of
+        the probe's executor."""
         result: dict[str, Fidelity] = {}
+        executor = self.probe.executor
+        callers = executor.task_threads(self.probe.threads)
         for start in range(0, len(layers), self.chunk):
             chunk = layers[start : start + self.chunk]
             names = sorted({name for layer in chunk for name in suffix_inputs(self.model, self.position[layer])})
             captured = self.values(names)
-            for layer in chunk:
-                suffix = graph_suffix(
-                    self.build([layer]),
-                    self.position[layer],
-                    {name: helper.np_dtype_to_tensor_dtype(value.dtype) for name, value in captured[0].items()},
-                )
-                inputs = [i.name for i in suffix.graph.input]
-                feeds = [{name: batch[name] for name in inputs} for batch in captured]
-                outputs = run_feeds(make_session(suffix, 1), feeds, self.probe.threads)
-                result[layer] = self.probe.score(np.concatenate([out[0] for out in outputs]).astype(np.float32))
+            types = {name: helper.np_dtype_to_tensor_dtype(value.dtype) for name, value in captured[0].items()}
+            suffixes = [graph_suffix(self.build([layer]), self.position[layer], types) for layer in chunk]
+            logits = executor.map(
+                suffix_logits,
+                [(suffix.SerializeToString(), callers) for suffix in suffixes],
+                captured,
+            )
+            result.update({layer: self.probe.score(value) for layer, value in zip(chunk, logits)})
         return result
+
+
+def suffix_logits(captured: list[dict[str, np.ndarray]], task: tuple[bytes, int]) -> np.ndarray:
+    """The logits of a network suffix (``task``: its bytes and the callers) fed the captured float
+    values it reads, one feed per search batch."""
+    data, callers = task
+    suffix = onnx.ModelProto.FromString(data)
+    inputs = [i.name for i in suffix.graph.input]
+    feeds = [{name: batch[name] for name in inputs} for batch in captured]
+    outputs = run_feeds(make_session(suffix, 1), feeds, callers)
+    return np.concatenate([out[0] for out in outputs]).astype(np.float32)
 
 
 def fit_budget(

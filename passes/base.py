@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 from pydantic import BaseModel, ConfigDict
 
+from passes.executor import Executor
 from passes.runtime import batches
 
 
@@ -46,9 +47,10 @@ class PassContext:
     activation ranges, and so its logits, depend on the batch), which every search measures at;
     ``search_labels`` their class labels when the weights are real (``None`` for random weights);
     ``notes`` collects what the pass wants in the report (what it changed, what it fell back from);
-    ``memo`` keeps JSON-able results of long searches across interrupted runs (the engine backs it
-    with a file keyed like the step); ``progress(description, total)`` opens a progress bar and
-    yields the function that advances it.
+    ``executor`` runs the independent measurements of a search (here, or on workers); ``memo``
+    keeps JSON-able results of long searches across interrupted runs (the engine backs it with a
+    file keyed like the step); ``progress(description, total)`` opens a progress bar and yields the
+    function that advances it.
     """
 
     calibration: list[np.ndarray] = field(default_factory=list)
@@ -60,6 +62,7 @@ class PassContext:
     notes: dict[str, Any] = field(default_factory=dict)
     search_labels: np.ndarray | None = None
     memo: MutableMapping[str, Any] = field(default_factory=dict)
+    executor: Executor = field(default_factory=Executor)
     progress: Callable[[str, int], ContextManager[Callable[[int], None]]] = lambda description, total: (
         contextlib.nullcontext(lambda n=1: None)
     )

@@ -16,7 +16,6 @@ from passes.base import PassContext, PassError
 from passes.blocks import REST, Assignment, Choice, assignment_code
 from passes.metrics import SQNR_CEILING_DB, top1_agreement, topk_accuracy
 from passes.pareto import nsga2, pareto_front, spread_pick
-from passes.runtime import model_logits
 from passes.timing import measure_latency, onnx_runner
 
 if TYPE_CHECKING:  # hints only: the pass imports this module
@@ -49,7 +48,7 @@ class Search:
                 "no blocks found (no linear layer's tensors carry a "
                 "module path like blocks.N); use quantize_int8 instead"
             )
-        self.reference = model_logits(model, ctx.search, ctx.threads)
+        self.reference = ctx.executor.logits(model, ctx.search, ctx.threads)
         self.labels = ctx.search_labels
         self.reference_top1 = topk_accuracy(self.reference, self.labels, 1) if self.labels is not None else None
         self.base: Choice = "int8" if "int8" in self.cfg.choices else self.cfg.choices[0]
@@ -65,7 +64,7 @@ class Search:
         key = "fidelity/" + assignment_code(assignment, self.blocks)
         if key not in self.ctx.memo:
             built = self.owner.build(self.prepared, self.layers, assignment)
-            logits = model_logits(built, self.ctx.search, self.ctx.threads)
+            logits = self.ctx.executor.logits(built, self.ctx.search, self.ctx.threads)
             noise = float(np.sum((logits - self.reference) ** 2) / max(np.sum(self.reference**2), 1e-30))
             self.ctx.memo[key] = {
                 "noise": noise,

@@ -166,7 +166,7 @@ class QuantizeInt8Pass(Pass):
 
         quantized_count: int | None
         if budget.active:
-            probe = FidelityProbe(model, ctx.search, ctx.threads)
+            probe = FidelityProbe(model, ctx.search, ctx.threads, ctx.executor)
             builder = self._builder(prepared, layers, reduce_range, overrides)
             candidate = quantize if builder is None else builder.build
             alone = None
@@ -231,7 +231,9 @@ class QuantizeInt8Pass(Pass):
         qtype = onnx.TensorProto.INT8 if cfg.weight_type == "int8" else onnx.TensorProto.UINT8
         work = len(layers) * (cfg.schemes == "search") + len(tuned_bridges)
         with ctx.progress("int8: weight schemes", work) as advance:
-            tuner = WeightTuner(model, layers, quantize_piece, values, qtype, reduce_range, ctx.threads, advance)
+            tuner = WeightTuner(
+                model, layers, quantize_piece, values, qtype, reduce_range, ctx.threads, advance, ctx.executor
+            )
             default = WeightScheme(per_channel=cfg.per_channel)
             schemes = {layer: default for layer in tuner.layers}
             if cfg.schemes == "search":

@@ -26,6 +26,7 @@ import onnx.utils
 from onnx import helper
 from onnxruntime.quantization.quant_utils import get_qmin_qmax_for_qType
 
+from passes.executor import Executor
 from passes.graph import GraphIndex, weight_channel_axis
 from passes.metrics import SqnrAgainst
 from passes.runtime import make_session, run_feeds
@@ -109,11 +110,15 @@ class NotSeparable(ValueError):
 
 class BlockProbe:
     """A piece of the float model between ``inputs`` and ``outputs``, with the float values the
-    calibration images give its inputs: the output SQNR of quantized copies, run by ONNX Runtime."""
+    calibration images give its inputs: the output SQNR of quantized copies, run by ONNX Runtime
+    through ``executor`` (the float piece with the first candidates)."""
 
-    def __init__(self, model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], threads: int) -> None:
+    def __init__(
+        self, model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], threads: int, executor: Executor | None = None
+    ) -> None:
         self.model, self.feeds, self.threads = model, feeds, threads
-        self.reference = SqnrAgainst(np.concatenate([out.ravel() for out in self._run(model)]))
+        self.executor = executor or Executor()
+        self.reference: SqnrAgainst | None = None
 
     @staticmethod
     def cut(extractor: onnx.utils.Extractor, inputs: list[str], outputs: list[str], image: str) -> onnx.ModelProto:
@@ -136,11 +141,22 @@ class BlockProbe:
                 break
         raise NotSeparable(f"the layers between also read {sorted(missing)}")
 
-    def _run(self, model: onnx.ModelProto) -> list[np.ndarray]:
-        return [out for outs in run_feeds(make_session(model, 1), self.feeds, self.threads) for out in outs]
+    def sqnrs(self, quantized: list[onnx.ModelProto]) -> list[float]:
+        """Each quantized copy's output SQNR against the float piece, all run as one ``map``."""
+        models = quantized if self.reference is not None else [self.model, *quantized]
+        callers = self.executor.task_threads(self.threads)
+        outputs = self.executor.map(piece_outputs, [(m.SerializeToString(), callers) for m in models], self.feeds)
+        if self.reference is None:
+            self.reference = SqnrAgainst(outputs.pop(0))
+        return [self.reference(out) for out in outputs]
 
-    def sqnr(self, quantized: onnx.ModelProto) -> float:
-        return self.reference(np.concatenate([out.ravel() for out in self._run(quantized)]))
+
+def piece_outputs(feeds: list[dict[str, np.ndarray]], task: tuple[bytes, int]) -> np.ndarray:
+    """Every output of a model piece (``task``: its bytes and the callers) for each feed, flattened
+    into one vector."""
+    data, callers = task
+    outputs = run_feeds(make_session(onnx.ModelProto.FromString(data), 1), feeds, callers)
+    return np.concatenate([out.ravel() for outs in outputs for out in outs])
 
 
 Overrides = dict[str, list[dict[str, Any]]]
@@ -161,8 +177,10 @@ class WeightTuner:
         reduce_range: bool,
         threads: int,
         advance: Callable[[int], None] = lambda n: None,
+        executor: Executor | None = None,
     ) -> None:
-        """``values(names)`` gives the float values of tensors ``names``, one dict per calibration batch."""
+        """``values(names)`` gives the float values of tensors ``names``, one dict per calibration batch;
+        ``executor`` runs each layer's candidates."""
         self.index = GraphIndex(model)
         self.nodes = {node.name: node for node in model.graph.node if node.name in set(layers)}
         self.layers = [name for name in layers if name in self.nodes]
@@ -170,6 +188,7 @@ class WeightTuner:
         self.image = model.graph.input[0].name
         self.quantize, self.values = quantize, values
         self.qtype, self.reduce_range, self.threads, self.advance = qtype, reduce_range, threads, advance
+        self.executor = executor or Executor()
 
     def overrides(self, schemes: dict[str, WeightScheme]) -> Overrides:
         result = {}
@@ -199,11 +218,13 @@ class WeightTuner:
                     yield piece
                     continue
                 inputs = [i.name for i in piece.graph.input]
-                yield BlockProbe(piece, [{name: batch[name] for name in inputs} for batch in values], self.threads)
+                feeds = [{name: batch[name] for name in inputs} for batch in values]
+                yield BlockProbe(piece, feeds, self.threads, self.executor)
 
-    def _score(self, probe: BlockProbe, schemes: dict[str, WeightScheme]) -> float:
-        quantized = self.quantize(probe.model, list(schemes), self.overrides(schemes), probe.feeds)
-        return round(probe.sqnr(quantized), 3)
+    def _scores(self, probe: BlockProbe, trials: list[dict[str, WeightScheme]]) -> list[float]:
+        """The output SQNR of the piece with each trial's schemes, measured together."""
+        quantized = [self.quantize(probe.model, list(s), self.overrides(s), probe.feeds) for s in trials]
+        return [round(value, 3) for value in probe.sqnrs(quantized)]
 
     def choose_schemes(
         self,
@@ -223,10 +244,10 @@ class WeightTuner:
                 table[layer] = {"chosen": default.label, "why": f"not measured: {probe}"}
                 chosen[layer] = default
                 continue
-            scores = {scheme: self._score(probe, {layer: scheme}) for scheme in candidates}
+            scores = dict(zip(candidates, self._scores(probe, [{layer: scheme} for scheme in candidates])))
             best = max(scores, key=scores.get)
             clipped = [dataclasses.replace(best, clip=clip) for clip in clips]
-            scores.update({scheme: self._score(probe, {layer: scheme}) for scheme in clipped})
+            scores.update(zip(clipped, self._scores(probe, [{layer: scheme} for scheme in clipped])))
             best = max(scores, key=scores.get)
             if scores[best] < scores[default] + min_gain_db:
                 best = default
@@ -270,12 +291,11 @@ class WeightTuner:
                 table.update({name: {"bridge": bridge["at"], "why": f"not tuned: {probe}"} for name in tuned})
                 continue
             block = {name: schemes[name] for name in tuned}
-            before = self._score(probe, block)
+            (before,) = self._scores(probe, [block])
             best_score = before
-            for name in tuned:
-                for clip in grid:
-                    trial = {**block, name: dataclasses.replace(block[name], clip=clip)}
-                    score = self._score(probe, trial)
+            for name in tuned:  # one layer at a time; its clips are measured together
+                trials = [{**block, name: dataclasses.replace(block[name], clip=clip)} for clip in grid]
+                for trial, score in zip(trials, self._scores(probe, trials)):
                     if score > best_score:
                         best_score, block = score, trial
             for name in tuned:

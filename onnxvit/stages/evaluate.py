@@ -52,7 +52,7 @@ def logits(run: Run, variant: Variant) -> tuple[np.ndarray, int]:
             run.timed(f"evaluate/{variant.name}"),
             run.reporter.task(f"evaluating {variant.name}", len(images)) as advance,
         ):
-            return variant.logits(images, batch, run.config.benchmark.threads, advance)
+            return variant.logits(images, batch, run.config.benchmark.threads, advance, run.executor)
 
     key = cache_key(model=variant.identity, evaluate=run.fingerprint("evaluate"), batch_size=batch)
     return run.cache.array(f"logits-{variant.name}", key, produce), batch

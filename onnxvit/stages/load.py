@@ -22,6 +22,7 @@ from onnxvit.engine import Cache, cache_key
 from onnxvit.fileio import sha256_file
 from onnxvit.progress import Reporter
 from passes import PassContext
+from passes.executor import Executor
 from passes.metrics import compare_logits
 from passes.runtime import batches, model_logits
 
@@ -55,6 +56,26 @@ class Run:
         from onnxvit.models import create_model
 
         return create_model(self.config.model)
+
+    @cached_property
+    def executor(self) -> Executor:
+        """Where evaluations and the searches' measurements run (``executor:``); started on first use."""
+        from onnxvit.distributed import make_executor
+
+        return make_executor(self.config.executor, self.reporter.log)
+
+    def executor_record(self) -> dict[str, Any]:
+        """Where the run's measurements ran, for the report (an executor never started says so)."""
+        if "executor" in self.__dict__:
+            record = self.executor.describe()
+        else:
+            record = {"kind": self.config.executor.kind, "started": False}
+        return {**record, "latency_timed_in": "this process, with no other measurement running"}
+
+    def close(self) -> None:
+        """Release the executor's workers, if it was started."""
+        if "executor" in self.__dict__:
+            self.executor.close()
 
     @cached_property
     def dense_model(self) -> Any:
@@ -135,6 +156,7 @@ class Run:
             threads=self.config.benchmark.threads,
             log=self.reporter.log,
             search_labels=labels,
+            executor=self.executor,
             progress=lambda description, total: self.reporter.task(description, total, live=False),
         )
 

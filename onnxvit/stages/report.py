@@ -71,6 +71,7 @@ def document(
         "lite": sections.get("lite"),
         "parity": sections.get("parity", []),
         "steps": sections.get("steps", []),
+        "executor": run.executor_record(),
         "seconds": sections.get("seconds"),
         "timings": sections.get("timings", {}),
     }

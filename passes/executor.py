@@ -1,0 +1,123 @@
+"""Where the independent measurements of an evaluation or a search run: in this process, or spread
+over workers (``onnxvit.distributed`` runs them on Ray).
+
+Two kinds of work are handed out. ``logits`` runs one model on many batches (an evaluation, a
+search's whole-model probe): the batches are split into shards, and each shard is run by a
+single-threaded session with parallel callers, exactly as ``model_logits`` runs it in process, so
+the logits are the same bit for bit wherever they are computed. ``map`` runs one picklable function
+over many items with one shared argument (the candidates of a search, each judged on the same
+inputs). Every result comes back to the caller, which alone writes caches and files: an executor
+never changes a figure, only where it is computed.
+
+Latency is never measured through an executor: timing stays in the calling process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Callable, Sequence, TypeVar
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from passes.runtime import make_session, model_logits, run_logits
+
+Shared = TypeVar("Shared")
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+Model = onnx.ModelProto | Path | str
+
+
+class Executor:
+    """In process (the default): the measurements run here, one after another, each on ``threads``
+    cores as before executors existed."""
+
+    kind = "local"
+    workers = 1
+
+    def logits(
+        self,
+        model: Model,
+        batches: list[np.ndarray],
+        threads: int,
+        advance: Callable[[int], None] = lambda n: None,
+    ) -> np.ndarray:
+        """``model``'s first output on every batch, concatenated, as float32."""
+        return model_logits(model, batches, threads, advance)
+
+    def map(
+        self,
+        function: Callable[[Shared, Item], Result],
+        items: Sequence[Item],
+        shared: Shared,
+        advance: Callable[[int], None] = lambda n: None,
+    ) -> list[Result]:
+        """``function(shared, item)`` for every item, in order. ``function`` must be a module-level
+        function (it is sent to workers by reference) and ``shared`` picklable."""
+        results = []
+        for item in items:
+            results.append(function(shared, item))
+            advance(1)
+        return results
+
+    def task_threads(self, threads: int) -> int:
+        """The callers a task of ``map`` runs its feeds with: ``threads`` here, a worker's own elsewhere."""
+        return threads
+
+    def describe(self) -> dict[str, Any]:
+        """What the report says of where the work ran."""
+        return {"kind": self.kind}
+
+    def close(self) -> None:
+        """Release workers, if any."""
+
+
+def model_bytes(model: Model) -> bytes:
+    """The serialized model, whatever form it is given in: what a worker opens its session from."""
+    if isinstance(model, onnx.ModelProto):
+        return model.SerializeToString()
+    return Path(model).read_bytes()
+
+
+def digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+_SESSIONS: OrderedDict[str, ort.InferenceSession] = OrderedDict()
+_KEPT_SESSIONS = 2
+
+
+def cached_session(key: str, data: bytes) -> ort.InferenceSession:
+    """A single-threaded session for the model ``data`` (named ``key``), kept for the next shards of
+    the same model that reach this worker process; the least recently used is dropped."""
+    if key in _SESSIONS:
+        _SESSIONS.move_to_end(key)
+        return _SESSIONS[key]
+    session = make_session(onnx.ModelProto.FromString(data), 1)
+    _SESSIONS[key] = session
+    while len(_SESSIONS) > _KEPT_SESSIONS:
+        _SESSIONS.popitem(last=False)
+    return session
+
+
+def shard_logits(model: tuple[str, bytes], shard: tuple[list[np.ndarray], int]) -> np.ndarray:
+    """One shard of ``Executor.logits`` on a worker: ``model`` is (digest, bytes), ``shard`` the
+    batches and the callers that run them (as ``model_logits`` does)."""
+    key, data = model
+    batches, callers = shard
+    return run_logits(cached_session(key, data), batches, callers)
+
+
+def split(values: Sequence[Item], parts: int) -> list[list[Item]]:
+    """``values`` cut into at most ``parts`` consecutive, near-equal, non-empty pieces."""
+    parts = max(1, min(parts, len(values)))
+    size, extra = divmod(len(values), parts)
+    pieces, start = [], 0
+    for index in range(parts):
+        end = start + size + (index < extra)
+        pieces.append(list(values[start:end]))
+        start = end
+    return pieces
