@@ -117,6 +117,8 @@ def main() -> None:
         search_notes[label] = json.dumps({k: ctx.notes.get(k) for k in SEARCH_NOTES}, sort_keys=True)
         rows.append({"work": "search", "executor": label, "start_s": round(start_s, 2), "seconds": round(seconds, 2)})
     same_choices = len(set(search_notes.values())) == 1
+    pipeline = next(s["notes"] for s in report["steps"] if s["name"] == step.output)
+    as_in_pipeline = search_notes["local"] == json.dumps({k: pipeline.get(k) for k in SEARCH_NOTES}, sort_keys=True)
 
     print_table(rows, ["work", "executor", "start_s", "seconds", *[f"{name}_s" for name in models]])
     by = {(row["work"].split(" ")[0], row["executor"]): row["seconds"] for row in rows}
@@ -140,6 +142,7 @@ def main() -> None:
         "search_2_workers_s": by[("search", "ray 2x1")],
         "search_2_over_1": round(by[("search", "ray 2x1")] / by[("search", "ray 1x1")], 3),
         "search_choices_identical": same_choices,
+        "search_choices_as_in_pipeline": as_in_pipeline,  # the compress run's step (cached, maybe older code)
         # for estimates at other scales: one image through one variant on one core, and Ray's cost per shard
         "core_s_per_image": round(local_eval * threads / evaluated, 5),
         "overhead_s_per_shard": round(max(ray_eval - local_eval, 0.0) * threads / shards, 4),

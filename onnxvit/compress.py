@@ -129,6 +129,7 @@ def _pipeline(run: Run) -> dict[str, Any]:
     reference = DENSE_VARIANT if pruned is not None or config.tokens is not None else EXPORT_VARIANT
     with run.timed("evaluate"):
         scores, logits = evaluate.evaluate(run, variants, by_name[reference])
+    run.close()  # every distributed measurement is done: no worker shares the cores while latency is timed
     with run.timed("benchmark"):
         latency = benchmark.latency(run, variants)
     if config.benchmark.profile:

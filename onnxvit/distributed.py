@@ -11,17 +11,29 @@ Ray leaves the same files as a local one.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
 from onnxvit.config import ExecutorConfig
 from onnxvit.errors import UserError
-from passes.executor import Executor, Item, Model, Result, Shared, digest, model_bytes, shard_logits, split
+from passes.executor import (
+    Executor,
+    Item,
+    Model,
+    Result,
+    Shared,
+    digest,
+    model_bytes,
+    shard_logits,
+    shard_outputs,
+    split,
+)
 
 RAY_INSTALL = 'pip install -e ".[ray]" (or pip install "ray>=2.60")'
 TASK_RETRIES = 3  # a task whose worker dies is run again this many times before the run fails
 SHARDS_PER_WORKER = 4  # evaluation shards per worker: progress moves and a slow worker holds little back
+KEPT_MODELS = 4  # models kept in the object store for their next shards (a search measures hundreds)
 
 
 def import_ray() -> Any:
@@ -82,25 +94,57 @@ class RayExecutor(Executor):
             self._stored[key] = (keep if keep is not None else value, self.ray.put(value))
         return self._stored[key][1]
 
-    def _gather(self, arguments: list[tuple[Any, ...]], advance: Callable[[Any], None]) -> list[Any]:
-        """Run a task per argument tuple, at most ``workers`` at once; results in order."""
+    def _stream(self, arguments: Iterable[tuple[Any, ...]]) -> Iterator[tuple[int, Any]]:
+        """Run a task per argument tuple, at most ``workers`` running and as many queued behind them
+        (so a worker that frees up starts at once), taking the next tuple only then; (index, result)
+        as each is done."""
         ray = self.ray
-        results: list[Any] = [None] * len(arguments)
         pending: dict[Any, int] = {}
-        submitted = 0
-        while submitted < len(arguments) or pending:
-            while submitted < len(arguments) and len(pending) < self.workers:
-                pending[self.task.remote(*arguments[submitted])] = submitted
-                submitted += 1
+        upcoming = enumerate(arguments)
+        exhausted = False
+        while not exhausted or pending:
+            while not exhausted and len(pending) < 2 * self.workers:
+                try:
+                    index, argument = next(upcoming)
+                except StopIteration:
+                    exhausted = True
+                    break
+                pending[self.task.remote(*argument)] = index
+            if not pending:
+                break
             done, _ = ray.wait(list(pending), num_returns=1)
             for ref in done:
                 index = pending.pop(ref)
                 try:
-                    results[index] = ray.get(ref)
+                    result = ray.get(ref)
                 except ray.exceptions.RayTaskError as error:
                     raise error.as_instanceof_cause() from None
-                advance(results[index])
-        return results
+                yield index, result
+
+    def _gather(self, arguments: Iterable[tuple[Any, ...]], advance: Callable[[Any], None]) -> list[Any]:
+        """The results of ``_stream`` in order, ``advance`` called with each as it comes."""
+        results = {}
+        for index, result in self._stream(arguments):
+            results[index] = result
+            advance(result)
+        return [results[index] for index in range(len(results))]
+
+    def _model(self, model: Model) -> Any:
+        """(digest, bytes) of ``model`` in the object store; the last few are kept for their next shards."""
+        data = model_bytes(model)
+        key = ("model", digest(data))
+        if key not in self._stored:
+            kept = [k for k in self._stored if k[0] == "model"]
+            for old in kept[: max(0, len(kept) - KEPT_MODELS + 1)]:
+                del self._stored[old]
+        return self._store(key, (key[1], data))
+
+    def _shards(self, batches: list[np.ndarray]) -> list[Any]:
+        """``batches`` cut into shards of (batches, callers) in the object store, once per list of batches."""
+        pieces = split(batches, self.workers * SHARDS_PER_WORKER)
+        where = tuple(b.__array_interface__["data"][0] for b in (batches[0], batches[-1]))
+        key = ("shards", len(batches), batches[0].shape, where, len(pieces))
+        return [self._store((*key, i), (piece, self.threads), keep=batches) for i, piece in enumerate(pieces)]
 
     def logits(
         self,
@@ -113,27 +157,23 @@ class RayExecutor(Executor):
         shard with ``threads_per_worker`` callers); each batch's logits equal the local ones."""
         if not batches:
             return np.zeros((0, 0), np.float32)
-        data = model_bytes(model)
-        key = digest(data)
-        model_ref = self._store(("model", key), (key, data))
-        pieces = split(batches, self.workers * SHARDS_PER_WORKER)
-        where = tuple(b.__array_interface__["data"][0] for b in (batches[0], batches[-1]))
-        shards_key = ("shards", len(batches), batches[0].shape, where, len(pieces))
-        shard_refs = [
-            self._store((*shards_key, index), (piece, self.threads), keep=batches) for index, piece in enumerate(pieces)
-        ]
-        outputs = self._gather([(shard_logits, model_ref, ref) for ref in shard_refs], lambda out: advance(len(out)))
-        return np.concatenate(outputs)
+        model_ref = self._model(model)
+        shards = self._shards(batches)
+        return np.concatenate(self._gather([(shard_logits, model_ref, s) for s in shards], lambda o: advance(len(o))))
 
-    def map(
-        self,
-        function: Callable[[Shared, Item], Result],
-        items: Sequence[Item],
-        shared: Shared,
-        advance: Callable[[int], None] = lambda n: None,
-    ) -> list[Result]:
+    def outputs(self, model: Model, batches: list[np.ndarray], threads: int) -> list[list[np.ndarray]]:
+        if not batches:
+            return []
+        model_ref = self._model(model)
+        shards = self._shards(batches)
+        pieces = self._gather([(shard_outputs, model_ref, shard) for shard in shards], lambda _: None)
+        return [out for piece in pieces for out in piece]
+
+    def stream(
+        self, function: Callable[[Shared, Item], Result], items: Iterable[Item], shared: Shared
+    ) -> Iterator[tuple[int, Result]]:
         shared_ref = self.ray.put(shared)
-        return self._gather([(function, shared_ref, item) for item in items], lambda _: advance(1))
+        yield from self._stream((function, shared_ref, item) for item in items)
 
     def task_threads(self, threads: int) -> int:
         return self.threads

@@ -89,6 +89,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"agreement, SQNR and ratios against the `{report.get('reference', 'fp32')}` ONNX model. "
         f"Latency: batch {report.get('batch_size', 1)}, median of timed runs after warm-up.",
         _scoring_batches(report),
+        _executor_line(report.get("executor")),
     ]
     prune = report.get("prune")
     if prune:
@@ -153,6 +154,20 @@ def _scoring_batches(report: dict[str, Any]) -> str:
     if other:
         line += "; " + ", ".join(f"`{n}` at batch {b}" for n, b in other.items()) + " (its logits are identical there)"
     return line + "."
+
+
+def _executor_line(executor: dict[str, Any] | None) -> str:
+    """Where evaluations and searches ran (latency is always timed in the driver)."""
+    if not executor or executor.get("kind") != "ray":
+        return "Evaluations and searches ran in this process; latency was timed here."
+    if executor.get("started") is False:
+        return "Executor: Ray, never started (every result came from the cache); latency was timed here."
+    where = executor.get("address") or "a local cluster"
+    return (
+        f"Evaluations and searches ran as Ray tasks on {where} ({executor['workers']} workers x "
+        f"{executor['threads_per_worker']} threads, {executor['cluster_cpus']} CPUs); latency was timed in "
+        "this process with no task running."
+    )
 
 
 def _tokens_section(tokens: dict[str, Any] | None) -> list[str]:

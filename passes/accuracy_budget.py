@@ -92,12 +92,11 @@ class AloneProbe:
             names = sorted({name for layer in chunk for name in suffix_inputs(self.model, self.position[layer])})
             captured = self.values(names)
             types = {name: helper.np_dtype_to_tensor_dtype(value.dtype) for name, value in captured[0].items()}
-            suffixes = [graph_suffix(self.build([layer]), self.position[layer], types) for layer in chunk]
-            logits = executor.map(
-                suffix_logits,
-                [(suffix.SerializeToString(), callers) for suffix in suffixes],
-                captured,
+            suffixes = (  # built as workers free up
+                (graph_suffix(self.build([layer]), self.position[layer], types).SerializeToString(), callers)
+                for layer in chunk
             )
+            logits = executor.map(suffix_logits, suffixes, captured)
             result.update({layer: self.probe.score(value) for layer, value in zip(chunk, logits)})
         return result
 

@@ -17,13 +17,13 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
-from passes.runtime import make_session, model_logits, run_logits
+from passes.runtime import make_session, model_logits, run_feeds, run_logits
 
 Shared = TypeVar("Shared")
 Item = TypeVar("Item")
@@ -48,20 +48,35 @@ class Executor:
         """``model``'s first output on every batch, concatenated, as float32."""
         return model_logits(model, batches, threads, advance)
 
+    def outputs(self, model: Model, batches: list[np.ndarray], threads: int) -> list[list[np.ndarray]]:
+        """Every output of ``model`` for each batch (fed to its first input), as ONNX Runtime gives them."""
+        session = make_session(model, 1)
+        name = session.get_inputs()[0].name
+        return run_feeds(session, [{name: batch} for batch in batches], threads)
+
     def map(
         self,
         function: Callable[[Shared, Item], Result],
-        items: Sequence[Item],
+        items: Iterable[Item],
         shared: Shared,
         advance: Callable[[int], None] = lambda n: None,
     ) -> list[Result]:
-        """``function(shared, item)`` for every item, in order. ``function`` must be a module-level
-        function (it is sent to workers by reference) and ``shared`` picklable."""
-        results = []
-        for item in items:
-            results.append(function(shared, item))
+        """``function(shared, item)`` for every item, in order (see ``stream``)."""
+        results = {}
+        for index, result in self.stream(function, items, shared):
+            results[index] = result
             advance(1)
-        return results
+        return [results[index] for index in range(len(results))]
+
+    def stream(
+        self, function: Callable[[Shared, Item], Result], items: Iterable[Item], shared: Shared
+    ) -> Iterator[tuple[int, Result]]:
+        """(index, ``function(shared, item)``) for every item as each is done, in any order, so that
+        large results can be reduced and dropped as they come. ``function`` must be a module-level
+        function (it is sent to workers by reference) and ``shared`` picklable; ``items`` may be a
+        generator, consumed as workers free up, so that building the next item overlaps the work."""
+        for index, item in enumerate(items):
+            yield index, function(shared, item)
 
     def task_threads(self, threads: int) -> int:
         """The callers a task of ``map`` runs its feeds with: ``threads`` here, a worker's own elsewhere."""
@@ -109,6 +124,15 @@ def shard_logits(model: tuple[str, bytes], shard: tuple[list[np.ndarray], int]) 
     key, data = model
     batches, callers = shard
     return run_logits(cached_session(key, data), batches, callers)
+
+
+def shard_outputs(model: tuple[str, bytes], shard: tuple[list[np.ndarray], int]) -> list[list[np.ndarray]]:
+    """One shard of ``Executor.outputs`` on a worker (see ``shard_logits``)."""
+    key, data = model
+    batches, callers = shard
+    session = cached_session(key, data)
+    name = session.get_inputs()[0].name
+    return run_feeds(session, [{name: batch} for batch in batches], callers)
 
 
 def split(values: Sequence[Item], parts: int) -> list[list[Item]]:

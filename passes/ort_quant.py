@@ -16,8 +16,8 @@ import onnx
 from onnx import helper
 
 from passes.base import PassContext
+from passes.executor import Executor
 from passes.graph import copy_model
-from passes.runtime import make_session, run_feeds
 
 
 class CalibrationReader:
@@ -76,14 +76,20 @@ def run_ort_quantizer(model: onnx.ModelProto, quantize: Callable[[Path, Path], N
 
 
 def tensor_values(
-    model: onnx.ModelProto, names: list[str], batches: list[np.ndarray], input_name: str, threads: int
+    model: onnx.ModelProto,
+    names: list[str],
+    batches: list[np.ndarray],
+    input_name: str,
+    threads: int,
+    executor: Executor | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """The float values of tensors ``names`` (any, not only outputs; the image input too) for each batch."""
+    """The float values of tensors ``names`` (any, not only outputs; the image input too) for each
+    batch, computed by ``executor`` (default: here)."""
     computed = [name for name in names if name != input_name]
     probe = copy_model(model)
     del probe.graph.output[:]
     probe.graph.output.extend(helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in computed)
-    outputs = run_feeds(make_session(probe, 1), [{input_name: b} for b in batches], threads) if computed else []
+    outputs = (executor or Executor()).outputs(probe, batches, threads) if computed else []
     for index, batch in enumerate(batches):
         values = dict(zip(computed, outputs[index])) if computed else {}
         yield {name: batch if name == input_name else values[name] for name in names}

@@ -173,7 +173,7 @@ class QuantizeInt8Pass(Pass):
             if builder is not None:
 
                 def search_values(names: list[str]) -> list[dict[str, np.ndarray]]:
-                    return list(tensor_values(prepared, names, ctx.search, ctx.input_name, ctx.threads))
+                    return list(tensor_values(prepared, names, ctx.search, ctx.input_name, ctx.threads, ctx.executor))
 
                 alone = AloneProbe(prepared, builder.build, probe, search_values)
             _, notes = fit_budget(layers, candidate, probe, budget, cfg.max_float_layers, ctx.log, alone)
@@ -218,7 +218,7 @@ class QuantizeInt8Pass(Pass):
         deployed = batches(np.concatenate(calibration), ctx.batch_size)
 
         def values(names: list[str]) -> list[dict[str, np.ndarray]]:
-            return list(tensor_values(model, names, deployed, ctx.input_name, ctx.threads))
+            return list(tensor_values(model, names, deployed, ctx.input_name, ctx.threads, ctx.executor))
 
         def quantize_piece(
             piece: onnx.ModelProto, nodes: list[str], overrides: Overrides, feeds: list[dict[str, np.ndarray]]

@@ -110,14 +110,11 @@ class NotSeparable(ValueError):
 
 class BlockProbe:
     """A piece of the float model between ``inputs`` and ``outputs``, with the float values the
-    calibration images give its inputs: the output SQNR of quantized copies, run by ONNX Runtime
-    through ``executor`` (the float piece with the first candidates)."""
+    calibration images give its inputs; ``reference`` scores quantized copies' outputs against the
+    float piece's once that has run."""
 
-    def __init__(
-        self, model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], threads: int, executor: Executor | None = None
-    ) -> None:
-        self.model, self.feeds, self.threads = model, feeds, threads
-        self.executor = executor or Executor()
+    def __init__(self, model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> None:
+        self.model, self.feeds = model, feeds
         self.reference: SqnrAgainst | None = None
 
     @staticmethod
@@ -141,24 +138,16 @@ class BlockProbe:
                 break
         raise NotSeparable(f"the layers between also read {sorted(missing)}")
 
-    def sqnrs(self, quantized: list[onnx.ModelProto]) -> list[float]:
-        """Each quantized copy's output SQNR against the float piece, all run as one ``map``."""
-        models = quantized if self.reference is not None else [self.model, *quantized]
-        callers = self.executor.task_threads(self.threads)
-        outputs = self.executor.map(piece_outputs, [(m.SerializeToString(), callers) for m in models], self.feeds)
-        if self.reference is None:
-            self.reference = SqnrAgainst(outputs.pop(0))
-        return [self.reference(out) for out in outputs]
 
-
-def piece_outputs(feeds: list[dict[str, np.ndarray]], task: tuple[bytes, int]) -> np.ndarray:
-    """Every output of a model piece (``task``: its bytes and the callers) for each feed, flattened
-    into one vector."""
-    data, callers = task
-    outputs = run_feeds(make_session(onnx.ModelProto.FromString(data), 1), feeds, callers)
+def piece_outputs(feeds: dict[int, list[dict[str, np.ndarray]]], task: tuple[int, bytes, int]) -> np.ndarray:
+    """Every output of a model piece for each of its feeds, flattened into one vector; ``task`` is
+    (which piece's feeds, the model's bytes, the callers)."""
+    piece, data, callers = task
+    outputs = run_feeds(make_session(onnx.ModelProto.FromString(data), 1), feeds[piece], callers)
     return np.concatenate([out.ravel() for outs in outputs for out in outs])
 
 
+Trial = dict[str, WeightScheme]
 Overrides = dict[str, list[dict[str, Any]]]
 # (piece of the float model, layers in it to quantize, weight overrides, calibration feeds) -> quantized piece
 QuantizePiece = Callable[[onnx.ModelProto, list[str], Overrides, list[dict[str, np.ndarray]]], onnx.ModelProto]
@@ -199,9 +188,9 @@ class WeightTuner:
             result[node.input[1]] = scheme.overrides(weight, axis, self.qtype, self.reduce_range)
         return result
 
-    def _probes(self, ends: list[tuple[str, str]], chunk: int = 16) -> Iterator[BlockProbe | NotSeparable]:
-        """A probe per (input, output) pair, or why there is none; the float inputs of ``chunk`` pieces
-        are captured in one pass over the calibration images."""
+    def _probes(self, ends: list[tuple[str, str]], chunk: int = 16) -> Iterator[list[BlockProbe | NotSeparable]]:
+        """A probe per (input, output) pair, or why there is none, ``chunk`` at a time: their float
+        inputs are captured in one pass over the calibration images."""
         for start in range(0, len(ends), chunk):
             pieces: list[onnx.ModelProto | NotSeparable] = []
             for first, last in ends[start : start + chunk]:
@@ -213,18 +202,51 @@ class WeightTuner:
                 {i.name for piece in pieces if isinstance(piece, onnx.ModelProto) for i in piece.graph.input}
             )
             values = self.values(names) if names else []
+            probes: list[BlockProbe | NotSeparable] = []
             for piece in pieces:
                 if isinstance(piece, NotSeparable):
-                    yield piece
+                    probes.append(piece)
                     continue
                 inputs = [i.name for i in piece.graph.input]
-                feeds = [{name: batch[name] for name in inputs} for batch in values]
-                yield BlockProbe(piece, feeds, self.threads, self.executor)
+                probes.append(BlockProbe(piece, [{name: batch[name] for name in inputs} for batch in values]))
+            yield probes
 
-    def _scores(self, probe: BlockProbe, trials: list[dict[str, WeightScheme]]) -> list[float]:
-        """The output SQNR of the piece with each trial's schemes, measured together."""
-        quantized = [self.quantize(probe.model, list(s), self.overrides(s), probe.feeds) for s in trials]
-        return [round(value, 3) for value in probe.sqnrs(quantized)]
+    def _measure(self, jobs: list[tuple[BlockProbe, list[Trial]]]) -> list[list[float]]:
+        """For each (probe, trials), the piece's output SQNR under each trial's schemes. Every piece's
+        float run (the first time) and every quantized trial go to the executor as one stream: trials
+        are quantized as workers free up, and each output is scored and dropped as it comes."""
+        plan: list[tuple[int, Trial | None]] = []  # (job, trial); None: the float piece
+        for index, (probe, trials) in enumerate(jobs):
+            plan += ([(index, None)] if probe.reference is None else []) + [(index, trial) for trial in trials]
+        callers = self.executor.task_threads(self.threads)
+
+        def tasks() -> Iterator[tuple[int, bytes, int]]:
+            for index, trial in plan:
+                piece, feeds = jobs[index][0].model, jobs[index][0].feeds
+                model = piece if trial is None else self.quantize(piece, list(trial), self.overrides(trial), feeds)
+                yield index, model.SerializeToString(), callers
+
+        scores: dict[int, float] = {}
+        waiting: dict[int, list[tuple[int, np.ndarray]]] = {}  # trials done before their float piece
+        shared = {index: probe.feeds for index, (probe, _) in enumerate(jobs)}
+        for position, output in self.executor.stream(piece_outputs, tasks(), shared):
+            index, trial = plan[position]
+            probe = jobs[index][0]
+            if trial is None:
+                probe.reference = SqnrAgainst(output)
+                ready = waiting.pop(index, [])
+            elif probe.reference is None:
+                waiting.setdefault(index, []).append((position, output))
+                continue
+            else:
+                ready = [(position, output)]
+            reference = probe.reference
+            scores.update({done: round(reference(out), 3) for done, out in ready})
+        result: list[list[float]] = [[] for _ in jobs]
+        for position, (index, trial) in enumerate(plan):
+            if trial is not None:
+                result[index].append(scores[position])
+        return result
 
     def choose_schemes(
         self,
@@ -238,25 +260,37 @@ class WeightTuner:
         candidates, clips = list(dict.fromkeys([default, *candidates])), [clip for clip in clips if clip != 1.0]
         chosen, table = {}, {}
         ends = [(self.nodes[layer].input[0], self.nodes[layer].output[0]) for layer in self.layers]
-        for layer, probe in zip(self.layers, self._probes(ends)):
-            self.advance(1)
-            if isinstance(probe, NotSeparable):
-                table[layer] = {"chosen": default.label, "why": f"not measured: {probe}"}
-                chosen[layer] = default
-                continue
-            scores = dict(zip(candidates, self._scores(probe, [{layer: scheme} for scheme in candidates])))
-            best = max(scores, key=scores.get)
-            clipped = [dataclasses.replace(best, clip=clip) for clip in clips]
-            scores.update(zip(clipped, self._scores(probe, [{layer: scheme} for scheme in clipped])))
-            best = max(scores, key=scores.get)
-            if scores[best] < scores[default] + min_gain_db:
-                best = default
-            chosen[layer] = best
-            table[layer] = {
-                "chosen": best.label,
-                "default": default.label,
-                "sqnr_db": {s.label: v for s, v in scores.items()},
+        layers = iter(self.layers)
+        for probes in self._probes(ends):  # a chunk of layers: their candidates, then their clips, measured together
+            chunk = [(next(layers), probe) for probe in probes]
+            measured = [(layer, probe) for layer, probe in chunk if isinstance(probe, BlockProbe)]
+            first = self._measure([(probe, [{layer: scheme} for scheme in candidates]) for layer, probe in measured])
+            scores = {layer: dict(zip(candidates, values)) for (layer, _), values in zip(measured, first)}
+            clipped = {
+                layer: [dataclasses.replace(max(scores[layer], key=scores[layer].get), clip=clip) for clip in clips]
+                for layer, _ in measured
             }
+            second = self._measure(
+                [(probe, [{layer: scheme} for scheme in clipped[layer]]) for layer, probe in measured]
+            )
+            for (layer, _), values in zip(measured, second):
+                scores[layer].update(zip(clipped[layer], values))
+            for layer, probe in chunk:
+                self.advance(1)
+                if isinstance(probe, NotSeparable):
+                    table[layer] = {"chosen": default.label, "why": f"not measured: {probe}"}
+                    chosen[layer] = default
+                    continue
+                layer_scores = scores[layer]
+                best = max(layer_scores, key=layer_scores.get)
+                if layer_scores[best] < layer_scores[default] + min_gain_db:
+                    best = default
+                chosen[layer] = best
+                table[layer] = {
+                    "chosen": best.label,
+                    "default": default.label,
+                    "sqnr_db": {s.label: v for s, v in layer_scores.items()},
+                }
         return chosen, table
 
     def reconstruct(
@@ -285,17 +319,19 @@ class WeightTuner:
             )
             return self._node(first).input[0], self._node(last).output[0]
 
-        for (bridge, tuned), probe in zip(blocks, self._probes([ends(bridge) for bridge, _ in blocks])):
+        probes = [probe for chunk in self._probes([ends(bridge) for bridge, _ in blocks]) for probe in chunk]
+        for (bridge, tuned), probe in zip(blocks, probes):
             self.advance(1)
             if isinstance(probe, NotSeparable):
                 table.update({name: {"bridge": bridge["at"], "why": f"not tuned: {probe}"} for name in tuned})
                 continue
             block = {name: schemes[name] for name in tuned}
-            (before,) = self._scores(probe, [block])
+            ((before,),) = self._measure([(probe, [block])])
             best_score = before
             for name in tuned:  # one layer at a time; its clips are measured together
                 trials = [{**block, name: dataclasses.replace(block[name], clip=clip)} for clip in grid]
-                for trial, score in zip(trials, self._scores(probe, trials)):
+                (values,) = self._measure([(probe, trials)])
+                for trial, score in zip(trials, values):
                     if score > best_score:
                         best_score, block = score, trial
             for name in tuned:

@@ -36,6 +36,7 @@ class Run:
     reporter: Reporter
     cache: Cache
     timings: dict[str, float] = field(default_factory=dict)
+    used_executor: dict[str, Any] | None = None  # what the executor was, once it has been closed
 
     @contextmanager
     def timed(self, part: str) -> Iterator[None]:
@@ -67,15 +68,17 @@ class Run:
     def executor_record(self) -> dict[str, Any]:
         """Where the run's measurements ran, for the report (an executor never started says so)."""
         if "executor" in self.__dict__:
-            record = self.executor.describe()
-        else:
-            record = {"kind": self.config.executor.kind, "started": False}
+            self.used_executor = self.executor.describe()
+        record = self.used_executor or {"kind": self.config.executor.kind, "started": False}
         return {**record, "latency_timed_in": "this process, with no other measurement running"}
 
     def close(self) -> None:
-        """Release the executor's workers, if it was started."""
+        """Stop the executor's workers, if it was started (a later use starts it again): before
+        latency is timed, so that no worker process shares the cores."""
         if "executor" in self.__dict__:
+            self.used_executor = self.executor.describe()
             self.executor.close()
+            del self.__dict__["executor"]
 
     @cached_property
     def dense_model(self) -> Any:
