@@ -1,13 +1,14 @@
 """Where the independent measurements of an evaluation or a search run: in this process, or spread
 over workers (``onnxvit.distributed`` runs them on Ray).
 
-Two kinds of work are handed out. ``logits`` runs one model on many batches (an evaluation, a
-search's whole-model probe): the batches are split into shards, and each shard is run by a
-single-threaded session with parallel callers, exactly as ``model_logits`` runs it in process, so
-the logits are the same bit for bit wherever they are computed. ``map`` runs one picklable function
-over many items with one shared argument (the candidates of a search, each judged on the same
-inputs). Every result comes back to the caller, which alone writes caches and files: an executor
-never changes a figure, only where it is computed.
+Two kinds of work are handed out. ``logits`` and ``outputs`` run one model on many batches (an
+evaluation, a search's whole-model probe, an activation capture): the batches are split into shards,
+and each shard is run by a single-threaded session with parallel callers, exactly as
+``model_logits`` runs it in process, so the results are the same bit for bit wherever they are
+computed. ``map`` and ``stream`` run one module-level function over many items with one shared
+argument (the candidates of a search, each judged on the same inputs). Every result comes back to
+the caller, which scores it and alone writes caches and files: an executor never changes a figure,
+only where it is computed.
 
 Latency is never measured through an executor: timing stays in the calling process.
 """

@@ -88,24 +88,23 @@ def _compress(config: Path, *args: str):
     assert result.exit_code == 0, result.output + repr(result.exception)
 
 
+def _searching_config(folder: Path, image_folder: Path, **executor) -> Path:
+    """The tiny model with the searching int8 step, on the executor ``executor`` names (default: local)."""
+    sections = {"executor": executor} if executor else {}
+    return write_config(folder, image_folder, passes=[SEARCHED_INT8], benchmark={"warmup": 1, "runs": 4}, **sections)
+
+
 @pytest.fixture(scope="module")
 def local_run(tmp_path_factory, image_folder):
     folder = tmp_path_factory.mktemp("local")
-    config = write_config(folder, image_folder, passes=[SEARCHED_INT8], benchmark={"warmup": 1, "runs": 4})
+    config = _searching_config(folder, image_folder)
     _compress(config)
     return config, folder / "out"
 
 
 def test_a_ray_run_reports_what_a_local_run_reports(local_run, tmp_path, image_folder):
     config, local_out = local_run
-    ray_config = write_config(
-        tmp_path,
-        image_folder,
-        passes=[SEARCHED_INT8],
-        benchmark={"warmup": 1, "runs": 4},
-        executor={"kind": "ray", "workers": 2},
-    )
-    _compress(ray_config)
+    _compress(_searching_config(tmp_path, image_folder, kind="ray", workers=2))
     local, remote = _report(local_out), _report(tmp_path / "out")
     assert _figures(remote) == _figures(local)
     int8 = next(s for s in remote["steps"] if s["name"] == "int8")["notes"]
@@ -150,13 +149,7 @@ def _kill_one_task(stop: threading.Event, killed: list[str]) -> None:
 
 def test_a_worker_killed_mid_task_does_not_change_the_report(local_run, tmp_path, image_folder):
     _, local_out = local_run
-    config = write_config(
-        tmp_path,
-        image_folder,
-        passes=[SEARCHED_INT8],
-        benchmark={"warmup": 1, "runs": 4},
-        executor={"kind": "ray", "workers": 2},
-    )
+    config = _searching_config(tmp_path, image_folder, kind="ray", workers=2)
     stop, killed = threading.Event(), []
     killer = threading.Thread(target=_kill_one_task, args=(stop, killed), daemon=True)
     killer.start()
