@@ -85,7 +85,7 @@ class RayExecutor(Executor):
         self.cluster_cpus = cpus
         self.task = ray.remote(_call).options(num_cpus=self.threads, max_retries=TASK_RETRIES)
         self._stored: dict[Any, tuple[Any, Any]] = {}  # key -> (the object kept alive, its reference)
-        log(f"ray: {self.workers} workers x {self.threads} threads on a cluster of {cpus} CPUs")
+        log(f"ray: {self.workers} workers of {self.threads} thread(s) each, on a cluster of {cpus} CPUs")
 
     def _store(self, key: Any, value: Any, keep: Any = None) -> Any:
         """``value`` in the object store once per ``key``; ``keep`` (what the key's ids point into)

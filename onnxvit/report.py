@@ -164,8 +164,8 @@ def _executor_line(executor: dict[str, Any] | None) -> str:
         return "Executor: Ray, never started (every result came from the cache); latency was timed here."
     where = executor.get("address") or "a local cluster"
     return (
-        f"Evaluations and searches ran as Ray tasks on {where} ({executor['workers']} workers x "
-        f"{executor['threads_per_worker']} threads, {executor['cluster_cpus']} CPUs); latency was timed in "
+        f"Evaluations and searches ran as Ray tasks on {where} ({executor['workers']} workers of "
+        f"{executor['threads_per_worker']} thread(s) each, {executor['cluster_cpus']} CPUs); latency was timed in "
         "this process with no task running."
     )
 

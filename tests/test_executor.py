@@ -110,6 +110,7 @@ def test_a_ray_run_reports_what_a_local_run_reports(local_run, tmp_path, image_f
     int8 = next(s for s in remote["steps"] if s["name"] == "int8")["notes"]
     assert int8["schemes"] and len(int8["sensitivity"]) > 1  # both searches ran, as tasks
     assert remote["executor"]["kind"] == "ray" and remote["executor"]["workers"] == 2
+    assert "ran as Ray tasks on a local cluster (2 workers" in (tmp_path / "out" / "report.md").read_text()
     assert local["executor"] == {"kind": "local", "latency_timed_in": local["executor"]["latency_timed_in"]}
     assert (tmp_path / "out" / "model.int8.onnx").read_bytes() == (local_out / "model.int8.onnx").read_bytes()
 
