@@ -44,6 +44,8 @@ def check_inputs(run: Run) -> None:
         from onnxvit.distributed import import_ray
 
         import_ray()
+        if run.config.executor.address is not None:  # a cluster to join: reach it now (a local one starts on use)
+            run.executor  # noqa: B018
     prune.check(run)
     tokens.check(run)
     if run.config.lite is not None:

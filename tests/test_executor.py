@@ -175,6 +175,17 @@ def test_ray_missing_is_one_line(tmp_path, image_folder, monkeypatch):
     assert not (tmp_path / "out").exists()  # refused before anything was written
 
 
+@pytest.mark.skipif(Path("/tmp/ray/ray_current_cluster").exists(), reason="a Ray cluster runs on this machine")
+def test_no_cluster_at_the_address_is_one_line_before_anything_is_written(tmp_path, image_folder, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    config = write_config(tmp_path, image_folder, executor={"kind": "ray", "address": "auto"})
+    result = CliRunner().invoke(main, ["compress", str(config), "--quiet"], catch_exceptions=True)
+    assert result.exit_code == 2, result.output
+    line = result.stderr.strip()
+    assert "\n" not in line and "executor.address: no Ray cluster at 'auto'" in line
+    assert not (tmp_path / "out").exists()
+
+
 def test_ray_options_need_kind_ray(tmp_path, image_folder):
     config = write_config(tmp_path, image_folder, executor={"workers": 2})
     result = CliRunner().invoke(main, ["compress", str(config), "--quiet"], catch_exceptions=True)
