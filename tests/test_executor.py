@@ -35,8 +35,10 @@ SEARCHED_INT8 = {
 NOT_MEASURED_THE_SAME = {"latency_ms", "int8_efficiency", "int8_bound_speedup"}  # timed, or read from timings
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="class")
 def ray_executor():
+    """A local cluster for the executor-level tests only (stopped after their class, so that the later
+    tests start and stop their own, as a run does)."""
     from onnxvit.distributed import RayExecutor
 
     executor = RayExecutor(ExecutorConfig(kind="ray", workers=2))
@@ -49,27 +51,27 @@ def test_split_keeps_order_and_sizes():
     assert split([1], 4) == [[1]]
 
 
-def test_ray_logits_equal_local_bit_for_bit(ray_executor, tiny_onnx, tiny_images):
-    feeds = batches(tiny_images, 1)
-    local = Executor().logits(tiny_onnx, feeds, 2)
-    seen: list[int] = []
-    remote = ray_executor.logits(tiny_onnx, feeds, 2, seen.append)
-    assert remote.dtype == np.float32 and np.array_equal(local, remote)
-    assert sum(seen) == len(tiny_images) and len(seen) > 1  # several shards, each counted once
-    again = ray_executor.logits(tiny_onnx, batches(tiny_images, 3), 2)  # other shards of the same images
-    assert np.array_equal(again, Executor().logits(tiny_onnx, batches(tiny_images, 3), 2))
+class TestRayExecutor:
+    def test_ray_logits_equal_local_bit_for_bit(self, ray_executor, tiny_onnx, tiny_images):
+        feeds = batches(tiny_images, 1)
+        local = Executor().logits(tiny_onnx, feeds, 2)
+        seen: list[int] = []
+        remote = ray_executor.logits(tiny_onnx, feeds, 2, seen.append)
+        assert remote.dtype == np.float32 and np.array_equal(local, remote)
+        assert sum(seen) == len(tiny_images) and len(seen) > 1  # several shards, each counted once
+        again = ray_executor.logits(tiny_onnx, batches(tiny_images, 3), 2)  # other shards of the same images
+        assert np.array_equal(again, Executor().logits(tiny_onnx, batches(tiny_images, 3), 2))
 
+    def test_ray_map_runs_search_tasks_in_order(self, ray_executor, tiny_onnx, tiny_images):
+        from passes.accuracy_budget import suffix_logits
 
-def test_ray_map_runs_search_tasks_in_order(ray_executor, tiny_onnx, tiny_images):
-    from passes.accuracy_budget import suffix_logits
-
-    name = tiny_onnx.graph.input[0].name
-    captured = [{name: batch} for batch in batches(tiny_images, 2)]
-    tasks = [(tiny_onnx.SerializeToString(), 1)] * 3
-    local = Executor().map(suffix_logits, tasks, captured)
-    remote = ray_executor.map(suffix_logits, tasks, captured)
-    assert all(np.array_equal(a, b) for a, b in zip(local, remote))
-    assert np.array_equal(remote[0], Executor().logits(tiny_onnx, batches(tiny_images, 2), 1))
+        name = tiny_onnx.graph.input[0].name
+        captured = [{name: batch} for batch in batches(tiny_images, 2)]
+        tasks = [(tiny_onnx.SerializeToString(), 1)] * 3
+        local = Executor().map(suffix_logits, tasks, captured)
+        remote = ray_executor.map(suffix_logits, tasks, captured)
+        assert all(np.array_equal(a, b) for a, b in zip(local, remote))
+        assert np.array_equal(remote[0], Executor().logits(tiny_onnx, batches(tiny_images, 2), 1))
 
 
 def _report(folder: Path) -> dict:
@@ -178,6 +180,7 @@ def test_ray_missing_is_one_line(tmp_path, image_folder, monkeypatch):
 @pytest.mark.skipif(Path("/tmp/ray/ray_current_cluster").exists(), reason="a Ray cluster runs on this machine")
 def test_no_cluster_at_the_address_is_one_line_before_anything_is_written(tmp_path, image_folder, monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert not ray.is_initialized()  # no test left a cluster connected
     config = write_config(tmp_path, image_folder, executor={"kind": "ray", "address": "auto"})
     result = CliRunner().invoke(main, ["compress", str(config), "--quiet"], catch_exceptions=True)
     assert result.exit_code == 2, result.output
