@@ -4,10 +4,11 @@ the pipeline's stages, the printed table and the JSON it writes."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -78,6 +79,22 @@ def write_json(path: Path | None, **content: Any) -> None:
     if path is not None:
         atomic_write_json(path, content)
         print(f"wrote {path}")
+
+
+def finish(
+    json_path: Path | None,
+    rows: list[dict[str, Any]],
+    head: dict[str, Any],
+    draw: Callable[[list[dict[str, Any]], Path], None],
+    plot_path: Path,
+    **extra: Any,
+) -> None:
+    """A bench's last steps: print its headline, draw its plot and write its JSON (table, headline,
+    the plot's path and ``extra``)."""
+    print(json.dumps(head, indent=2))
+    draw(rows, plot_path)
+    print(f"plot: {plot_path}")
+    write_json(json_path, table=rows, headline=head, plot=str(plot_path), **extra)
 
 
 def latency_axes() -> tuple[Any, Any]:

@@ -20,7 +20,6 @@ search images. With --json PATH writes the table and issue 5's `headline` object
 from __future__ import annotations
 
 import copy
-import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -39,7 +38,7 @@ from onnxvit.stages.evaluate import score
 from onnxvit.variant import Variant
 from passes import get_pass
 
-from _common import REPO, arguments, finish_latency_plot, latency_axes, mark, open_run, print_table, write_json
+from _common import REPO, arguments, finish, finish_latency_plot, latency_axes, mark, open_run, print_table
 
 EXAMPLE = REPO / "examples" / "deit_tiny_pruned.yaml"
 PQV_RATIO = 0.09375
@@ -279,16 +278,7 @@ def main() -> None:
         ],
     )
     head = headline(rows, methods)
-    print(json.dumps(head, indent=2))
-    plot(rows, bench.output / "pqv_mobile.png")
-    print(f"plot: {bench.output / 'pqv_mobile.png'}")
-    write_json(
-        args.json,
-        table=rows,
-        headline=head,
-        plot=str(bench.output / "pqv_mobile.png"),
-        evaluate_images=len(bench.labels),
-    )
+    finish(args.json, rows, head, plot, bench.output / "pqv_mobile.png", evaluate_images=len(bench.labels))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ issue 16's `headline`; the plot is top-1 against latency.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,7 @@ from onnxvit.stages.load import Run
 from onnxvit.variant import Variant
 from passes.int8_limit import gemm_speedup, linear_shapes, machine_summary
 
-from _common import REPO, arguments, finish_latency_plot, latency_axes, mark, open_run, print_table, write_json
+from _common import REPO, arguments, finish, finish_latency_plot, latency_axes, mark, open_run, print_table
 from pqv_mobile import ENGINE, PQV_RATIO, PQV_TOP1_DROP, Bench, pqv_recipe_prune
 
 EXAMPLE = REPO / "examples" / "deit_tiny_tokens.yaml"
@@ -290,16 +289,7 @@ def main() -> None:
         ],
     )
     head = headline(rows, bench, gemm)
-    print(json.dumps(head, indent=2))
-    plot(rows, bench.output / "token_merging.png")
-    print(f"plot: {bench.output / 'token_merging.png'}")
-    write_json(
-        args.json,
-        table=rows,
-        headline=head,
-        machine=machine_summary(),
-        plot=str(bench.output / "token_merging.png"),
-    )
+    finish(args.json, rows, head, plot, bench.output / "token_merging.png", machine=machine_summary())
 
 
 if __name__ == "__main__":

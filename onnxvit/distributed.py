@@ -17,13 +17,13 @@ import numpy as np
 
 from onnxvit.config import ExecutorConfig
 from onnxvit.errors import UserError
+from onnxvit.fileio import sha256_bytes
 from passes.executor import (
     Executor,
     Item,
     Model,
     Result,
     Shared,
-    digest,
     model_bytes,
     shard_logits,
     shard_outputs,
@@ -130,9 +130,9 @@ class RayExecutor(Executor):
         return [results[index] for index in range(len(results))]
 
     def _model(self, model: Model) -> Any:
-        """(digest, bytes) of ``model`` in the object store; the last few are kept for their next shards."""
+        """(sha256, bytes) of ``model`` in the object store; the last few are kept for their next shards."""
         data = model_bytes(model)
-        key = ("model", digest(data))
+        key = ("model", sha256_bytes(data))
         if key not in self._stored:
             kept = [k for k in self._stored if k[0] == "model"]
             for old in kept[: max(0, len(kept) - KEPT_MODELS + 1)]:

@@ -15,7 +15,6 @@ Latency is never measured through an executor: timing stays in the calling proce
 
 from __future__ import annotations
 
-import hashlib
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
@@ -24,7 +23,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from passes.runtime import make_session, model_logits, run_feeds, run_logits
+from passes.runtime import make_session, model_logits, run_batches, run_logits
 
 Shared = TypeVar("Shared")
 Item = TypeVar("Item")
@@ -51,9 +50,7 @@ class Executor:
 
     def outputs(self, model: Model, batches: list[np.ndarray], threads: int) -> list[list[np.ndarray]]:
         """Every output of ``model`` for each batch (fed to its first input), as ONNX Runtime gives them."""
-        session = make_session(model, 1)
-        name = session.get_inputs()[0].name
-        return run_feeds(session, [{name: batch} for batch in batches], threads)
+        return run_batches(make_session(model, 1), batches, threads)
 
     def map(
         self,
@@ -98,10 +95,6 @@ def model_bytes(model: Model) -> bytes:
     return Path(model).read_bytes()
 
 
-def digest(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 _SESSIONS: OrderedDict[str, ort.InferenceSession] = OrderedDict()
 _KEPT_SESSIONS = 2
 
@@ -120,7 +113,7 @@ def cached_session(key: str, data: bytes) -> ort.InferenceSession:
 
 
 def shard_logits(model: tuple[str, bytes], shard: tuple[list[np.ndarray], int]) -> np.ndarray:
-    """One shard of ``Executor.logits`` on a worker: ``model`` is (digest, bytes), ``shard`` the
+    """One shard of ``Executor.logits`` on a worker: ``model`` is (sha256, bytes), ``shard`` the
     batches and the callers that run them (as ``model_logits`` does)."""
     key, data = model
     batches, callers = shard
@@ -131,9 +124,7 @@ def shard_outputs(model: tuple[str, bytes], shard: tuple[list[np.ndarray], int])
     """One shard of ``Executor.outputs`` on a worker (see ``shard_logits``)."""
     key, data = model
     batches, callers = shard
-    session = cached_session(key, data)
-    name = session.get_inputs()[0].name
-    return run_feeds(session, [{name: batch} for batch in batches], callers)
+    return run_batches(cached_session(key, data), batches, callers)
 
 
 def split(values: Sequence[Item], parts: int) -> list[list[Item]]:

@@ -47,6 +47,12 @@ def run_feeds(
         return list(pool.map(lambda feed: session.run(None, feed), feeds))
 
 
+def run_batches(session: ort.InferenceSession, batches: list[np.ndarray], callers: int = 1) -> list[list[np.ndarray]]:
+    """Every output for each batch fed to the session's first input (``callers``: see ``run_feeds``)."""
+    name = session.get_inputs()[0].name
+    return run_feeds(session, [{name: batch} for batch in batches], callers)
+
+
 def run_logits(
     session: ort.InferenceSession,
     batches: list[np.ndarray],
