@@ -105,7 +105,7 @@ def cached_session(key: str, data: bytes) -> ort.InferenceSession:
     if key in _SESSIONS:
         _SESSIONS.move_to_end(key)
         return _SESSIONS[key]
-    session = make_session(onnx.ModelProto.FromString(data), 1)
+    session = make_session(data, 1)
     _SESSIONS[key] = session
     while len(_SESSIONS) > _KEPT_SESSIONS:
         _SESSIONS.popitem(last=False)

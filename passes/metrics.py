@@ -20,17 +20,21 @@ def sqnr_db(reference: np.ndarray, test: np.ndarray) -> float:
 
 class SqnrAgainst:
     """``sqnr_db`` against one fixed reference, prepared once: a search scores many candidates
-    against the same float output. In float32 (BLAS dot products): a search compares candidates to
-    a thousandth of a dB, far above its rounding."""
+    against the same float output. Squares in float32, summed in float64 by numpy's pairwise sum,
+    never by BLAS: a BLAS dot product's last bits depend on its thread count, and a search scores
+    wherever its candidates run (a single-threaded worker or this process)."""
 
     def __init__(self, reference: np.ndarray) -> None:
         self.reference = np.ascontiguousarray(reference, np.float32).ravel()
-        self.signal = float(np.dot(self.reference.astype(np.float64), self.reference.astype(np.float64)))
+        self.signal = _sum_of_squares(self.reference)
 
     def __call__(self, test: np.ndarray) -> float:
-        error = self.reference - np.asarray(test, np.float32).ravel()
-        noise = float(np.dot(error, error))
+        noise = _sum_of_squares(self.reference - np.asarray(test, np.float32).ravel())
         return float("inf") if noise == 0.0 else 10.0 * np.log10(max(self.signal, 1e-30) / noise)
+
+
+def _sum_of_squares(values: np.ndarray) -> float:
+    return float(np.sum(np.square(values), dtype=np.float64))
 
 
 def capped_sqnr_db(reference: np.ndarray, test: np.ndarray) -> float:

@@ -28,11 +28,14 @@ def session_options(threads: int) -> ort.SessionOptions:
 
 
 def make_session(
-    model: onnx.ModelProto | Path | str, threads: int = 2, options: ort.SessionOptions | None = None
+    model: onnx.ModelProto | bytes | Path | str, threads: int = 2, options: ort.SessionOptions | None = None
 ) -> ort.InferenceSession:
     """A CPU session with ``threads`` intra-op threads and full graph optimization (``options``: those
-    of ``session_options`` with more set, e.g. profiling)."""
-    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    of ``session_options`` with more set, e.g. profiling); ``model`` in memory, serialized, or a file."""
+    if isinstance(model, onnx.ModelProto):
+        source: bytes | str = model.SerializeToString()
+    else:
+        source = model if isinstance(model, bytes) else str(model)
     return ort.InferenceSession(source, options or session_options(threads), providers=["CPUExecutionProvider"])
 
 

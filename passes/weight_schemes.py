@@ -17,6 +17,8 @@ float inputs it sees on the calibration images; the error is its output SQNR aga
 from __future__ import annotations
 
 import dataclasses
+import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
@@ -86,6 +88,23 @@ def channel_scale_zp(
     return zero_point, np.where(degenerate, 1.0, scale).astype(np.float32)
 
 
+Trial = dict[str, WeightScheme]
+Overrides = dict[str, list[dict[str, Any]]]
+
+
+def scheme_overrides(index: GraphIndex, schemes: Trial, qtype: int, reduce_range: bool) -> Overrides:
+    """The TensorQuantOverrides that give each named layer of ``index``'s model its scheme."""
+    result = {}
+    for node in index.model.graph.node:
+        if node.name in schemes:
+            weight = index.constant(node.input[1])
+            axis = weight_channel_axis(node)
+            assert weight is not None and axis is not None  # a linear layer's
+            # ONNX Runtime's overrides name the axis non-negative
+            result[node.input[1]] = schemes[node.name].overrides(weight, axis % weight.ndim, qtype, reduce_range)
+    return result
+
+
 DEFAULT = WeightScheme()
 SCHEMES = (DEFAULT, WeightScheme(True, False), WeightScheme(False, True), WeightScheme(False, False))
 
@@ -110,12 +129,11 @@ class NotSeparable(ValueError):
 
 class BlockProbe:
     """A piece of the float model between ``inputs`` and ``outputs``, with the float values the
-    calibration images give its inputs; ``reference`` scores quantized copies' outputs against the
-    float piece's once that has run."""
+    calibration images give its inputs."""
 
     def __init__(self, model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> None:
         self.model, self.feeds = model, feeds
-        self.reference: SqnrAgainst | None = None
+        self.key = uuid.uuid4().hex  # names the float piece in every process that scores its trials
 
     @staticmethod
     def cut(extractor: onnx.utils.Extractor, inputs: list[str], outputs: list[str], image: str) -> onnx.ModelProto:
@@ -139,18 +157,55 @@ class BlockProbe:
         raise NotSeparable(f"the layers between also read {sorted(missing)}")
 
 
-def piece_outputs(feeds: dict[int, list[dict[str, np.ndarray]]], task: tuple[int, bytes, int]) -> np.ndarray:
-    """Every output of a model piece for each of its feeds, flattened into one vector; ``task`` is
-    (which piece's feeds, the model's bytes, the callers)."""
-    piece, data, callers = task
-    outputs = run_feeds(make_session(onnx.ModelProto.FromString(data), 1), feeds[piece], callers)
+# (piece of the float model, layers in it to quantize, weight overrides, calibration feeds) -> quantized piece
+QuantizePiece = Callable[[onnx.ModelProto, list[str], Overrides, list[dict[str, np.ndarray]]], onnx.ModelProto]
+
+
+@dataclass(frozen=True)
+class TrialInputs:
+    """What every trial of one measurement shares, sent to each worker once: how a piece is quantized
+    (with weights of ``qtype``), and per probe its key (unique to the probe), the float piece's bytes
+    and its feeds."""
+
+    quantize: QuantizePiece
+    qtype: int
+    reduce_range: bool
+    pieces: dict[int, tuple[str, bytes, list[dict[str, np.ndarray]]]]
+
+
+_FLOAT_PIECES: OrderedDict[str, tuple[GraphIndex, SqnrAgainst]] = OrderedDict()
+KEPT_FLOAT_PIECES = 16  # a chunk of layers: a layer's clips are measured after all the chunk's schemes
+
+
+def _float_piece(
+    key: str, data: bytes, feeds: list[dict[str, np.ndarray]], callers: int
+) -> tuple[GraphIndex, SqnrAgainst]:
+    """The float piece and its outputs prepared for scoring, run once per process that scores its
+    trials (here, or on each worker) and kept for its next trials."""
+    if key in _FLOAT_PIECES:
+        _FLOAT_PIECES.move_to_end(key)
+        return _FLOAT_PIECES[key]
+    outputs = run_feeds(make_session(data, 1), feeds, callers)
+    _FLOAT_PIECES[key] = GraphIndex(onnx.ModelProto.FromString(data)), SqnrAgainst(_flat(outputs))
+    while len(_FLOAT_PIECES) > KEPT_FLOAT_PIECES:
+        _FLOAT_PIECES.popitem(last=False)
+    return _FLOAT_PIECES[key]
+
+
+def _flat(outputs: list[list[np.ndarray]]) -> np.ndarray:
     return np.concatenate([out.ravel() for outs in outputs for out in outs])
 
 
-Trial = dict[str, WeightScheme]
-Overrides = dict[str, list[dict[str, Any]]]
-# (piece of the float model, layers in it to quantize, weight overrides, calibration feeds) -> quantized piece
-QuantizePiece = Callable[[onnx.ModelProto, list[str], Overrides, list[dict[str, np.ndarray]]], onnx.ModelProto]
+def trial_sqnr(shared: TrialInputs, task: tuple[int, Trial, int]) -> float:
+    """One trial where it runs (in process or on a worker): the probe's piece quantized with the
+    trial's schemes, run on the probe's feeds by ``callers`` threads, and its output SQNR against the
+    float piece's; only the schemes go out and one figure comes back."""
+    index, trial, callers = task
+    key, data, feeds = shared.pieces[index]
+    piece, reference = _float_piece(key, data, feeds, callers)
+    overrides = scheme_overrides(piece, trial, shared.qtype, shared.reduce_range)
+    model = shared.quantize(piece.model, list(trial), overrides, feeds)
+    return round(reference(_flat(run_feeds(make_session(model, 1), feeds, callers))), 3)
 
 
 class WeightTuner:
@@ -180,13 +235,7 @@ class WeightTuner:
         self.executor = executor or Executor()
 
     def overrides(self, schemes: dict[str, WeightScheme]) -> Overrides:
-        result = {}
-        for layer, scheme in schemes.items():
-            node = self.nodes[layer]
-            weight = self.index.constant(node.input[1])
-            axis = weight_channel_axis(node) % weight.ndim  # ONNX Runtime's overrides name it non-negative
-            result[node.input[1]] = scheme.overrides(weight, axis, self.qtype, self.reduce_range)
-        return result
+        return scheme_overrides(self.index, schemes, self.qtype, self.reduce_range)
 
     def _probes(self, ends: list[tuple[str, str]], chunk: int = 16) -> Iterator[list[BlockProbe | NotSeparable]]:
         """A probe per (input, output) pair, or why there is none, ``chunk`` at a time: their float
@@ -212,40 +261,21 @@ class WeightTuner:
             yield probes
 
     def _measure(self, jobs: list[tuple[BlockProbe, list[Trial]]]) -> list[list[float]]:
-        """For each (probe, trials), the piece's output SQNR under each trial's schemes. Every piece's
-        float run (the first time) and every quantized trial go to the executor as one stream: trials
-        are quantized as workers free up, and each output is scored and dropped as it comes."""
-        plan: list[tuple[int, Trial | None]] = []  # (job, trial); None: the float piece
-        for index, (probe, trials) in enumerate(jobs):
-            plan += ([(index, None)] if probe.reference is None else []) + [(index, trial) for trial in trials]
+        """For each (probe, trials), the piece's output SQNR under each trial's schemes. Every trial goes
+        to the executor as one stream, each quantized and scored where it runs (``trial_sqnr``)."""
+        plan = [(index, trial) for index, (_, trials) in enumerate(jobs) for trial in trials]
         callers = self.executor.task_threads(self.threads)
-
-        def tasks() -> Iterator[tuple[int, bytes, int]]:
-            for index, trial in plan:
-                piece, feeds = jobs[index][0].model, jobs[index][0].feeds
-                model = piece if trial is None else self.quantize(piece, list(trial), self.overrides(trial), feeds)
-                yield index, model.SerializeToString(), callers
-
-        scores: dict[int, float] = {}
-        waiting: dict[int, list[tuple[int, np.ndarray]]] = {}  # trials done before their float piece
-        shared = {index: probe.feeds for index, (probe, _) in enumerate(jobs)}
-        for position, output in self.executor.stream(piece_outputs, tasks(), shared):
-            index, trial = plan[position]
-            probe = jobs[index][0]
-            if trial is None:
-                probe.reference = SqnrAgainst(output)
-                ready = waiting.pop(index, [])
-            elif probe.reference is None:
-                waiting.setdefault(index, []).append((position, output))
-                continue
-            else:
-                ready = [(position, output)]
-            reference = probe.reference
-            scores.update({done: round(reference(out), 3) for done, out in ready})
+        shared = TrialInputs(
+            self.quantize,
+            self.qtype,
+            self.reduce_range,
+            {index: (probe.key, probe.model.SerializeToString(), probe.feeds) for index, (probe, _) in enumerate(jobs)},
+        )
+        tasks = ((index, trial, callers) for index, trial in plan)
+        scores = dict(self.executor.stream(trial_sqnr, tasks, shared))
         result: list[list[float]] = [[] for _ in jobs]
-        for position, (index, trial) in enumerate(plan):
-            if trial is not None:
-                result[index].append(scores[position])
+        for position, (index, _) in enumerate(plan):
+            result[index].append(scores[position])
         return result
 
     def choose_schemes(
