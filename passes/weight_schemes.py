@@ -192,6 +192,12 @@ def _float_piece(
     return _FLOAT_PIECES[key]
 
 
+def release_float_pieces(probes: Iterable[BlockProbe]) -> None:
+    """Drop this process's copies of finished probes' float pieces (workers' copies age out)."""
+    for probe in probes:
+        _FLOAT_PIECES.pop(probe.key, None)
+
+
 def _flat(outputs: list[list[np.ndarray]]) -> np.ndarray:
     return np.concatenate([out.ravel() for outs in outputs for out in outs])
 
@@ -305,6 +311,7 @@ class WeightTuner:
             )
             for (layer, _), values in zip(measured, second):
                 scores[layer].update(zip(clipped[layer], values))
+            release_float_pieces(probe for _, probe in measured)
             for layer, probe in chunk:
                 self.advance(1)
                 if isinstance(probe, NotSeparable):
@@ -364,6 +371,7 @@ class WeightTuner:
                 for trial, score in zip(trials, values):
                     if score > best_score:
                         best_score, block = score, trial
+            release_float_pieces([probe])
             for name in tuned:
                 schemes[name] = block[name]
                 table[name] = {

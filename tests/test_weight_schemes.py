@@ -187,3 +187,39 @@ def test_vectorised_scales_are_onnx_runtimes(scheme, reduce_range, qtype):
         zero_point, scale = compute_scale_zp(np.float32(low), np.float32(high), qmin, qmax, scheme.symmetric)
         assert entry["scale"] == np.float32(scale) and entry["scale"].dtype == np.float32
         assert entry["zero_point"] == zero_point and entry["zero_point"].dtype == zero_point.dtype
+
+
+def test_a_trial_is_scored_where_it_runs_the_same_at_any_thread_count(searched):
+    """A trial's SQNR is computed by whoever runs it (this process or a 1-thread worker): the same
+    figure at 1 and 2 callers, equal to an independent float64 SQNR of the quantized layer, and the
+    search leaves no float piece held in this process."""
+    from passes import weight_schemes
+    from passes.graph import GraphIndex
+    from passes.int8_layers import DynamicInt8Builder
+
+    assert not weight_schemes._FLOAT_PIECES
+    rng = np.random.default_rng(1)
+    piece = _model({"laplace": rng.laplace(0, 1, (K, 16))})
+    feeds = [{"x": rng.standard_normal((64, K)).astype(np.float32)} for _ in range(3)]
+
+    def quantize(model, layers, overrides, _feeds):
+        return DynamicInt8Builder(model, layers, onnx.TensorProto.INT8, True, True, overrides).build(layers)
+
+    shared = weight_schemes.TrialInputs(
+        quantize, onnx.TensorProto.INT8, True, {0: ("t", piece.SerializeToString(), feeds)}
+    )
+    trial = {"laplace": WeightScheme(clip=0.8)}
+    scores = []
+    for callers in (1, 2):
+        weight_schemes._FLOAT_PIECES.clear()
+        scores.append(weight_schemes.trial_sqnr(shared, (0, trial, callers)))
+    overrides = weight_schemes.scheme_overrides(GraphIndex(piece), trial, onnx.TensorProto.INT8, True)
+    quantized = quantize(piece, ["laplace"], overrides, feeds)
+    # feed by feed, as the trial ran them: a dynamic layer quantizes its input per call
+    expected = sqnr_db(
+        np.concatenate([_outputs(piece, f["x"])["laplace"] for f in feeds]),
+        np.concatenate([_outputs(quantized, f["x"])["laplace"] for f in feeds]),
+    )
+    weight_schemes._FLOAT_PIECES.clear()
+    assert scores[0] == scores[1]
+    assert abs(scores[0] - expected) < 2e-3, (scores, expected)
