@@ -107,6 +107,7 @@ class AttentionMatch:
     bias: str | None = None  # an additive attention bias (B, 1, 1, tokens), e.g. token merging's log(size)
     queries: int | None = None  # only the first tokens ask (a class-token-only block); None: all of them
     qkv_output: str | None = None  # the (B, tokens, 3 * hidden) qkv tensor, when other nodes also read it
+    readers: list[onnx.NodeProto] | None = None  # the other readers of qkv_output (Slices), when any
 
 
 def _query_slice(index: GraphIndex, name: str) -> tuple[str, int | None, list[onnx.NodeProto]]:
@@ -198,19 +199,64 @@ def match_timm_attention(index: GraphIndex, softmax: onnx.NodeProto) -> Attentio
     if not index.private(nodes, keep=merge, shared=(qkv_output,) if qkv_output else ()):
         return None
     scale = q_scale * k_scale * post_scale
-    return AttentionMatch(qkv, heads, head_dim, tokens, scale, nodes, merge, bias, queries, qkv_output)
+    readers = [n for n in index.consumers.get(qkv_output, []) if n is not unflatten] if qkv_output else None
+    return AttentionMatch(qkv, heads, head_dim, tokens, scale, nodes, merge, bias, queries, qkv_output, readers)
 
 
-def _attention_nodes(found: AttentionMatch, prefix: str) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
-    """The fused replacement of one match: qkv MatMul + Add, Split, [query Slice], [bias Expand],
-    MultiHeadAttention; and the constants it reads."""
+def _key_section_slice(index: GraphIndex, node: onnx.NodeProto, hidden: int) -> bool:
+    """Whether ``node`` is ``qkv[..., hidden : 2 * hidden]``: all heads' keys (token merging's metric)."""
+    if node.op_type != "Slice" or len(node.input) < 4:
+        return False
+    values = [index.constant(name) for name in node.input[1:5] if name]
+    if any(v is None or v.size != 1 for v in values):
+        return False
+    starts, ends, axes, *steps = (int(v.reshape(-1)[0]) for v in values if v is not None)
+    return (starts, ends, axes in (-1, 2), steps in ([], [1])) == (hidden, 2 * hidden, True, True)
+
+
+def _fold_bias_into_keys(index: GraphIndex, found: AttentionMatch) -> bool:
+    """Whether ``found``'s additive bias (B, 1, 1, tokens), constant over queries and heads, can be
+    folded into the keys: each head gets one more query column holding ``1 / scale`` and one more
+    key column holding the bias, so ``q' k'^T scale = q k^T scale + bias`` and MultiHeadAttention
+    runs without its (slower) attention-bias input. The projection then writes those columns
+    (zero weights), so any other reader of its output must be the keys' slice, which is remapped."""
+    if found.bias is None:
+        return False
     hidden = found.heads * found.head_dim
-    bias = found.qkv.bias if found.qkv.bias is not None else np.zeros(3 * hidden, np.float32)
+    return all(_key_section_slice(index, node, hidden) for node in found.readers or [])
+
+
+def _with_extra_column(weight: np.ndarray, bias: np.ndarray, heads: int, value: float) -> tuple[np.ndarray, ...]:
+    """A projection's (in, heads * dim) weight and bias with one more output column per head: zero
+    weights and bias ``value``."""
+    rows = weight.shape[0]
+    weight = np.concatenate([weight.reshape(rows, heads, -1), np.zeros((rows, heads, 1), np.float32)], -1)
+    bias = np.concatenate([bias.reshape(heads, -1), np.full((heads, 1), value, np.float32)], -1)
+    return weight.reshape(rows, -1), bias.reshape(-1)
+
+
+def _attention_nodes(
+    found: AttentionMatch, prefix: str, fold: bool
+) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """The fused replacement of one match: qkv MatMul + Add, Split, [query Slice], [the bias folded
+    into the keys (``fold``) or Expanded], MultiHeadAttention; and the constants it reads."""
+    hidden = found.heads * found.head_dim
+    weight = np.ascontiguousarray(found.qkv.weight, np.float32)
+    bias = (found.qkv.bias if found.qkv.bias is not None else np.zeros(3 * hidden, np.float32)).astype(np.float32)
+    bias = bias.reshape(-1)
+    widths = [hidden] * 3
+    if fold:
+        wq, wk, wv = np.split(weight, 3, axis=1)
+        bq, bk, bv = np.split(bias, 3)
+        wq, bq = _with_extra_column(wq, bq, found.heads, 1.0 / found.scale)
+        wk, bk = _with_extra_column(wk, bk, found.heads, 0.0)
+        weight, bias = np.concatenate([wq, wk, wv], 1), np.concatenate([bq, bk, bv])
+        widths = [wq.shape[1], wk.shape[1], hidden]
     qkv = found.qkv_output or f"{prefix}/qkv"
     constants = {
-        "qkv/weight": np.ascontiguousarray(found.qkv.weight, np.float32),
-        "qkv/bias": bias.astype(np.float32).reshape(-1),
-        "split": np.array([hidden] * 3, np.int64),
+        "qkv/weight": weight,
+        "qkv/bias": bias,
+        "split": np.array(widths, np.int64),
     }
     nodes = [
         helper.make_node(
@@ -229,7 +275,21 @@ def _attention_nodes(found: AttentionMatch, prefix: str) -> tuple[list[onnx.Node
         slice_inputs = [f"{prefix}/q"] + [f"{prefix}/query/{part}" for part in ("start", "end", "axis")]
         nodes.append(helper.make_node("Slice", slice_inputs, [f"{prefix}/query"], name=f"{prefix}/query/Slice"))
         inputs[0] = f"{prefix}/query"
-    if found.bias is not None:  # MultiHeadAttention broadcasts over batch and heads only: spread over the queries
+    if found.bias is not None and fold:  # the keys' extra columns get the bias, per token
+        extra = np.zeros((1, 1, widths[1]), np.float32)
+        extra[..., found.head_dim :: found.head_dim + 1] = 1.0
+        constants.update({"bias/tokens": np.array([-1, found.tokens, 1]), "bias/columns": extra})
+        nodes += [
+            helper.make_node(
+                "Reshape", [found.bias, f"{prefix}/bias/tokens"], [f"{prefix}/bias/t"], name=f"{prefix}/bias/Reshape"
+            ),
+            helper.make_node(
+                "Mul", [f"{prefix}/bias/t", f"{prefix}/bias/columns"], [f"{prefix}/bias/k"], name=f"{prefix}/bias/Mul"
+            ),
+            helper.make_node("Add", [f"{prefix}/k", f"{prefix}/bias/k"], [f"{prefix}/keys"], name=f"{prefix}/bias/Add"),
+        ]
+        inputs[1] = f"{prefix}/keys"
+    elif found.bias is not None:  # MultiHeadAttention broadcasts over batch and heads only: spread over the queries
         constants["bias/shape"] = np.array([1, 1, found.queries or found.tokens, found.tokens])
         nodes.append(
             helper.make_node(
@@ -262,12 +322,25 @@ def fuse_attention(model: onnx.ModelProto) -> int:
             found = match_timm_attention(index, node)
             if found is not None and len(shapes.get(found.qkv.x, [])) == 3:
                 matches.append(found)
-    replacements, removed, initializers = {}, set(), []
+    replacements, removed, initializers, remapped = {}, set(), [], []
     for number, found in enumerate(matches):
-        replacements[id(found.output)], constants = _attention_nodes(found, f"attention_{number}")
+        prefix = f"attention_{number}"
+        fold = _fold_bias_into_keys(index, found)
+        replacements[id(found.output)], constants = _attention_nodes(found, prefix, fold)
         initializers += constants
         removed.update(id(node) for node in found.nodes)
+        if fold:
+            widened = found.heads * (found.head_dim + 1)
+            for reader, node in enumerate(found.readers or []):  # the keys' slice: now the widened keys
+                starts, ends = f"{prefix}/reader{reader}/starts", f"{prefix}/reader{reader}/ends"
+                initializers += [
+                    numpy_helper.from_array(np.array([widened]), starts),
+                    numpy_helper.from_array(np.array([2 * widened]), ends),
+                ]
+                node.input[1], node.input[2] = starts, ends
+                remapped.append(node)
     if matches:
+        _forget_shapes_from(model, index, remapped)
         rebuild(model, replacements, removed, initializers)
         topological_sort(model)  # a qkv tensor other nodes read is now made where the attention was
         use_domain(model, MS_DOMAIN)
@@ -285,6 +358,21 @@ def fuse_attention(model: onnx.ModelProto) -> int:
                 )
             )
     return len(matches)
+
+
+def _forget_shapes_from(model: onnx.ModelProto, index: GraphIndex, nodes: list[onnx.NodeProto]) -> None:
+    """Drop the shape annotations of ``nodes``' outputs and of what is computed from them up to the
+    next contraction (MatMul): their last dimension widened (ONNX Runtime trusts annotations)."""
+    stale, frontier = set(), [out for node in nodes for out in node.output]
+    while frontier:
+        name = frontier.pop()
+        if name in stale:
+            continue
+        stale.add(name)
+        frontier += [out for c in index.consumers.get(name, []) if c.op_type != "MatMul" for out in c.output]
+    kept = [vi for vi in model.graph.value_info if vi.name not in stale]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(kept)
 
 
 def matmul_3d(model: onnx.ModelProto) -> int:
@@ -366,7 +454,8 @@ class FuseVitPass(Pass):
     name = "fuse_vit"
     Config = FuseVitConfig
     config: FuseVitConfig
-    version = 2  # 2: also attention with a bias before the softmax and a query slice (token merging)
+    version = 3  # 2: also attention with a bias before the softmax and a query slice (token merging);
+    # 3: such a bias folded into the keys
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
         model = copy_model(model)

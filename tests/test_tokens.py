@@ -104,7 +104,12 @@ def test_fuse_vit_fuses_merged_attention_with_its_bias_and_query_slice(tiny_mode
     fused = FuseVitPass(FuseVitConfig()).run(proto, ctx)
     attention = [n for n in fused.graph.node if n.op_type == "MultiHeadAttention"]
     assert len(attention) == 2 and ctx.notes["attention_fused"] == 2
-    assert len(attention[1].input) == 6 and attention[1].input[5]  # the size bias reaches the fused op
+    # the size bias reaches the fused op through its keys: one more key column per head holds it
+    keys = next(n for n in fused.graph.node if attention[1].input[1] in n.output)
+    assert len(attention[1].input) == 3 and keys.op_type == "Add"
+    widths = next(i for i in fused.graph.initializer if i.name == "attention_1/split")
+    heads, hidden = tiny_model.blocks[1].attn.num_heads, tiny_model.embed_dim
+    assert list(onnx.numpy_helper.to_array(widths)) == [hidden + heads, hidden + heads, hidden]
     assert any(n.op_type == "Slice" and n.name.endswith("query/Slice") for n in fused.graph.node)
     onnx.checker.check_model(fused)
     batches = [tiny_images[i : i + 1] for i in range(8)]
