@@ -116,6 +116,41 @@ def test_fuse_vit_fuses_merged_attention_with_its_bias_and_query_slice(tiny_mode
     assert rewrite_change(fused, model_logits(proto, batches, 2), model_logits(fused, batches, 2)) < 1e-4
 
 
+def test_fuse_vit_keeps_the_attention_bias_when_the_qkv_output_has_another_reader(tiny_model, tiny_images):
+    """The keys' extra column changes the qkv projection's output; when something besides the merge's
+    key slice reads it, the bias goes to MultiHeadAttention's bias input instead, still exact."""
+    from passes import PassContext
+    from passes.fuse_vit import FuseVitConfig, FuseVitPass
+    from passes.metrics import rewrite_change
+    from passes.runtime import make_session, model_logits
+    from passes.simplify import SimplifyConfig, SimplifyPass
+
+    merged = merge_tokens(tiny_model, [30, 0])
+    ctx = PassContext(calibration=[tiny_images[:4]], search=[], batch_size=1, threads=2, log=lambda s: None)
+    proto = SimplifyPass(SimplifyConfig()).run(export_onnx(merged, tiny_images, ExportConfig()), ctx)
+    # a second reader of block 1's qkv projection (the input of its 5-D Reshape): its query section
+    hidden = tiny_model.embed_dim
+    unflatten = next(n for n in proto.graph.node if n.op_type == "Reshape" and "/blocks.1/attn/" in n.name)
+    proto.graph.initializer.extend(
+        onnx.numpy_helper.from_array(np.array([v]), f"reader/{name}")
+        for name, v in (("s", 0), ("e", hidden), ("a", -1))
+    )
+    reader = onnx.helper.make_node(
+        "Slice", [unflatten.input[0], "reader/s", "reader/e", "reader/a"], ["queries_seen"], name="reader"
+    )
+    proto.graph.node.append(reader)
+    seen = onnx.helper.make_tensor_value_info("queries_seen", onnx.TensorProto.FLOAT, ["batch", "tokens", hidden])
+    proto.graph.output.append(seen)
+    fused = FuseVitPass(FuseVitConfig()).run(proto, ctx)
+    attention = [n for n in fused.graph.node if n.op_type == "MultiHeadAttention"]
+    assert len(attention) == 2 and len(attention[1].input) == 6 and attention[1].input[5]
+    batches = [tiny_images[i : i + 1] for i in range(8)]
+    assert rewrite_change(fused, model_logits(proto, batches, 2), model_logits(fused, batches, 2)) < 1e-4
+    feed = {proto.graph.input[0].name: batches[0]}
+    before, after = (make_session(m, 1).run(["queries_seen"], feed)[0] for m in (proto, fused))
+    np.testing.assert_allclose(after, before, atol=1e-5)  # the other reader still sees the queries
+
+
 def _compress(config):
     return CliRunner().invoke(main, ["compress", str(config), "--quiet"], catch_exceptions=True)
 
