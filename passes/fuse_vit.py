@@ -113,16 +113,25 @@ class AttentionMatch:
 def _query_slice(index: GraphIndex, name: str) -> tuple[str, int | None, list[onnx.NodeProto]]:
     """``(x, n, [slice])`` when ``name`` is ``x[:, :, :n]`` of a 4-D tensor, else ``(name, None, [])``."""
     node = index.produced_by(name, "Slice")
-    if node is None or len(node.input) < 4:
+    bounds = _one_axis_slice(index, node) if node is not None else None
+    if node is None or bounds is None:
         return name, None, []
+    start, end, axis, step = bounds
+    if start != 0 or axis not in (2, -2) or step != 1 or end <= 0:
+        return name, None, []
+    return node.input[0], end, [node]
+
+
+def _one_axis_slice(index: GraphIndex, node: onnx.NodeProto) -> tuple[int, int, int, int] | None:
+    """(start, end, axis, step) of a Slice along one axis with constant bounds, else None."""
+    if node.op_type != "Slice" or len(node.input) < 4:
+        return None
     starts, ends, axes = (index.constant(node.input[i]) for i in (1, 2, 3))
     steps = index.constant(node.input[4]) if len(node.input) > 4 and node.input[4] else np.ones(1, np.int64)
     if any(v is None or v.size != 1 for v in (starts, ends, axes, steps)):
-        return name, None, []
+        return None
     assert starts is not None and ends is not None and axes is not None and steps is not None
-    if int(starts[0]) != 0 or int(axes[0]) not in (2, -2) or int(steps[0]) != 1 or int(ends[0]) <= 0:
-        return name, None, []
-    return node.input[0], int(ends[0]), [node]
+    return int(starts.reshape(-1)[0]), int(ends.reshape(-1)[0]), int(axes.reshape(-1)[0]), int(steps.reshape(-1)[0])
 
 
 def _qkv_views(index: GraphIndex, name: str, shape: list[int], unflatten: onnx.NodeProto) -> list[onnx.NodeProto]:
@@ -205,13 +214,8 @@ def match_timm_attention(index: GraphIndex, softmax: onnx.NodeProto) -> Attentio
 
 def _key_section_slice(index: GraphIndex, node: onnx.NodeProto, hidden: int) -> bool:
     """Whether ``node`` is ``qkv[..., hidden : 2 * hidden]``: all heads' keys (token merging's metric)."""
-    if node.op_type != "Slice" or len(node.input) < 4:
-        return False
-    values = [index.constant(name) for name in node.input[1:5] if name]
-    if any(v is None or v.size != 1 for v in values):
-        return False
-    starts, ends, axes, *steps = (int(v.reshape(-1)[0]) for v in values if v is not None)
-    return (starts, ends, axes in (-1, 2), steps in ([], [1])) == (hidden, 2 * hidden, True, True)
+    bounds = _one_axis_slice(index, node)
+    return bounds is not None and bounds[:2] == (hidden, 2 * hidden) and bounds[2] in (-1, 2) and bounds[3] == 1
 
 
 def _fold_bias_into_keys(index: GraphIndex, found: AttentionMatch) -> bool:

@@ -132,7 +132,7 @@ class BlockProbe:
     calibration images give its inputs."""
 
     def __init__(self, model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> None:
-        self.model, self.feeds = model, feeds
+        self.data, self.feeds = model.SerializeToString(), feeds  # serialized once: every measurement sends it
         self.key = uuid.uuid4().hex  # names the float piece in every process that scores its trials
 
     @staticmethod
@@ -275,7 +275,7 @@ class WeightTuner:
             self.quantize,
             self.qtype,
             self.reduce_range,
-            {index: (probe.key, probe.model.SerializeToString(), probe.feeds) for index, (probe, _) in enumerate(jobs)},
+            {index: (probe.key, probe.data, probe.feeds) for index, (probe, _) in enumerate(jobs)},
         )
         tasks = ((index, trial, callers) for index, trial in plan)
         scores = dict(self.executor.stream(trial_sqnr, tasks, shared))
