@@ -12,7 +12,7 @@ from typing import Any
 
 from onnxvit import __version__
 from onnxvit.config import DENSE_VARIANT, EXPORT_VARIANT, TORCH_VARIANT, ExecutorConfig, load_config
-from onnxvit.engine import Cache
+from onnxvit.engine import Cache, model_sha256
 from onnxvit.errors import UserError
 from onnxvit.fileio import atomic_write_bytes, atomic_write_json
 from onnxvit.progress import Reporter
@@ -132,11 +132,18 @@ def _pipeline(run: Run) -> dict[str, Any]:
     with run.timed("evaluate"):
         scores, logits = evaluate.evaluate(run, variants, by_name[reference])
     run.close()  # every distributed measurement is done: no worker shares the cores while latency is timed
+    # int8's own gain is measured against the float model its steps started from, timed beside the variants
+    inputs = profile.float_inputs(records, models, reported) if config.benchmark.profile else {}
+    unreported = [
+        Variant(name, "onnxruntime", model_sha256(models[name]), proto=models[name])
+        for name in dict.fromkeys(inputs.values())
+        if name not in by_name
+    ]
     with run.timed("benchmark"):
-        latency = benchmark.latency(run, variants)
+        latency = benchmark.latency(run, variants + unreported)
     if config.benchmark.profile:
         with run.timed("profile"):
-            sections["profile"] = profile.profile(run, variants, by_name[EXPORT_VARIANT], latency)
+            sections["profile"] = profile.profile(run, variants + unreported, by_name[EXPORT_VARIANT], latency, inputs)
     int8_steps = [s.output for s in config.passes if s.report and s.pass_ in INT8_PASSES]
     sections["parity"] = mobile.parity(run, int8_steps, [v.name for v in lite], logits)
     sections["steps"] = [r.to_json() for r in dense_records + records]

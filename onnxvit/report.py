@@ -228,13 +228,19 @@ def _profile_section(report: dict[str, Any]) -> list[str]:
         f"This CPU's int8 instruction sets: {isa}. ONNX Runtime's dynamic int8 GEMM runs "
         f"{_fmt(speedup)}x its float GEMM at this model's linear-layer shapes (measured alone, in this run).",
     ]
-    latency = {v["name"]: v["latency_ms"]["median"] for v in report["variants"]}
+    latency = {**profiled.get("latency_ms", {}), **{v["name"]: v["latency_ms"]["median"] for v in report["variants"]}}
+    reported = {v["name"] for v in report["variants"]}
     bound, reference = machine.get("int8_bound_speedup"), profiled["reference"]
     if bound is not None and bound < NO_INT8_GAIN:
         fastest = min(latency, key=latency.__getitem__)
+        where = (
+            f"`{fastest}`"
+            if fastest in reported
+            else f"`{fastest}`, a step the config does not report (set `report: true` on it to get its file)"
+        )
         lines.append(
             f"Here int8 linear layers can make `{reference}` at most {bound:.2f}x faster: on this CPU int8 is a "
-            f"size lever, not a speed one. The fastest variant measured is `{fastest}`."
+            f"size lever, not a speed one. The fastest model measured is {where}."
         )
     elif bound is not None:
         lines.append(
@@ -243,9 +249,13 @@ def _profile_section(report: dict[str, Any]) -> list[str]:
         )
     for v in report["variants"]:
         if "int8_efficiency" in v:
+            source = v.get("int8_float_input", reference)
             lines.append(
                 f"- `{v['name']}` reached {v['int8_efficiency']:.0%} of what this CPU's int8 kernels allow for "
-                f"this model ({latency[reference] / v['latency_ms']['median']:.2f}x `{reference}`)."
+                f"its float input `{source}`: {latency[source] / latency[v['name']]:.2f}x `{source}`, where int8 "
+                f"linear layers could give at most {v['int8_bound_speedup']:.2f}x"
+                + ("" if source == reference else f" ({latency[reference] / latency[v['name']]:.2f}x `{reference}`)")
+                + "."
             )
     categories = list(dict.fromkeys(c for p in profiles.values() for c in p["categories_ms"]))
     lines += [
@@ -260,7 +270,8 @@ def _profile_section(report: dict[str, Any]) -> list[str]:
     for name, p in profiles.items():
         cells = " | ".join(_fmt(p["categories_ms"].get(c), 3) for c in categories)
         ratio = f"{p['total_ms'] / latency[name]:.2f}" if name in latency else "-"
-        lines.append(f"| {name} | {cells} | {p['total_ms']:.3f} | {p['run_ms']:.3f} | {ratio} |")
+        label = name if name in reported else f"{name} (an int8 step's float input, not reported)"
+        lines.append(f"| {label} | {cells} | {p['total_ms']:.3f} | {p['run_ms']:.3f} | {ratio} |")
     lines.append(f"\n![time per op category]({PROFILE_PNG})")
     for name, p in profiles.items():
         slowest = ", ".join(f"{n['module']} ({n['op_type']}, {n['ms']:.3f})" for n in p["slowest"])

@@ -32,7 +32,8 @@ SEARCHED_INT8 = {
     "input": "fp32",
     "options": {"schemes": "search", "min_sqnr_db": 80, "max_float_layers": 2},
 }
-NOT_MEASURED_THE_SAME = {"latency_ms", "int8_efficiency", "int8_bound_speedup"}  # timed, or read from timings
+# timed, or read from timings
+NOT_MEASURED_THE_SAME = {"latency_ms", "int8_efficiency", "int8_bound_speedup", "int8_speedup_vs_float_input"}
 
 
 @pytest.fixture(scope="class")

@@ -90,14 +90,26 @@ def test_a_cpu_without_int8_gain_is_told_so():
             "profile": {"reference": "fp32", "profiles": {"fp32": profile, "int8": profile}},
             "variants": [
                 {"name": "fp32", "latency_ms": {"median": 10.0}},
-                {"name": "int8", "latency_ms": {"median": 10.5}, "int8_bound_speedup": bound, "int8_efficiency": 0.93},
+                {
+                    "name": "int8",
+                    "latency_ms": {"median": 10.5},
+                    "int8_float_input": "fp32",
+                    "int8_bound_speedup": bound,
+                    "int8_efficiency": 0.93,
+                },
             ],
         }
 
     slow = "\n".join(_profile_section(report(1.01)))
-    assert "size lever" in slow and "fastest variant measured is `fp32`" in slow
+    assert "size lever" in slow and "fastest model measured is `fp32`." in slow
     fast = "\n".join(_profile_section(report(1.4)))
     assert "size lever" not in fast and "`int8` reached 93%" in fast
+    # an unreported float input that is faster than every variant is the one recommended, with how to get it
+    hidden = report(1.01)
+    hidden["profile"]["profiles"]["fused"] = hidden["profile"]["profiles"]["fp32"]
+    hidden["profile"]["latency_ms"] = {"fused": 9.0}
+    text = "\n".join(_profile_section(hidden))
+    assert "fastest model measured is `fused`, a step the config does not report (set `report: true`" in text
 
 
 def test_compress_reports_the_profile_and_the_limit(tmp_path, image_folder):
@@ -106,15 +118,35 @@ def test_compress_reports_the_profile_and_the_limit(tmp_path, image_folder):
     from onnxvit.compress import compress
     from tests.conftest import write_config
 
-    config = write_config(tmp_path, image_folder, benchmark={"warmup": 1, "runs": 4, "rounds": 2, "torch": False})
+    passes = [
+        {"pass": "fuse_vit", "name": "fused", "input": "fp32", "report": False},
+        {"pass": "quantize_int8", "name": "int8"},
+        {"pass": "fp16", "name": "fp16", "input": "fp32"},
+        {"pass": "ort_dynamic", "name": "ort-dynamic", "input": "fp32"},
+    ]
+    bench = {"warmup": 1, "runs": 4, "rounds": 2, "torch": False}
+    config = write_config(tmp_path, image_folder, passes=passes, benchmark=bench)
     report = compress(config, quiet=True)
     assert report["machine"]["int8_gemm_speedup"] > 0 and "int8_isa" in report["machine"]
-    assert set(report["profile"]["profiles"]) == {"fp32", "int8", "fp16"}
+    # the unreported float input of int8 is profiled and timed beside the variants, and has no file
+    assert set(report["profile"]["profiles"]) == {"fp32", "fused", "int8", "fp16", "ort-dynamic"}
+    assert set(report["profile"]["latency_ms"]) == set(report["profile"]["profiles"])
     variants = {v["name"]: v for v in report["variants"]}
+    assert "fused" not in variants and not (tmp_path / "out" / "model.fused.onnx").exists()
     assert "int8_efficiency" in variants["int8"] and "int8_efficiency" not in variants["fp16"]
-    assert variants["int8"]["int8_bound_speedup"] == report["machine"]["int8_bound_speedup"]
+    # each int8 variant against the float model its steps started from, not the unfused export
+    assert variants["int8"]["int8_float_input"] == "fused" and variants["ort-dynamic"]["int8_float_input"] == "fp32"
+    assert variants["ort-dynamic"]["int8_bound_speedup"] == report["machine"]["int8_bound_speedup"]
+    latency = report["profile"]["latency_ms"]
+    int8 = variants["int8"]
+    assert int8["int8_speedup_vs_float_input"] == pytest.approx(latency["fused"] / latency["int8"], rel=1e-3)
+    assert int8["int8_efficiency"] == pytest.approx(
+        int8["int8_speedup_vs_float_input"] / int8["int8_bound_speedup"], rel=1e-3
+    )
     out = tmp_path / "out"
-    assert (out / "profile.png").stat().st_size > 0 and "## Where the time goes" in (out / "report.md").read_text()
+    text = (out / "report.md").read_text()
+    assert (out / "profile.png").stat().st_size > 0 and "## Where the time goes" in text
+    assert "its float input `fused`" in text and "fused (an int8 step's float input, not reported)" in text
     assert json.loads((out / "report.json").read_text())["profile"] == report["profile"]
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from onnxvit.engine import cache_key
+import onnx
+
+from onnxvit.engine import StepRecord, cache_key
 from onnxvit.stages.benchmark import machine_info
 from onnxvit.stages.load import Run
 from onnxvit.variant import Variant
@@ -13,15 +15,56 @@ from passes.int8_limit import gemm_speedup, int8_bound, linear_shapes, machine_s
 from passes.profiling import profile_model
 from passes.quantize_int8 import u8s8_saturates
 
+QUANTIZED_OPS = frozenset(
+    {
+        "DynamicQuantizeMatMul",
+        "DynamicQuantizeLinear",
+        "QuantizeLinear",
+        "MatMulInteger",
+        "QLinearMatMul",
+        "MatMulIntegerToFloat",
+        "ConvInteger",
+        "QLinearConv",
+    }
+)
+
+
+def float_inputs(records: list[StepRecord], models: dict[str, onnx.ModelProto], names: list[str]) -> dict[str, str]:
+    """For each of ``names`` that runs quantized ops, the float model its chain of steps started
+    from: the nearest input with no quantized op (``reparam`` for the example's ``int8``, ``fp32``
+    for ``ort-dynamic``). An int8 variant's speed-up over it is int8's own, without the fusions
+    the steps before int8 made."""
+    parent = {r.name: r.input for r in records}
+    result = {}
+    for name in names:
+        if name not in models or not _quantized(models[name]):
+            continue
+        source = parent.get(name)
+        while source is not None and source in models and _quantized(models[source]):
+            source = parent.get(source)
+        if source is not None and source in models:
+            result[name] = source
+    return result
+
+
+def _quantized(model: onnx.ModelProto) -> bool:
+    return any(n.op_type in QUANTIZED_OPS for n in model.graph.node)
+
 
 def profile(
-    run: Run, variants: list[Variant], reference: Variant, latency: dict[str, dict[str, float]]
+    run: Run,
+    variants: list[Variant],
+    reference: Variant,
+    latency: dict[str, dict[str, float]],
+    inputs: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """``profiles`` (per ONNX variant: time per category, the slowest nodes), ``machine`` (the int8
     instruction sets, the int8-vs-float GEMM ratio at ``reference``'s linear-layer shapes and the
     best int8 speed-up of ``reference`` it allows) and ``int8`` (per variant that runs int8 GEMMs:
-    that bound and the variant's measured speed-up over ``reference`` as a share of it); the
-    measurements cached by what they measured and the machine."""
+    the bound of its float input, ``inputs[name]`` or else ``reference``, and its measured speed-up
+    over that input as a share of the bound); the measurements cached by what they measured and
+    the machine. ``variants`` includes the float inputs that are not reported, timed in ``latency``."""
+    inputs = inputs or {}
     bench = run.config.benchmark
     onnx_variants = [v for v in variants if v.runtime == "onnxruntime"]
     machine = machine_info(bench.threads)
@@ -59,21 +102,34 @@ def profile(
         measure_limit,
     )
     speedup = limit["int8_gemm_speedup"]
-    base = profiles[reference.name]
-    bound = int8_bound(base["total_ms"], base["linear_ms"], speedup) if speedup else None
-    reference_ms = latency[reference.name]["median"]
-    int8 = {
-        name: {
-            "int8_bound_speedup": round(bound, 4),
-            "int8_efficiency": round(reference_ms / latency[name]["median"] / bound, 4),
-        }
-        for name, p in profiles.items()
-        if bound and p["categories_ms"].get("int8 GEMM")
-    }
+
+    def bound_of(name: str) -> float | None:
+        base = profiles[name]
+        return int8_bound(base["total_ms"], base["linear_ms"], speedup) if speedup else None
+
+    bound = bound_of(reference.name)
+    int8 = {}
+    for name, p in profiles.items():
+        source = inputs.get(name, reference.name)
+        own_bound = bound_of(source)
+        if own_bound and p["categories_ms"].get("int8 GEMM"):
+            gain = latency[source]["median"] / latency[name]["median"]
+            int8[name] = {
+                "int8_float_input": source,
+                "int8_bound_speedup": round(own_bound, 4),
+                "int8_speedup_vs_float_input": round(gain, 4),
+                "int8_efficiency": round(gain / own_bound, 4),
+            }
     machine_part = {
         **machine_summary(),
         "int8_gemm_speedup": speedup,
         "int8_bound_speedup": round(bound, 4) if bound else None,
         "int8_gemm_shapes": limit["shapes"],
     }
-    return {"machine": machine_part, "reference": reference.name, "profiles": profiles, "int8": int8}
+    return {
+        "machine": machine_part,
+        "reference": reference.name,
+        "profiles": profiles,
+        "latency_ms": {name: latency[name]["median"] for name in profiles},  # the unreported inputs' too
+        "int8": int8,
+    }

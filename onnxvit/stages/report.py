@@ -65,7 +65,7 @@ def document(
         "prune": sections.get("prune"),
         "tokens": sections.get("tokens"),
         "variants": [variant_entry(v, latency[v.name], scores[v.name], int8.get(v.name)) for v in variants],
-        "profile": {k: profiled[k] for k in ("reference", "profiles")} if profiled else None,
+        "profile": {k: profiled[k] for k in ("reference", "profiles", "latency_ms")} if profiled else None,
         "handoff": sections.get("handoff"),
         "mobile": sections.get("mobile"),
         "lite": sections.get("lite"),
