@@ -260,9 +260,10 @@ def _profile_section(report: dict[str, Any]) -> list[str]:
     categories = list(dict.fromkeys(c for p in profiles.values() for c in p["categories_ms"]))
     lines += [
         "",
-        "ONNX Runtime's profiler, ms per run by op category (after its session fusions); the sum against "
-        "the profiled run's wall time and against the median latency of the timing phase (the profiler "
-        "costs a little per node, so a model of many small nodes reads slower under it):",
+        "ONNX Runtime's profiler, ms per run by op category (after its session fusions; each node's median "
+        "over the profiled runs, less the profiler's own cost per node, "
+        f"{_fmt(_node_cost_us(profiles), 1)} us here); the sum against the profiled run's wall time (the "
+        "profiler's cost included) and against the median latency of the timing phase:",
         "",
         "| variant | " + " | ".join(categories) + " | sum | profiled run | sum / median latency |",
         "|---|" + "---|" * (len(categories) + 3),
@@ -277,6 +278,11 @@ def _profile_section(report: dict[str, Any]) -> list[str]:
         slowest = ", ".join(f"{n['module']} ({n['op_type']}, {n['ms']:.3f})" for n in p["slowest"])
         lines.append(f"\nSlowest nodes of `{name}`, ms: {slowest}.")
     return lines
+
+
+def _node_cost_us(profiles: dict[str, Any]) -> float | None:
+    costs = [p["profiler_cost_per_node_ms"] for p in profiles.values() if "profiler_cost_per_node_ms" in p]
+    return 1e3 * costs[0] if costs else None
 
 
 def render_profile_plot(report: dict[str, Any], path: Path) -> None:

@@ -9,6 +9,7 @@ the node's outputs downstream, since fusions rename nodes but keep the tensors a
 
 from __future__ import annotations
 
+import bisect
 import json
 import tempfile
 from dataclasses import asdict, dataclass
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx import helper
 
 from passes.module_names import node_modules
 from passes.runtime import make_session, session_options
@@ -110,6 +112,7 @@ class Profile:
     nodes: list[NodeTime]
     runs: int
     run_ms: float  # median wall time of one profiled run, as ONNX Runtime's profiler saw it
+    node_cost_ms: float = 0.0  # the profiler's own cost per node, taken off every node's time
 
     @property
     def total_ms(self) -> float:
@@ -132,6 +135,8 @@ class Profile:
         return {
             "runs": self.runs,
             "run_ms": round(self.run_ms, 4),
+            "profiler_cost_per_node_ms": round(self.node_cost_ms, 5),
+            "nodes": len(self.nodes),
             "total_ms": round(self.total_ms, 4),
             "linear_ms": round(self.linear_ms, 4),
             "categories_ms": self.by_category(),
@@ -140,34 +145,44 @@ class Profile:
 
 
 def parse_profile(
-    events: list[dict], graph: onnx.GraphProto, skip_runs: int = 0, source: onnx.GraphProto | None = None
+    events: list[dict],
+    graph: onnx.GraphProto,
+    skip_runs: int = 0,
+    source: onnx.GraphProto | None = None,
+    node_cost_ms: float = 0.0,
 ) -> Profile:
     """A profile from ONNX Runtime's trace ``events`` of runs of the optimized ``graph``; the first
-    ``skip_runs`` runs (warm-up) are left out. Each node's time is its kernel time per counted run.
+    ``skip_runs`` runs (warm-up) are left out. Each node's time is its median kernel time over the
+    counted runs, less ``node_cost_ms`` (the profiler's own cost per node, which its kernel-time event holds).
     Nodes that kept their name from ``source`` (the graph before ONNX Runtime's fusions, whose tensors
     still carry the exporter's names) are named from there."""
     runs = sorted((e for e in events if e.get("cat") == "Session" and e["name"] == "model_run"), key=lambda e: e["ts"])
     counted = runs[skip_runs:]
     if not counted:
         raise ValueError("the profile holds no run after warm-up")
-    start = counted[0]["ts"]
-    kernels = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= start]
+    starts = [e["ts"] for e in counted]
+    kernels = [
+        e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= starts[0]
+    ]
     constants = {init.name for init in graph.initializer}
     nodes = {node.name: node for node in graph.node}
     modules = {**node_modules(graph), **(node_modules(source) if source is not None else {})}
-    totals: dict[str, float] = {}
+    per_run: dict[str, np.ndarray] = {}  # each node's time in each counted run
     ops: dict[str, str] = {}
     for event in kernels:
         name = event["name"][: -len("_kernel_time")]
-        totals[name] = totals.get(name, 0.0) + event["dur"] / 1e3
+        times = per_run.setdefault(name, np.zeros(len(counted)))
+        times[bisect.bisect_right(starts, event["ts"]) - 1] += event["dur"] / 1e3
         ops[name] = event["args"].get("op_name", nodes[name].op_type if name in nodes else "?")
     result = []
-    for name, total in totals.items():
+    for name, times in per_run.items():
         node = nodes.get(name)
         op_type = ops[name]
         linear = op_type in LINEAR_OPS and node is not None and any(i in constants for i in node.input[1:2])
-        result.append(NodeTime(name, op_type, category(op_type), modules.get(name, name), linear, total / len(counted)))
-    return Profile(result, len(counted), float(np.median([e["dur"] / 1e3 for e in counted])))
+        # the median run, as the timing loop reports: the first call after another model's round is slower
+        ms = max(float(np.median(times)) - node_cost_ms, 0.0)
+        result.append(NodeTime(name, op_type, category(op_type), modules.get(name, name), linear, ms))
+    return Profile(result, len(counted), float(np.median([e["dur"] / 1e3 for e in counted])), node_cost_ms)
 
 
 def profile_model(
@@ -175,17 +190,72 @@ def profile_model(
 ) -> Profile:
     """``model`` profiled by ONNX Runtime on the benchmark input: ``warmup`` runs, then ``runs``
     counted, in a session opened as every timed session is."""
+    return profile_models({"model": model}, shape, threads, batch_size, warmup, runs, rounds=1)["model"]
+
+
+def profile_models(
+    models: dict[str, onnx.ModelProto | Path],
+    shape: tuple[int, ...],
+    threads: int,
+    batch_size: int,
+    warmup: int,
+    runs: int,
+    rounds: int = 5,
+    node_cost_ms: float | None = None,
+) -> dict[str, Profile]:
+    """Each model profiled on the benchmark input: ``warmup`` runs, then ``runs`` counted, split
+    over ``rounds`` interleaved as the timing loop does (a slow spell of the machine falls on every
+    model, not on one), each in a session opened as every timed session is. Every node's time is
+    less the profiler's own cost per node (``node_cost_ms``; measured here when None)."""
+    if node_cost_ms is None:
+        node_cost_ms = profiler_cost_per_node(threads)
+    with tempfile.TemporaryDirectory(prefix="onnxvit-profile-") as tmp:
+        sessions, feeds = {}, {}
+        for index, (name, model) in enumerate(models.items()):
+            options = session_options(threads)
+            options.enable_profiling = True
+            options.profile_file_prefix = str(Path(tmp) / f"profile-{index}")
+            options.optimized_model_filepath = str(Path(tmp) / f"optimized-{index}.onnx")
+            sessions[name] = make_session(model, threads, options)
+            feeds[name] = {sessions[name].get_inputs()[0].name: benchmark_input(shape, batch_size)}
+            for _ in range(warmup):
+                sessions[name].run(None, feeds[name])
+        per_round = [runs // rounds + (r < runs % rounds) for r in range(rounds)]
+        for count in per_round:
+            for name, session in sessions.items():
+                for _ in range(count):
+                    session.run(None, feeds[name])
+        result = {}
+        for index, (name, model) in enumerate(models.items()):
+            events = json.loads(Path(sessions[name].end_profiling()).read_text())
+            graph = onnx.load(Path(tmp) / f"optimized-{index}.onnx", load_external_data=False).graph
+            original = model if isinstance(model, onnx.ModelProto) else onnx.load(model, load_external_data=False)
+            result[name] = parse_profile(events, graph, warmup, original.graph, node_cost_ms)
+        return result
+
+
+def profiler_cost_per_node(threads: int, nodes: int = 100, warmup: int = 5, runs: int = 20) -> float:
+    """What ONNX Runtime's profiler adds to a node's kernel time (ms): the median kernel time of a
+    chain of ``Neg`` nodes on a single float, whose own compute is negligible. The profiler builds
+    each event's arguments (shapes, sizes) inside the timed span, so a model of many small nodes
+    reads slower under it than it runs."""
+    chain = [helper.make_node("Neg", [f"t{i}"], [f"t{i + 1}"], f"neg{i}") for i in range(nodes)]
+    graph = helper.make_graph(
+        chain,
+        "profiler-cost",
+        [helper.make_tensor_value_info("t0", onnx.TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info(f"t{nodes}", onnx.TensorProto.FLOAT, [1])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
     with tempfile.TemporaryDirectory(prefix="onnxvit-profile-") as tmp:
         options = session_options(threads)
         options.enable_profiling = True
         options.profile_file_prefix = str(Path(tmp) / "profile")
-        options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
         session = make_session(model, threads, options)
-        feed = {session.get_inputs()[0].name: benchmark_input(shape, batch_size)}
+        feed = {"t0": np.ones(1, np.float32)}
         for _ in range(warmup + runs):
             session.run(None, feed)
-        trace = Path(session.end_profiling())
-        events = json.loads(trace.read_text())
-        graph = onnx.load(Path(tmp) / "optimized.onnx", load_external_data=False).graph
-    original = model if isinstance(model, onnx.ModelProto) else onnx.load(model, load_external_data=False)
-    return parse_profile(events, graph, warmup, original.graph)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    profile = parse_profile(events, model.graph, warmup)
+    return float(np.median([n.ms for n in profile.nodes]))

@@ -5,7 +5,7 @@ import pytest
 from passes.base import PassContext
 from passes.int8_limit import LinearShape, gemm_speedup, int8_bound, linear_shapes
 from passes.module_names import module_path, node_modules, parameter_module
-from passes.profiling import CATEGORIES, category, profile_model
+from passes.profiling import CATEGORIES, category, parse_profile, profile_model, profile_models, profiler_cost_per_node
 from passes.quantize_int8 import QuantizeInt8Config, QuantizeInt8Pass
 
 
@@ -42,6 +42,40 @@ def test_every_node_of_a_real_model_is_attributed(tiny_onnx, tiny_int8):
         assert {n.module for n in linear} >= {"blocks.0.mlp.fc1", "blocks.1.mlp.fc1", "blocks.1.mlp.fc2", "head"}
         assert 0 < profile.linear_ms < profile.total_ms
         assert profile.to_json()["slowest"][0]["ms"] == pytest.approx(max(n.ms for n in profile.nodes), abs=1e-4)
+
+
+def test_a_node_time_is_its_median_run_less_the_profiler_cost():
+    """Synthetic trace of 1 warm-up and 3 counted runs of two nodes: the first counted run is slow
+    (the first call after another model's round); each node's time is its median over the counted
+    runs, less the given per-node cost, and never below zero."""
+    from onnx import helper
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], "mm"), helper.make_node("Relu", ["y"], ["z"], "relu")],
+        "g",
+        [],
+        [],
+    )
+    events = []
+    for run, (mm, relu) in enumerate([(9.0, 9.0), (8.0, 0.003), (2.0, 0.004), (3.0, 0.5)]):
+        ts = run * 100_000
+        events.append({"cat": "Session", "name": "model_run", "ts": ts, "dur": int((mm + relu) * 1e3) + 10})
+        events.append({"cat": "Node", "name": "mm_kernel_time", "ts": ts + 1, "dur": mm * 1e3, "args": {}})
+        events.append({"cat": "Node", "name": "relu_kernel_time", "ts": ts + 2, "dur": relu * 1e3, "args": {}})
+    profile = parse_profile(events, graph, skip_runs=1, node_cost_ms=0.005)
+    times = {n.node: n.ms for n in profile.nodes}
+    assert times["mm"] == pytest.approx(3.0 - 0.005) and times["relu"] == 0.0
+    assert profile.runs == 3 and profile.to_json()["profiler_cost_per_node_ms"] == 0.005
+
+
+def test_interleaved_profiles_take_off_the_profilers_own_cost(tiny_onnx, tiny_int8):
+    cost = profiler_cost_per_node(1)
+    assert 0 < cost < 0.2  # microseconds per node, not a kernel's time
+    profiles = profile_models({"fp32": tiny_onnx, "int8": tiny_int8}, (3, 224, 224), 1, 1, 2, 6, rounds=2)
+    assert set(profiles) == {"fp32", "int8"}
+    for profile in profiles.values():
+        assert profile.runs == 6 and profile.node_cost_ms > 0
+        assert 0.5 * profile.run_ms < profile.total_ms < profile.run_ms  # the profiler's cost is out of the nodes
 
 
 def test_node_modules_name_fused_nodes_from_what_follows(tiny_int8):

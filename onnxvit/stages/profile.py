@@ -12,7 +12,7 @@ from onnxvit.stages.benchmark import machine_info
 from onnxvit.stages.load import Run
 from onnxvit.variant import Variant
 from passes.int8_limit import gemm_speedup, int8_bound, linear_shapes, machine_summary
-from passes.profiling import profile_model
+from passes.profiling import profile_models
 from passes.quantize_int8 import u8s8_saturates
 
 QUANTIZED_OPS = frozenset(
@@ -70,14 +70,18 @@ def profile(
     machine = machine_info(bench.threads)
 
     def measure_profiles() -> dict[str, Any]:
-        with run.reporter.task(f"profiling {len(onnx_variants)} variants", len(onnx_variants), live=False) as advance:
-            result = {}
-            for v in onnx_variants:
-                result[v.name] = profile_model(
-                    v.source(), run.input_shape, bench.threads, bench.batch_size, bench.warmup, bench.profile_runs
-                ).to_json()
-                advance(1)
-            return result
+        with run.reporter.task(f"profiling {len(onnx_variants)} variants", 1, live=False) as advance:
+            profiles = profile_models(
+                {v.name: v.source() for v in onnx_variants},
+                run.input_shape,
+                bench.threads,
+                bench.batch_size,
+                bench.warmup,
+                bench.profile_runs,
+                max(1, min(bench.rounds, bench.profile_runs // 5)),  # a round's first run is slower: 5 or more
+            )
+            advance(1)
+            return {name: p.to_json() for name, p in profiles.items()}
 
     def measure_limit() -> dict[str, Any]:
         assert reference.proto is not None
@@ -91,6 +95,7 @@ def profile(
             models={v.name: v.identity for v in onnx_variants},
             settings=settings,
             runs=bench.profile_runs,
+            method=2,  # interleaved rounds, per-node medians, the profiler's own cost per node taken off
             machine=machine,
             shape=run.input_shape,
         ),
