@@ -88,6 +88,12 @@ class QuantizeInt8Config(PassConfig):
         None, ge=0, le=100, description="Budget: top-1 agreement (%) with the float input on the search split."
     )
     max_float_layers: int = Field(8, ge=0, description="Budget: at most this many layers kept in float.")
+    kept_layers: Literal["float", "u8u8"] = Field(
+        "float",
+        description="Budget: what the layers it keeps out of int8 become. float; or u8u8: full-range 8-bit "
+        "uint8 weights (ONNX Runtime's uint8 x uint8 kernel, which does not saturate on x86 without VNNI), "
+        "each layer moved only where the model still meets the budget on the search split.",
+    )
 
     @model_validator(mode="after")
     def _checks(self) -> QuantizeInt8Config:
@@ -189,14 +195,38 @@ class QuantizeInt8Pass(Pass):
                         f"int8: the quantizer's model measures {shipped}, the searched one {notes['search_fidelity']}"
                     )
                     notes["search_fidelity"] = shipped
+            if cfg.kept_layers == "u8u8" and kept:
+                quantized = self._kept_as_u8u8(quantized, notes, probe, budget, ctx)
             ctx.notes.update(notes)
-            quantized_count = len(layers) - len(kept)
+            quantized_count = len(layers) - len(notes["kept_float"])
         else:
             quantized = quantize(layers if cfg.weighted_only else None)
             quantized_count = len(layers) if cfg.weighted_only else None
         ctx.notes.update(mode=cfg.mode, reduce_range=reduce_range, quantized_nodes=quantized_count)
         ctx.notes.update(count_ops(quantized, "QuantizeLinear", "DynamicQuantizeLinear"))
         return quantized
+
+    def _kept_as_u8u8(
+        self, model: onnx.ModelProto, notes: dict[str, Any], probe: FidelityProbe, budget: Budget, ctx: PassContext
+    ) -> onnx.ModelProto:
+        """The budget's float layers moved, least harmful first, to full-range uint8 weights one at a
+        time, each kept only where the whole model still meets ``budget``; ``notes`` say which moved."""
+        produced = {output for node in model.graph.node for output in node.output}
+        moved: list[str] = []
+        for layer in reversed(notes["kept_float"]):  # ranked most harmful first
+            node = next(n for n in model.graph.node if n.name == layer)
+            if f"{node.input[0]}_quantized" in produced:  # its input is quantized for another layer already
+                continue
+            trial = DynamicInt8Builder(model, [layer], onnx.TensorProto.UINT8, reduce_range=False).build([layer])
+            fidelity = probe(trial)
+            ctx.log(f"int8: {layer} with uint8 weights (u8u8): {fidelity.sqnr_db:.2f} dB")
+            if budget.met(fidelity):
+                model, notes["search_fidelity"] = trial, fidelity.rounded()
+                produced |= {output for n in trial.graph.node for output in n.output}
+                moved.append(layer)
+        notes["u8u8"] = moved
+        notes["kept_float"] = [layer for layer in notes["kept_float"] if layer not in moved]
+        return model
 
     def _tune_weights(
         self,
@@ -347,6 +377,12 @@ class QuantizeInt8Pass(Pass):
                 f"`{step['name']}` keeps in float, for its accuracy budget: "
                 + ", ".join(named(layer) for layer in notes["kept_float"])
                 + ".",
+            ]
+        if notes.get("u8u8"):
+            lines += [
+                "",
+                f"`{step['name']}` runs with full-range uint8 weights (ONNX Runtime's u8u8 kernel) instead of "
+                "float, within its accuracy budget: " + ", ".join(named(layer) for layer in notes["u8u8"]) + ".",
             ]
         if not schemes and not bridges:
             return lines

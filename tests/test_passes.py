@@ -120,6 +120,36 @@ def test_accuracy_budget_keeps_the_most_harmful_layers_in_float(tiny_onnx, tiny_
     assert not ctx.notes["budget_met"] and len(ctx.notes["kept_float"]) <= 2
 
 
+def test_budget_layers_move_to_u8u8_only_where_the_model_keeps_its_budget(tiny_onnx, tiny_images):
+    """kept_layers: u8u8 turns the budget's float layers into full-range uint8 weights (ONNX Runtime's
+    u8u8 kernel) one at a time, each only where the whole model still meets the budget; the written
+    model, measured again here, meets it."""
+    ctx = PassContext(calibration=[tiny_images[:8]], search=[tiny_images[8:]])
+    seven_bit = {"reduce_range": True, "max_float_layers": 9}
+    QuantizeInt8Pass(QuantizeInt8Config(min_sqnr_db=0.0, **seven_bit)).run(tiny_onnx, ctx)
+    budget = ctx.notes["search_fidelity"]["sqnr_db"] + 0.3  # just above every layer in 7-bit int8
+    QuantizeInt8Pass(QuantizeInt8Config(min_sqnr_db=budget, **seven_bit)).run(tiny_onnx, ctx)
+    kept = ctx.notes["kept_float"]
+    assert kept
+    moved_model = QuantizeInt8Pass(QuantizeInt8Config(min_sqnr_db=budget, kept_layers="u8u8", **seven_bit)).run(
+        tiny_onnx, ctx
+    )
+    notes = ctx.notes
+    assert notes["u8u8"], "a 7-bit layer's float twin, with 8-bit weights, meets a budget 0.3 dB above all-int8"
+    assert sorted(notes["u8u8"] + notes["kept_float"]) == sorted(kept) and notes["budget_met"]
+    search = np.concatenate(ctx.search)
+    measured = sqnr_db(model_logits(tiny_onnx, [search]), model_logits(moved_model, [search]))
+    assert measured >= budget and measured == pytest.approx(notes["search_fidelity"]["sqnr_db"], abs=0.01)
+    initializers = {i.name: i for i in moved_model.graph.initializer}
+    for layer in notes["u8u8"]:
+        matmul = next(n for n in moved_model.graph.node if n.op_type == "MatMulInteger" and n.name == f"{layer}_quant")
+        weights = numpy_helper.to_array(initializers[matmul.input[1]])
+        assert weights.dtype == np.uint8 and weights.max() == 255  # full range: no 7-bit reduction
+    # a budget no model meets moves nothing
+    QuantizeInt8Pass(QuantizeInt8Config(min_sqnr_db=300.0, kept_layers="u8u8", **seven_bit)).run(tiny_onnx, ctx)
+    assert ctx.notes["u8u8"] == [] and ctx.notes["kept_float"] and not ctx.notes["budget_met"]
+
+
 def test_accuracy_budget_without_search_images_is_a_clear_error(tiny_onnx, ctx):
     with pytest.raises(PassError, match="search_images"):
         QuantizeInt8Pass(QuantizeInt8Config(min_agreement=99.0)).run(tiny_onnx, ctx)
