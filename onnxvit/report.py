@@ -261,9 +261,10 @@ def _profile_section(report: dict[str, Any]) -> list[str]:
     lines += [
         "",
         "ONNX Runtime's profiler, ms per run by op category (after its session fusions; each node's median "
-        "over the profiled runs, less the profiler's own cost per node, "
-        f"{_fmt(_node_cost_us(profiles), 1)} us here); the sum against the profiled run's wall time (the "
-        "profiler's cost included) and against the median latency of the timing phase:",
+        "over the profiled runs, less the profiler's own cost per node: what the nodes' sum exceeds "
+        f"unprofiled runs of the same model in the same rounds by, spread over its nodes, {_node_cost_us(profiles)} "
+        "us); the sum against the profiled run's wall time (the profiler's cost included) and against the "
+        "median latency of the timing phase:",
         "",
         "| variant | " + " | ".join(categories) + " | sum | profiled run | sum / median latency |",
         "|---|" + "---|" * (len(categories) + 3),
@@ -280,9 +281,9 @@ def _profile_section(report: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _node_cost_us(profiles: dict[str, Any]) -> float | None:
-    costs = [p["profiler_cost_per_node_ms"] for p in profiles.values() if "profiler_cost_per_node_ms" in p]
-    return 1e3 * costs[0] if costs else None
+def _node_cost_us(profiles: dict[str, Any]) -> str:
+    costs = [1e3 * p["profiler_cost_per_node_ms"] for p in profiles.values() if "profiler_cost_per_node_ms" in p]
+    return f"{min(costs):.1f} to {max(costs):.1f}" if costs else "-"
 
 
 def render_profile_plot(report: dict[str, Any], path: Path) -> None:

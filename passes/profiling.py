@@ -12,12 +12,12 @@ from __future__ import annotations
 import bisect
 import json
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import helper
 
 from passes.module_names import node_modules
 from passes.runtime import make_session, session_options
@@ -201,61 +201,43 @@ def profile_models(
     warmup: int,
     runs: int,
     rounds: int = 5,
-    node_cost_ms: float | None = None,
 ) -> dict[str, Profile]:
     """Each model profiled on the benchmark input: ``warmup`` runs, then ``runs`` counted, split
     over ``rounds`` interleaved as the timing loop does (a slow spell of the machine falls on every
-    model, not on one), each in a session opened as every timed session is. Every node's time is
-    less the profiler's own cost per node (``node_cost_ms``; measured here when None)."""
-    if node_cost_ms is None:
-        node_cost_ms = profiler_cost_per_node(threads)
+    model, not on one), each in a session opened as every timed session is. Beside each profiled
+    session an unprofiled one runs as many calls in the same rounds. The profiler builds each event's
+    arguments inside the node's timed span, so a model of many small nodes can sum to more than its
+    unprofiled run; that excess, spread evenly over the nodes, is taken off every node's time."""
     with tempfile.TemporaryDirectory(prefix="onnxvit-profile-") as tmp:
-        sessions, feeds = {}, {}
+        profiled, plain, feeds = {}, {}, {}
         for index, (name, model) in enumerate(models.items()):
             options = session_options(threads)
             options.enable_profiling = True
             options.profile_file_prefix = str(Path(tmp) / f"profile-{index}")
             options.optimized_model_filepath = str(Path(tmp) / f"optimized-{index}.onnx")
-            sessions[name] = make_session(model, threads, options)
-            feeds[name] = {sessions[name].get_inputs()[0].name: benchmark_input(shape, batch_size)}
-            for _ in range(warmup):
-                sessions[name].run(None, feeds[name])
+            profiled[name] = make_session(model, threads, options)
+            plain[name] = make_session(model, threads)
+            feeds[name] = {profiled[name].get_inputs()[0].name: benchmark_input(shape, batch_size)}
+            for session in (profiled[name], plain[name]):
+                for _ in range(warmup):
+                    session.run(None, feeds[name])
+        plain_ms: dict[str, list[float]] = {name: [] for name in models}
         per_round = [runs // rounds + (r < runs % rounds) for r in range(rounds)]
         for count in per_round:
-            for name, session in sessions.items():
+            for name in models:
                 for _ in range(count):
-                    session.run(None, feeds[name])
+                    profiled[name].run(None, feeds[name])
+                for _ in range(count):
+                    start = time.perf_counter()
+                    plain[name].run(None, feeds[name])
+                    plain_ms[name].append((time.perf_counter() - start) * 1e3)
         result = {}
         for index, (name, model) in enumerate(models.items()):
-            events = json.loads(Path(sessions[name].end_profiling()).read_text())
+            events = json.loads(Path(profiled[name].end_profiling()).read_text())
             graph = onnx.load(Path(tmp) / f"optimized-{index}.onnx", load_external_data=False).graph
             original = model if isinstance(model, onnx.ModelProto) else onnx.load(model, load_external_data=False)
-            result[name] = parse_profile(events, graph, warmup, original.graph, node_cost_ms)
+            raw = parse_profile(events, graph, warmup, original.graph)
+            # what the nodes' raw sum exceeds a whole unprofiled run by can only be the profiler's
+            cost = max(raw.total_ms - float(np.median(plain_ms[name])), 0.0) / max(len(raw.nodes), 1)
+            result[name] = parse_profile(events, graph, warmup, original.graph, cost)
         return result
-
-
-def profiler_cost_per_node(threads: int, nodes: int = 100, warmup: int = 5, runs: int = 20) -> float:
-    """What ONNX Runtime's profiler adds to a node's kernel time (ms): the median kernel time of a
-    chain of ``Neg`` nodes on a single float, whose own compute is negligible. The profiler builds
-    each event's arguments (shapes, sizes) inside the timed span, so a model of many small nodes
-    reads slower under it than it runs."""
-    chain = [helper.make_node("Neg", [f"t{i}"], [f"t{i + 1}"], f"neg{i}") for i in range(nodes)]
-    graph = helper.make_graph(
-        chain,
-        "profiler-cost",
-        [helper.make_tensor_value_info("t0", onnx.TensorProto.FLOAT, [1])],
-        [helper.make_tensor_value_info(f"t{nodes}", onnx.TensorProto.FLOAT, [1])],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    with tempfile.TemporaryDirectory(prefix="onnxvit-profile-") as tmp:
-        options = session_options(threads)
-        options.enable_profiling = True
-        options.profile_file_prefix = str(Path(tmp) / "profile")
-        session = make_session(model, threads, options)
-        feed = {"t0": np.ones(1, np.float32)}
-        for _ in range(warmup + runs):
-            session.run(None, feed)
-        events = json.loads(Path(session.end_profiling()).read_text())
-    profile = parse_profile(events, model.graph, warmup)
-    return float(np.median([n.ms for n in profile.nodes]))

@@ -95,7 +95,7 @@ def profile(
             models={v.name: v.identity for v in onnx_variants},
             settings=settings,
             runs=bench.profile_runs,
-            method=2,  # interleaved rounds, per-node medians, the profiler's own cost per node taken off
+            method=4,  # interleaved rounds, per-node medians, less the profiler's cost measured per variant
             machine=machine,
             shape=run.input_shape,
         ),
