@@ -116,6 +116,28 @@ def test_fuse_vit_fuses_merged_attention_with_its_bias_and_query_slice(tiny_mode
     assert rewrite_change(fused, model_logits(proto, batches, 2), model_logits(fused, batches, 2)) < 1e-4
 
 
+def test_a_folded_block_merges_on_the_keys_the_split_already_made(tiny_model, tiny_images):
+    """A block that both has the size bias and merges (block 1 with every query kept): its merge
+    metric reads the Split's keys, whose extra columns are zero, instead of a second slice of the
+    projection; the fused model stays within 1e-4 of the unfused one."""
+    from passes import PassContext
+    from passes.fuse_vit import FuseVitConfig, FuseVitPass
+    from passes.metrics import rewrite_change
+    from passes.runtime import model_logits
+    from passes.simplify import SimplifyConfig, SimplifyPass
+
+    merged = merge_tokens(tiny_model, [20, 10], class_token_only_last_block=False)
+    ctx = PassContext(calibration=[tiny_images[:4]], search=[], batch_size=1, threads=2, log=lambda s: None)
+    proto = SimplifyPass(SimplifyConfig()).run(export_onnx(merged, tiny_images, ExportConfig()), ctx)
+    fused = FuseVitPass(FuseVitConfig()).run(proto, ctx)
+    readers = {n.op_type for n in fused.graph.node if "attention_1/k" in n.input}
+    assert readers == {"Identity", "Add"}, readers  # the metric, and the bias added for attention
+    assert not any(n.op_type == "Slice" and "attention_1/qkv" in n.input for n in fused.graph.node)
+    onnx.checker.check_model(fused)
+    batches = [tiny_images[i : i + 1] for i in range(8)]
+    assert rewrite_change(fused, model_logits(proto, batches, 2), model_logits(fused, batches, 2)) < 1e-4
+
+
 def test_fuse_vit_keeps_the_attention_bias_when_the_qkv_output_has_another_reader(tiny_model, tiny_images):
     """The keys' extra column changes the qkv projection's output; when something besides the merge's
     key slice reads it, the bias goes to MultiHeadAttention's bias input instead, still exact."""
