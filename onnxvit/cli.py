@@ -46,7 +46,7 @@ passes:                         # in order; each reads the previous step's outpu
     options:
       mode: dynamic             # static: calibrated QDQ (then calibrate_method, activation_type apply)
       per_channel: true
-      weight_type: int8
+      weight_type: auto         # int8; uint8 (u8u8 kernel) where this CPU would need 7-bit int8 and u8u8 is as fast
       schemes: fixed            # search: each layer's weight scheme by its measured error (slower; more faithful)
   - pass: fp16
     name: fp16

@@ -225,6 +225,9 @@ def run_passes(
             key_parts["search"] = data_fingerprints["search"]
         if needs:
             key_parts["batch_size"] = data_fingerprints.get("batch_size", 1)
+        machine = pass_cls.machine_key(pass_config)
+        if machine:
+            key_parts["machine"] = machine
         record.key = cache_key(**key_parts)
 
         def produce(pass_cls=pass_cls, pass_config=pass_config, source=source, record=record) -> onnx.ModelProto:

@@ -95,6 +95,8 @@ class Pass:
     - ``version``: part of the cache key; bump it when the pass's output for the same input changes;
     - ``requirements(config)``: what it needs from the run; the config loader refuses a run that cannot
       give it, and the splits it names are part of the cache key;
+    - ``machine_key(config)``: what of this machine the output depends on (a choice made from the
+      CPU's instruction sets or measured kernels), part of the cache key; empty by default;
     - ``report_section(step)`` / ``report_figures(step)``: the pass's own part of report.md (the report
       writer knows no pass's notes), and ``tabled_notes``, the note keys that section shows, so that the
       generic list of notes leaves them out.
@@ -113,6 +115,11 @@ class Pass:
     def requirements(cls, config: PassConfig) -> frozenset[Requirement]:
         """What the pass needs with these options (default: ``requires``)."""
         return cls.requires
+
+    @classmethod
+    def machine_key(cls, config: PassConfig) -> dict[str, Any]:
+        """What of this machine the output depends on with these options (default: nothing)."""
+        return {}
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
         raise NotImplementedError

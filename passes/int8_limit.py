@@ -49,6 +49,17 @@ def cpu_int8_features() -> list[str]:
     return [flag for flag in ISA_FLAGS if flag in flags]
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else the platform's processor string."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 @dataclass(frozen=True)
 class LinearShape:
     """A linear layer's GEMM: ``rows`` = the activation's leading dims, ``k`` inputs, ``n`` outputs."""
@@ -123,6 +134,30 @@ def gemm_speedup(
             {"rows": list(shape.rows), "k": shape.k, "n": shape.n, "count": count, "float_ms": f_ms, "int8_ms": q_ms}
         )
     return {"int8_gemm_speedup": round(float_total / int8_total, 4) if int8_total else None, "shapes": table}
+
+
+def u8u8_speed(shapes: list[LinearShape], threads: int, warmup: int = 5, runs: int = 30, rounds: int = 3) -> dict:
+    """ONNX Runtime's dynamic uint8 x uint8 GEMM (full-range uint8 weights) against its uint8 x int8
+    GEMM with 7-bit weights, at each distinct shape, timed interleaved: ``u8u8_time_ratio`` is the
+    u8u8 time over the u8s8 time, each shape weighted by how often the model runs it. On x86 without
+    VNNI the u8s8 kernel needs 7-bit weights not to saturate; u8u8 keeps all 8 bits."""
+    counts: dict[LinearShape, int] = {}
+    for shape in shapes:
+        counts[shape] = counts.get(shape, 0) + 1
+    runners = {}
+    for index, shape in enumerate(counts):
+        float_model = _gemm_model(shape, index)
+        activation, leading = (*shape.rows[1:], shape.k), shape.rows[0]
+        for kind, qtype, reduce_range in (
+            ("u8s8", onnx.TensorProto.INT8, True),
+            ("u8u8", onnx.TensorProto.UINT8, False),
+        ):
+            model = DynamicInt8Builder(float_model, ["linear"], qtype, reduce_range).build(["linear"])
+            runners[f"{index}/{kind}"] = onnx_runner(model, activation, threads, leading)
+    times = measure_latency(runners, warmup, runs, rounds)
+    u8s8 = sum(count * times[f"{i}/u8s8"]["median"] for i, count in enumerate(counts.values()))
+    u8u8 = sum(count * times[f"{i}/u8u8"]["median"] for i, count in enumerate(counts.values()))
+    return {"u8u8_time_ratio": round(u8u8 / u8s8, 4) if u8s8 else None, "shapes": len(counts)}
 
 
 def int8_bound(reference_total: float, reference_linear: float, gemm_speedup: float) -> float:

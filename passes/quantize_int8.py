@@ -12,6 +12,10 @@ without VNNI):
 - ``reduce_range``: x86 CPUs without VNNI multiply uint8 x int8 pairs with a saturating 16-bit
   instruction; 7-bit weights avoid the saturation, which costs more fidelity than the lost bit.
   ``auto`` turns it on only on such CPUs.
+- ``weight_type: auto``: on such a CPU, uint8 weights run on ONNX Runtime's uint8 x uint8 kernel,
+  which does not saturate and keeps all 8 bits; some CPUs run it as fast as the 7-bit uint8 x int8
+  kernel, others slower. So it is measured at the model's own layer shapes, and uint8 is taken
+  where it is not slower by more than ``U8U8_TOLERANCE``; int8 everywhere else.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from passes.accuracy_budget import AloneProbe, Budget, FidelityProbe, fit_budget
 from passes.base import Pass, PassConfig, PassContext, PassError, Requirement, count_ops
 from passes.graph import copy_model, find_bridges, gemms_as_matmul
 from passes.int8_layers import DynamicInt8Builder
+from passes.int8_limit import cpu_model, linear_shapes, u8u8_speed
 from passes.module_names import node_modules
 from passes.ort_quant import CalibrationReader, ensure_node_names, run_ort_quantizer, tensor_values, weighted_nodes
 from passes.runtime import batches
@@ -38,6 +43,7 @@ from passes.weight_schemes import Overrides, WeightScheme, WeightTuner
 QuantTypeName = Literal["int8", "uint8"]
 
 
+U8U8_TOLERANCE = 1.05  # weight_type auto: u8u8 taken when at most this much slower than 7-bit u8s8
 STATIC_ONLY = frozenset({"calibrate_method", "percentile", "activation_type", "quantize_outputs", "extra_options"})
 
 
@@ -46,7 +52,12 @@ class QuantizeInt8Config(PassConfig):
         "dynamic", description="dynamic: activation ranges per call (DynamicQuantizeMatMul); static: calibrated QDQ."
     )
     per_channel: bool = Field(True, description="One weight scale per output channel.")
-    weight_type: QuantTypeName = Field("int8", description="Weight integer type.")
+    weight_type: QuantTypeName | Literal["auto"] = Field(
+        "auto",
+        description="Weight integer type. auto: int8; on x86 without VNNI (reduce_range: auto, dynamic mode), "
+        "full-range uint8 on ONNX Runtime's u8u8 kernel instead of 7-bit int8 where that kernel measures as "
+        "fast at the model's layer shapes.",
+    )
     reduce_range: bool | Literal["auto"] = Field(
         "auto", description="7-bit weights; auto: on x86 CPUs without VNNI, where uint8 x int8 saturates."
     )
@@ -126,11 +137,20 @@ def u8s8_saturates() -> bool:
 @register_pass
 class QuantizeInt8Pass(Pass):
     name = "quantize_int8"
-    version = 3  # weight-scheme trials scored by SqnrAgainst with float64 pairwise sums, where they run
+    version = 4  # 3: weight-scheme trials scored by SqnrAgainst with float64 pairwise sums, where they run;
+    # 4: weight_type auto (uint8 on the u8u8 kernel where measured as fast as 7-bit u8s8)
     Config = QuantizeInt8Config
     config: QuantizeInt8Config
     tabled_notes = frozenset({"schemes", "bridge_reconstruction", "modules"})
     _excluded: list[str] | None = None  # exclude_nodes and, with bridges: float, the bridge layers
+    _weight_type: QuantTypeName = "int8"  # weight_type as resolved for this machine
+
+    @classmethod
+    def machine_key(cls, config: PassConfig) -> dict[str, Any]:
+        assert isinstance(config, QuantizeInt8Config)
+        if config.reduce_range != "auto" and config.weight_type != "auto":
+            return {}
+        return {"u8s8_saturates": u8s8_saturates(), "cpu": cpu_model()}
 
     @classmethod
     def requirements(cls, config: PassConfig) -> frozenset[Requirement]:
@@ -153,7 +173,11 @@ class QuantizeInt8Pass(Pass):
         ensure_node_names(prepared)
         if cfg.mode == "dynamic":
             gemms_as_matmul(prepared)
-        reduce_range = u8s8_saturates() if cfg.reduce_range == "auto" else cfg.reduce_range
+        self._weight_type = self._resolve_weight_type(prepared, ctx)
+        if cfg.reduce_range == "auto":
+            reduce_range = u8s8_saturates() and self._weight_type == "int8"  # u8u8 does not saturate
+        else:
+            reduce_range = cfg.reduce_range
         bridges = find_bridges(prepared)
         bridge_layers = {b[side] for b in bridges for side in ("conv", "linear")} if cfg.bridges == "float" else set()
         excluded = set(cfg.exclude_nodes) | bridge_layers
@@ -202,9 +226,28 @@ class QuantizeInt8Pass(Pass):
         else:
             quantized = quantize(layers if cfg.weighted_only else None)
             quantized_count = len(layers) if cfg.weighted_only else None
-        ctx.notes.update(mode=cfg.mode, reduce_range=reduce_range, quantized_nodes=quantized_count)
+        ctx.notes.update(
+            mode=cfg.mode, weight_type=self._weight_type, reduce_range=reduce_range, quantized_nodes=quantized_count
+        )
         ctx.notes.update(count_ops(quantized, "QuantizeLinear", "DynamicQuantizeLinear"))
         return quantized
+
+    def _resolve_weight_type(self, model: onnx.ModelProto, ctx: PassContext) -> QuantTypeName:
+        """``weight_type``, with ``auto`` measured on this CPU (see the module's docstring)."""
+        cfg = self.config
+        if cfg.weight_type != "auto":
+            return cfg.weight_type
+        if cfg.mode != "dynamic" or cfg.reduce_range != "auto" or not u8s8_saturates():
+            return "int8"
+        dims = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:]]
+        if not dims or not all(dims):
+            return "int8"
+        measured = u8u8_speed(linear_shapes(model, tuple(dims), ctx.batch_size), ctx.threads)
+        ratio = measured["u8u8_time_ratio"]
+        ctx.notes["u8u8_time_ratio"] = ratio
+        chosen: QuantTypeName = "uint8" if ratio is not None and ratio <= U8U8_TOLERANCE else "int8"
+        ctx.log(f"int8: u8u8 GEMM {ratio}x the time of 7-bit u8s8 here: {chosen} weights")
+        return chosen
 
     def _kept_as_u8u8(
         self, model: onnx.ModelProto, notes: dict[str, Any], probe: FidelityProbe, budget: Budget, ctx: PassContext
@@ -258,7 +301,7 @@ class QuantizeInt8Pass(Pass):
                 return builder.build(nodes)
             return self.quantize_layers(piece, nodes, reduce_range, feeds, overrides)
 
-        qtype = onnx.TensorProto.INT8 if cfg.weight_type == "int8" else onnx.TensorProto.UINT8
+        qtype = onnx.TensorProto.INT8 if self._weight_type == "int8" else onnx.TensorProto.UINT8
         work = len(layers) * (cfg.schemes == "search") + len(tuned_bridges)
         with ctx.progress("int8: weight schemes", work) as advance:
             tuner = WeightTuner(
@@ -280,7 +323,7 @@ class QuantizeInt8Pass(Pass):
         """The direct writer of this pass's dynamic int8 layers for searches, where it applies."""
         if self.config.mode != "dynamic" or not self.config.weighted_only:
             return None
-        qtype = onnx.TensorProto.INT8 if self.config.weight_type == "int8" else onnx.TensorProto.UINT8
+        qtype = onnx.TensorProto.INT8 if self._weight_type == "int8" else onnx.TensorProto.UINT8
         try:
             return DynamicInt8Builder(model, layers, qtype, reduce_range, self.config.per_channel, overrides)
         except ValueError:  # a layer it does not write (a weight from a Constant node): the quantizer
@@ -319,7 +362,7 @@ class QuantizeInt8Pass(Pass):
                     output,
                     per_channel=per_channel,
                     reduce_range=reduce_range,
-                    weight_type=types[cfg.weight_type],
+                    weight_type=types[self._weight_type],
                     op_types_to_quantize=cfg.op_types,
                     nodes_to_quantize=nodes,
                     nodes_to_exclude=self._excluded,
@@ -352,7 +395,7 @@ class QuantizeInt8Pass(Pass):
                 per_channel=per_channel,
                 reduce_range=reduce_range,
                 activation_type=types[cfg.activation_type],
-                weight_type=types[cfg.weight_type],
+                weight_type=types[self._weight_type],
                 nodes_to_quantize=nodes,
                 nodes_to_exclude=self._excluded,
                 calibrate_method=methods[cfg.calibrate_method],

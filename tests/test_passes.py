@@ -82,10 +82,11 @@ def test_quantize_int8_static_options_change_the_graph(tiny_onnx, ctx):
 
 
 def _int8_weights(model: onnx.ModelProto) -> list[np.ndarray]:
+    """The 8-bit weight matrices: int8, or uint8 where weight_type auto chose the u8u8 kernel."""
     return [
         numpy_helper.to_array(t)
         for t in model.graph.initializer
-        if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2
+        if t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8) and len(t.dims) == 2
     ]
 
 
@@ -148,6 +149,52 @@ def test_budget_layers_move_to_u8u8_only_where_the_model_keeps_its_budget(tiny_o
     # a budget no model meets moves nothing
     QuantizeInt8Pass(QuantizeInt8Config(min_sqnr_db=300.0, kept_layers="u8u8", **seven_bit)).run(tiny_onnx, ctx)
     assert ctx.notes["u8u8"] == [] and ctx.notes["kept_float"] and not ctx.notes["budget_met"]
+
+
+@pytest.mark.parametrize(
+    ("saturates", "ratio", "expected"),
+    [(True, 1.02, ("uint8", False)), (True, 1.30, ("int8", True)), (False, None, ("int8", False))],
+)
+def test_weight_type_auto_takes_u8u8_where_this_cpu_runs_it_as_fast(
+    tiny_onnx, tiny_images, monkeypatch, saturates, ratio, expected
+):
+    """weight_type auto: on a CPU whose u8s8 kernel saturates, full-range uint8 weights (u8u8) when
+    the measured u8u8 GEMM is at most 5% slower than 7-bit u8s8, else 7-bit int8; elsewhere int8."""
+    import passes.quantize_int8 as module
+
+    measured = []
+
+    def speed(shapes, threads):
+        measured.append(shapes)
+        return {"u8u8_time_ratio": ratio, "shapes": len(set(shapes))}
+
+    monkeypatch.setattr(module, "u8s8_saturates", lambda: saturates)
+    monkeypatch.setattr(module, "u8u8_speed", speed)
+    ctx = PassContext(calibration=[tiny_images[:4]])
+    model = QuantizeInt8Pass(QuantizeInt8Config()).run(tiny_onnx, ctx)
+    assert (ctx.notes["weight_type"], ctx.notes["reduce_range"]) == expected
+    assert bool(measured) == saturates  # measured only where the choice exists, at the model's shapes
+    if measured:
+        assert ctx.notes["u8u8_time_ratio"] == ratio and len(measured[0]) == len(
+            weighted_nodes(tiny_onnx, ["Gemm", "MatMul"])
+        )
+    weights = [numpy_helper.to_array(i) for i in model.graph.initializer if i.name.endswith("_quantized")]
+    assert weights and {w.dtype for w in weights} == {np.dtype(expected[0])}
+    widest = max(int(np.abs(w.astype(np.int32) - (128 if expected[0] == "uint8" else 0)).max()) for w in weights)
+    assert widest >= 127 if not expected[1] else widest <= 64  # 8 bits, or 7 where the kernel would saturate
+
+
+def test_the_u8u8_kernel_is_timed_against_7_bit_u8s8_at_given_shapes():
+    from passes.int8_limit import LinearShape, u8u8_speed
+
+    measured = u8u8_speed([LinearShape((197,), 64, 64)] * 2 + [LinearShape((197,), 64, 128)], 1, 2, 6, 2)
+    assert measured["shapes"] == 2 and measured["u8u8_time_ratio"] > 0
+
+
+def test_only_a_machine_dependent_int8_choice_keys_the_cache_by_machine():
+    auto = QuantizeInt8Pass.machine_key(QuantizeInt8Config())
+    assert set(auto) == {"u8s8_saturates", "cpu"} and auto["cpu"]
+    assert QuantizeInt8Pass.machine_key(QuantizeInt8Config(weight_type="int8", reduce_range=False)) == {}
 
 
 def test_accuracy_budget_without_search_images_is_a_clear_error(tiny_onnx, ctx):

@@ -2,24 +2,13 @@
 
 from __future__ import annotations
 
-import platform
-from pathlib import Path
 from typing import Any
 
 from onnxvit.engine import cache_key
 from onnxvit.stages.load import Run
 from onnxvit.variant import Variant
+from passes.int8_limit import cpu_model
 from passes.timing import measure_latency
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def machine_info(threads: int) -> dict[str, Any]:
@@ -27,7 +16,7 @@ def machine_info(threads: int) -> dict[str, Any]:
     import onnxruntime
     import torch
 
-    return {"cpu": cpu_name(), "threads": threads, "onnxruntime": onnxruntime.__version__, "torch": torch.__version__}
+    return {"cpu": cpu_model(), "threads": threads, "onnxruntime": onnxruntime.__version__, "torch": torch.__version__}
 
 
 def latency(run: Run, variants: list[Variant]) -> dict[str, dict[str, float]]:
