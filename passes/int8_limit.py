@@ -10,6 +10,7 @@ AMX or ARM's dot-product instructions gains much more. Saying "int8 is 1.2x" mea
 from __future__ import annotations
 
 import platform
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,32 +108,51 @@ def _gemm_model(shape: LinearShape, seed: int) -> onnx.ModelProto:
     return model
 
 
-def gemm_speedup(
-    shapes: list[LinearShape], threads: int, reduce_range: bool, warmup: int = 10, runs: int = 60, rounds: int = 5
-) -> dict:
-    """ONNX Runtime's dynamic int8 GEMM (DynamicQuantizeMatMul, activation quantization included)
-    against its float GEMM at each distinct shape, timed interleaved; the overall ratio weights each
-    shape by how often the model runs it."""
+def _dynamic_int8(qtype: int, reduce_range: bool) -> Callable[[onnx.ModelProto], onnx.ModelProto]:
+    return lambda model: DynamicInt8Builder(model, ["linear"], qtype, reduce_range).build(["linear"])
+
+
+def _time_at_shapes(
+    shapes: list[LinearShape],
+    threads: int,
+    kinds: dict[str, Callable[[onnx.ModelProto], onnx.ModelProto]],
+    warmup: int,
+    runs: int,
+    rounds: int,
+) -> list[tuple[LinearShape, int, dict[str, float]]]:
+    """Each distinct shape's float layer made into each of ``kinds``, all timed interleaved: per
+    shape, how often ``shapes`` holds it and each kind's median ms."""
     counts: dict[LinearShape, int] = {}
     for shape in shapes:
         counts[shape] = counts.get(shape, 0) + 1
     runners = {}
     for index, shape in enumerate(counts):
         float_model = _gemm_model(shape, index)
-        int8_model = DynamicInt8Builder(float_model, ["linear"], onnx.TensorProto.INT8, reduce_range).build(["linear"])
         # the timing loop's own runner: the activation's leading dim is its "batch"
         activation, leading = (*shape.rows[1:], shape.k), shape.rows[0]
-        for kind, model in (("float", float_model), ("int8", int8_model)):
-            runners[f"{index}/{kind}"] = onnx_runner(model, activation, threads, leading)
+        for kind, make in kinds.items():
+            runners[f"{index}/{kind}"] = onnx_runner(make(float_model), activation, threads, leading)
     times = measure_latency(runners, warmup, runs, rounds)
-    table = []
-    float_total = int8_total = 0.0
-    for index, (shape, count) in enumerate(counts.items()):
-        f_ms, q_ms = times[f"{index}/float"]["median"], times[f"{index}/int8"]["median"]
-        float_total, int8_total = float_total + count * f_ms, int8_total + count * q_ms
-        table.append(
-            {"rows": list(shape.rows), "k": shape.k, "n": shape.n, "count": count, "float_ms": f_ms, "int8_ms": q_ms}
-        )
+    return [
+        (shape, count, {kind: times[f"{index}/{kind}"]["median"] for kind in kinds})
+        for index, (shape, count) in enumerate(counts.items())
+    ]
+
+
+def gemm_speedup(
+    shapes: list[LinearShape], threads: int, reduce_range: bool, warmup: int = 10, runs: int = 60, rounds: int = 5
+) -> dict:
+    """ONNX Runtime's dynamic int8 GEMM (DynamicQuantizeMatMul, activation quantization included)
+    against its float GEMM at each distinct shape, timed interleaved; the overall ratio weights each
+    shape by how often the model runs it."""
+    kinds = {"float": lambda model: model, "int8": _dynamic_int8(onnx.TensorProto.INT8, reduce_range)}
+    timed = _time_at_shapes(shapes, threads, kinds, warmup, runs, rounds)
+    float_total = sum(count * ms["float"] for _, count, ms in timed)
+    int8_total = sum(count * ms["int8"] for _, count, ms in timed)
+    table = [
+        {"rows": list(s.rows), "k": s.k, "n": s.n, "count": count, "float_ms": ms["float"], "int8_ms": ms["int8"]}
+        for s, count, ms in timed
+    ]
     return {"int8_gemm_speedup": round(float_total / int8_total, 4) if int8_total else None, "shapes": table}
 
 
@@ -141,23 +161,14 @@ def u8u8_speed(shapes: list[LinearShape], threads: int, warmup: int = 5, runs: i
     GEMM with 7-bit weights, at each distinct shape, timed interleaved: ``u8u8_time_ratio`` is the
     u8u8 time over the u8s8 time, each shape weighted by how often the model runs it. On x86 without
     VNNI the u8s8 kernel needs 7-bit weights not to saturate; u8u8 keeps all 8 bits."""
-    counts: dict[LinearShape, int] = {}
-    for shape in shapes:
-        counts[shape] = counts.get(shape, 0) + 1
-    runners = {}
-    for index, shape in enumerate(counts):
-        float_model = _gemm_model(shape, index)
-        activation, leading = (*shape.rows[1:], shape.k), shape.rows[0]
-        for kind, qtype, reduce_range in (
-            ("u8s8", onnx.TensorProto.INT8, True),
-            ("u8u8", onnx.TensorProto.UINT8, False),
-        ):
-            model = DynamicInt8Builder(float_model, ["linear"], qtype, reduce_range).build(["linear"])
-            runners[f"{index}/{kind}"] = onnx_runner(model, activation, threads, leading)
-    times = measure_latency(runners, warmup, runs, rounds)
-    u8s8 = sum(count * times[f"{i}/u8s8"]["median"] for i, count in enumerate(counts.values()))
-    u8u8 = sum(count * times[f"{i}/u8u8"]["median"] for i, count in enumerate(counts.values()))
-    return {"u8u8_time_ratio": round(u8u8 / u8s8, 4) if u8s8 else None, "shapes": len(counts)}
+    kinds = {
+        "u8s8": _dynamic_int8(onnx.TensorProto.INT8, True),
+        "u8u8": _dynamic_int8(onnx.TensorProto.UINT8, False),
+    }
+    timed = _time_at_shapes(shapes, threads, kinds, warmup, runs, rounds)
+    u8s8 = sum(count * ms["u8s8"] for _, count, ms in timed)
+    u8u8 = sum(count * ms["u8u8"] for _, count, ms in timed)
+    return {"u8u8_time_ratio": round(u8u8 / u8s8, 4) if u8s8 else None, "shapes": len(timed)}
 
 
 def int8_bound(reference_total: float, reference_linear: float, gemm_speedup: float) -> float:
