@@ -414,6 +414,15 @@ class QuantizeInt8Pass(Pass):
             return f"{modules[layer]} (`{layer}`)" if layer in modules else layer
 
         lines = []
+        if notes.get("u8u8_time_ratio") is not None:  # weight_type auto, on a CPU where u8s8 saturates
+            ratio = notes["u8u8_time_ratio"]
+            lines += [
+                "",
+                f"`{step['name']}` has {'full-range uint8' if notes.get('weight_type') == 'uint8' else '7-bit int8'} "
+                f"weights: on this CPU, whose uint8 x int8 kernel needs 7-bit weights not to saturate, the uint8 x "
+                f"uint8 kernel timed {ratio:.3f}x its time at this model's layer shapes (taken when at most "
+                f"{U8U8_TOLERANCE:.2f}x).",
+            ]
         if notes.get("kept_float"):
             lines += [
                 "",

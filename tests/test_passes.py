@@ -178,6 +178,8 @@ def test_weight_type_auto_takes_u8u8_where_this_cpu_runs_it_as_fast(
         assert ctx.notes["u8u8_time_ratio"] == ratio and len(measured[0]) == len(
             weighted_nodes(tiny_onnx, ["Gemm", "MatMul"])
         )
+    said = "\n".join(QuantizeInt8Pass.report_section({"name": "int8", "notes": ctx.notes}))
+    assert ("full-range uint8" in said) == (expected[0] == "uint8") and ("timed" in said) == saturates
     weights = [numpy_helper.to_array(i) for i in model.graph.initializer if i.name.endswith("_quantized")]
     assert weights and {w.dtype for w in weights} == {np.dtype(expected[0])}
     widest = max(int(np.abs(w.astype(np.int32) - (128 if expected[0] == "uint8" else 0)).max()) for w in weights)
