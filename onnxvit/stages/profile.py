@@ -12,21 +12,11 @@ from onnxvit.stages.benchmark import machine_info
 from onnxvit.stages.load import Run
 from onnxvit.variant import Variant
 from passes.int8_limit import gemm_speedup, int8_bound, linear_shapes, machine_summary
-from passes.profiling import profile_models
+from passes.profiling import CATEGORY_OPS, profile_models
 from passes.quantize_int8 import u8s8_saturates
 
-QUANTIZED_OPS = frozenset(
-    {
-        "DynamicQuantizeMatMul",
-        "DynamicQuantizeLinear",
-        "QuantizeLinear",
-        "MatMulInteger",
-        "QLinearMatMul",
-        "MatMulIntegerToFloat",
-        "ConvInteger",
-        "QLinearConv",
-    }
-)
+# what makes a model not float: the ops the profiler counts as int8 GEMMs or as (de)quantization
+QUANTIZED_OPS = CATEGORY_OPS["int8 GEMM"] | CATEGORY_OPS["quantize"]
 
 
 def float_inputs(records: list[StepRecord], models: dict[str, onnx.ModelProto], names: list[str]) -> dict[str, str]:
