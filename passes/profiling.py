@@ -13,7 +13,7 @@ import bisect
 import json
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -122,6 +122,11 @@ class Profile:
     def linear_ms(self) -> float:
         return float(sum(n.ms for n in self.nodes if n.linear))
 
+    def less_cost(self, node_cost_ms: float) -> Profile:
+        """The same profile with ``node_cost_ms`` (the profiler's own cost per node) off every node."""
+        nodes = [replace(n, ms=max(n.ms - node_cost_ms, 0.0)) for n in self.nodes]
+        return Profile(nodes, self.runs, self.run_ms, self.node_cost_ms + node_cost_ms)
+
     def by_category(self) -> dict[str, float]:
         totals = {name: 0.0 for name in CATEGORIES}
         for n in self.nodes:
@@ -180,9 +185,10 @@ def parse_profile(
         op_type = ops[name]
         linear = op_type in LINEAR_OPS and node is not None and any(i in constants for i in node.input[1:2])
         # the median run, as the timing loop reports: the first call after another model's round is slower
-        ms = max(float(np.median(times)) - node_cost_ms, 0.0)
+        ms = float(np.median(times))
         result.append(NodeTime(name, op_type, category(op_type), modules.get(name, name), linear, ms))
-    return Profile(result, len(counted), float(np.median([e["dur"] / 1e3 for e in counted])), node_cost_ms)
+    profile = Profile(result, len(counted), float(np.median([e["dur"] / 1e3 for e in counted])))
+    return profile.less_cost(node_cost_ms) if node_cost_ms else profile
 
 
 def profile_model(
@@ -239,5 +245,5 @@ def profile_models(
             raw = parse_profile(events, graph, warmup, original.graph)
             # what the nodes' raw sum exceeds a whole unprofiled run by can only be the profiler's
             cost = max(raw.total_ms - float(np.median(plain_ms[name])), 0.0) / max(len(raw.nodes), 1)
-            result[name] = parse_profile(events, graph, warmup, original.graph, cost)
+            result[name] = raw.less_cost(cost)
         return result
