@@ -72,7 +72,8 @@ def test_interleaved_profiles_take_off_the_profilers_own_cost(tiny_onnx, tiny_in
     profiles = profile_models({"fp32": tiny_onnx, "int8": tiny_int8}, (3, 224, 224), 1, 1, 2, 10, rounds=2)
     assert set(profiles) == {"fp32", "int8"}
     for profile in profiles.values():
-        assert profile.runs == 10 and 0 < profile.node_cost_ms < 0.2  # microseconds per node, not a kernel's time
+        # microseconds per node, not a kernel's time; zero when the nodes' sum does not exceed an unprofiled run
+        assert profile.runs == 10 and 0 <= profile.node_cost_ms < 0.2
         assert 0.5 * profile.run_ms < profile.total_ms < profile.run_ms  # the profiler's cost is out of the nodes
 
 
