@@ -5,16 +5,19 @@ Rows, evaluated on the whole evaluation split at batch 1 and timed together in i
   passes: fuse_vit, reparam_layernorm, quantize_int8 with its accuracy budget and scheme search);
 - `tome-rR` / `tome-rR-int8`: merged at a constant r per block (class-token-only last block,
   proportional attention), as exported and fused, and with the same int8 recipe;
+- `tome-alt-rR` / `tome-alt-rR-int8`: the same with the `alternate` shape (2r in every other block
+  from the second);
 - `tome-search-int8`: the schedule the tokens search picks (example's budget), then int8;
 - `taylor-tome-int8`: Taylor-pruned (10% of the parameters, MLP channels), merged at the searched
   schedule, then int8;
 - `pqv-recipe`: PQV-Mobile's recipe as bench/pqv_mobile.py runs it (Lite interpreter, x86 int8);
-- `small-*`: random-init DeiT-small, unmerged and merged (r = 8) with int8 everywhere (no budget):
-  speed and fidelity to its own FP32 only.
+- `small-*`: random-init DeiT-small, unmerged and merged (alternate, r = 12: the schedule of
+  `tome-alt-r12`) with int8 everywhere (no budget): speed and fidelity to its own FP32 only.
 Also the machine's int8 GEMM speed-up at DeiT-tiny's shapes. With --json PATH writes the table and
 issue 16's `headline`; the plot is top-1 against latency.
 
-    python bench/token_merging.py [--output DIR] [--json PATH] [--rs 4,8,10,12,16] [--eval-images N]
+    python bench/token_merging.py [--output DIR] [--json PATH] [--rs 4,8,10,12,16] [--alternate-rs 12,13,14]
+                                  [--eval-images N]
 """
 
 from __future__ import annotations
@@ -39,7 +42,8 @@ from pqv_mobile import ENGINE, PQV_RATIO, PQV_TOP1_DROP, Bench, pqv_recipe_prune
 
 EXAMPLE = REPO / "examples" / "deit_tiny_tokens.yaml"
 PRUNE = PruneConfig(method="taylor", ratio=0.1, ratio_kinds=["mlp"], round_to=8, batches=4)
-SMALL_R = 8
+SMALL = TokensConfig(r=12, schedule="alternate")
+SMALL_NAME = "small-tome-alt-r12"
 
 
 class TokenBench:
@@ -196,7 +200,7 @@ def headline(rows: list[dict[str, Any]], bench: TokenBench, gemm: float | None) 
     within2 = _fastest(tiny, 2.0)
     pqv = by_name["pqv-recipe"]
     beats_pqv = _fastest(tiny, min(PQV_TOP1_DROP, pqv["top1_drop"]) - 1e-9)
-    small = by_name.get(f"small-tome-r{SMALL_R}-int8")
+    small = by_name.get(f"{SMALL_NAME}-int8")
 
     def field(row: dict[str, Any] | None, key: str) -> Any:
         return row[key] if row else None
@@ -227,12 +231,18 @@ def headline(rows: list[dict[str, Any]], bench: TokenBench, gemm: float | None) 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
     fig, ax = latency_axes()
     tiny = [r for r in rows if r["group"] == "deit_tiny"]
-    for int8, marker, label in ((False, "o", "merged, fp32 (fused)"), (True, "s", "merged + int8")):
-        points = sorted((r["median_ms"], r["top1"]) for r in tiny if r["schedule"] and r["int8"] == int8)
-        if points:
-            ax.plot(*zip(*points), marker=marker, lw=0.8, label=label)
+    families = {"tome-r": "constant r", "tome-alt-r": "alternate r"}
+    for prefix, shape in families.items():
+        for int8, marker, label in ((False, "o", "fp32 (fused)"), (True, "s", "+ int8")):
+            points = sorted(
+                (r["median_ms"], r["top1"])
+                for r in tiny
+                if r["name"].startswith(prefix) and r["name"][len(prefix)].isdigit() and r["int8"] == int8
+            )
+            if points:
+                ax.plot(*zip(*points), marker=marker, lw=0.8, label=f"merged, {shape}, {label}")
     for r in tiny:
-        if not r["schedule"] or r["pruned"]:
+        if not any(r["name"].startswith(prefix) and r["name"][len(prefix)].isdigit() for prefix in families):
             mark(ax, r)
     finish_latency_plot(fig, ax, "DeiT-tiny: token merging, int8, pruning (ONNX Runtime) vs PQV-Mobile (Lite)", path)
 
@@ -242,6 +252,7 @@ def main() -> None:
         __doc__,
         "bench-tokens",
         rs=dict(default="4,8,10,12,16", help="constant r values"),
+        alternate_rs=dict(default="12,13,14", help="r values of the alternate shape (2r in every other block)"),
         eval_images=dict(type=int, default=None, help="evaluate on the first N evaluation images (a dry run)"),
     ).parse_args()
     bench = TokenBench(args.output.resolve(), args.quiet, args.eval_images)
@@ -250,6 +261,8 @@ def main() -> None:
     bench.onnx_arm("fp32", None, int8_name="int8")
     for r in (int(v) for v in args.rs.split(",") if v):
         bench.onnx_arm(f"tome-r{r}", TokensConfig(r=r))
+    for r in (int(v) for v in args.alternate_rs.split(",") if v):
+        bench.onnx_arm(f"tome-alt-r{r}", TokensConfig(r=r, schedule="alternate"))
     bench.onnx_arm("tome-search", example_tokens, fp32_row=False)
     bench.onnx_arm("taylor-tome", example_tokens, PRUNE, fp32_row=False)
     bench.lite_pqv()
@@ -263,7 +276,7 @@ def main() -> None:
         random_init=True,
     )
     bench.onnx_arm("small", None, run=small, group="deit_small", budget=False)
-    bench.onnx_arm(f"small-tome-r{SMALL_R}", TokensConfig(r=SMALL_R), run=small, group="deit_small", budget=False)
+    bench.onnx_arm(SMALL_NAME, SMALL, run=small, group="deit_small", budget=False)
 
     bench.time_all()
     fp32 = bench.variants["fp32"].proto

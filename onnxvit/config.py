@@ -167,7 +167,7 @@ class TokenSearchConfig(StrictModel):
     candidates: list[int] = Field(
         [4, 8, 10, 12, 16], min_length=1, description="Tokens merged per block (r) of the constant schedules tried."
     )
-    schedules: list[Literal["constant", "decreasing"]] = Field(
+    schedules: list[Literal["constant", "decreasing", "alternate"]] = Field(
         ["constant"], min_length=1, description="Schedule shapes tried for every candidate r."
     )
     min_sqnr_db: float = Field(14.0, description="Least SQNR (dB) of the merged logits against the unmerged ones.")
@@ -182,9 +182,12 @@ class TokensConfig(StrictModel):
 
     method: Literal["tome"] = Field("tome", description="tome: bipartite soft matching (Bolya et al., ICLR 2023).")
     r: int | None = Field(None, ge=0, description="Tokens merged away per block (see schedule).")
-    schedule: Literal["constant", "decreasing"] | list[int] = Field(
+    schedule: Literal["constant", "decreasing", "alternate"] | list[int] = Field(
         "constant",
-        description="constant: r in every block; decreasing: 2r down to 0; or one number per block.",
+        description=(
+            "constant: r in every block; decreasing: 2r down to 0; alternate: 2r in every other block from "
+            "the second; or one number per block."
+        ),
     )
     proportional_attention: bool = Field(True, description="Add log(token size) to the attention logits.")
     class_token_only_last_block: bool = Field(

@@ -10,9 +10,11 @@ travel with the tokens, and proportional attention adds ``log(size)`` to the att
 merged token weighs as the patches it replaced. Prefix tokens (class, distillation, registers) are
 never merged and stay first.
 
-Everything is written so the ONNX export stays small and static: constant token counts per block,
-one TopK for the matching and one for the ranking, GatherElements / ScatterElements(add) for the
-merge (``scatter_reduce(mean)`` exports wrongly, so sizes are carried and divided explicitly).
+Everything is written so the ONNX export stays small and static and its ops few and cheap at batch
+1: constant token counts per block; the tokens stored as the next block splits them (A, then B), so
+the split is two contiguous slices; an ArgMax for the matching and a TopK for the ranking; whole rows
+moved by one ScatterND(add) and one Gather (``scatter_reduce(mean)`` exports wrongly, so sizes are
+carried and the mean updated explicitly).
 
 With a class-token head, the last block only needs the prefix tokens' queries, projection and MLP
 (keys and values still read every token): exact, and a block's worth of work saved at no cost.
@@ -62,6 +64,38 @@ def check_supported(model: nn.Module, name: str) -> None:
         raise UserError(f"tokens: {name}: {reason}; remove the tokens section for this model")
 
 
+def split_sizes(n: int, prefix: int) -> tuple[int, int]:
+    """Sizes of sets A and B among ``n`` tokens of which ``prefix`` are never merged."""
+    return (n - prefix + 1) // 2, (n - prefix) // 2
+
+
+def stored_order(count: int) -> list[int]:
+    """Positions of a ``count``-token sequence in the order the blocks store it: its even positions
+    (set A), then its odd ones (set B). Attention and MLP do not care about token order, so storing
+    the sequence so makes each block's split two contiguous slices instead of strided copies."""
+    return list(range(0, count, 2)) + list(range(1, count, 2))
+
+
+class _AddRows(torch.autograd.Function):
+    """``rows.index_add(0, index, updates)``, exported as one ScatterND with reduction ``add``: the
+    exporter writes ``index_add`` as a ScatterElements without reduction (wrong where two rows go to
+    one target) and ``scatter_add`` with an index as wide as the rows (slower in ONNX Runtime)."""
+
+    @staticmethod
+    def forward(ctx: Any, rows: torch.Tensor, index: torch.Tensor, updates: torch.Tensor) -> torch.Tensor:
+        return rows.index_add(0, index, updates)
+
+    @staticmethod
+    def symbolic(g: Any, rows: Any, index: Any, updates: Any) -> Any:
+        column = g.op("Unsqueeze", index, g.op("Constant", value_t=torch.tensor([1])))
+        return g.op("ScatterND", rows, column, updates, reduction_s="add")
+
+
+def add_rows(rows: torch.Tensor, index: torch.Tensor, updates: torch.Tensor) -> torch.Tensor:
+    """``rows`` with ``updates[i]`` added to row ``index[i]`` (repeated targets add up)."""
+    return cast(torch.Tensor, _AddRows.apply(rows, index, updates))
+
+
 def bipartite_soft_matching(
     x: torch.Tensor,
     size: torch.Tensor,
@@ -72,30 +106,45 @@ def bipartite_soft_matching(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``x`` (B, N, C) and ``size`` (B, N, 1) with ``r`` patch tokens merged away, by ``metric`` (B, N, c).
 
-    The first ``prefix`` tokens are kept first and untouched. Of the patch tokens, A is the even
-    positions and B the odd ones. The output is the prefix, then A's unmerged tokens in ascending
-    order of their best similarity, then B's tokens, each holding the size-weighted mean of what
-    merged into it. ``forced`` replaces the matching's two choices (partners, ranking) by given ones.
+    Tokens come stored as ``stored_order`` says: the first ``prefix`` tokens (kept first and
+    untouched), then set A (the sequence's even patch positions), then set B (its odd ones). Each A
+    token's partner is its most similar B token (cosine); the ``r`` best-matched A tokens merge into
+    their partners as a size-weighted mean. The sequence after the merge is A's unmerged tokens in
+    ascending order of their best similarity, then B's; it is returned stored the same way. ``forced``
+    replaces the matching's two choices (partners, ranking) by given ones.
     """
-    n, c = x.shape[1], x.shape[2]
-    a_count = (n - prefix + 1) // 2
-    if not 0 < r <= min(a_count, (n - prefix) // 2):
+    batch, n, c = x.shape
+    a_count, b_count = split_sizes(n, prefix)
+    if not 0 < r <= min(a_count, b_count):
         raise ValueError(f"cannot merge {r} of {n - prefix} patch tokens")
-    metric = metric / metric.norm(dim=-1, keepdim=True)
-    scores = metric[:, prefix::2] @ metric[:, prefix + 1 :: 2].transpose(-1, -2)
-    best, partner = scores.topk(1, dim=-1)  # (B, A, 1) each
-    order = best.topk(a_count, dim=1, largest=False).indices  # ascending: the best matches last
+    counts = [prefix, a_count, b_count]
+    _, a_metric, b_metric = metric.split(counts, dim=1)
+    _, a_norm, b_norm = metric.norm(dim=-1, keepdim=True).split(counts, dim=1)
+    # cosine similarity, its norms applied to the small score matrix (B's) and to the best scores (A's)
+    scores = (a_metric @ b_metric.transpose(-1, -2)) / b_norm.transpose(-1, -2)
+    best, partner = scores.max(dim=-1, keepdim=True)  # (B, A, 1) each
+    order = (best / a_norm).topk(a_count, dim=1, largest=False).indices  # ascending: the best matches last
     if forced is not None:  # another runtime's choices (see forcing)
         partner, order = forced
     kept, merged = order.split([a_count - r, r], dim=1)
     into = partner.gather(1, merged)
-    widen = torch.zeros(1, 1, c + 1, dtype=order.dtype, device=x.device)
-    weighted = torch.cat([x * size, size], dim=-1)
-    a, b = weighted[:, prefix::2], weighted[:, prefix + 1 :: 2]
-    b = b.scatter_reduce(1, into + widen, a.gather(1, merged + widen), reduce="sum")
-    out = torch.cat([weighted[:, :prefix], a.gather(1, kept + widen), b], dim=1)
-    total, new_size = out.split([c, 1], dim=-1)
-    return total / new_size, new_size
+    # rows move in the batch flattened to one (B * N) table: r rows added in, the kept rows picked out
+    first_row = (torch.arange(batch, device=x.device) * n).reshape(-1, 1, 1)
+    sources = (merged + (prefix + first_row)).reshape(-1)
+    targets = (into + (prefix + a_count + first_row)).reshape(-1)
+    x_rows, size_rows = x.reshape(-1, c), size.reshape(-1, 1)
+    a_size = size_rows[sources]
+    size_rows = add_rows(size_rows, targets, a_size)
+    # x_b + (sum over the a merged into b of s_a (x_a - x_b)) / S_b is the size-weighted mean (S_b: b's new size)
+    x_rows = add_rows(x_rows, targets, a_size * (x_rows[sources] - x_rows[targets]) / size_rows[targets])
+    sequence = [kept + (prefix + first_row), torch.arange(prefix + a_count, n, device=x.device).reshape(1, -1, 1)]
+    sequence[1] = sequence[1] + first_row
+    if prefix:
+        sequence.insert(0, torch.arange(prefix, device=x.device).reshape(1, -1, 1) + first_row)
+    kept_count = n - r
+    stored = list(range(prefix)) + [prefix + i for i in stored_order(kept_count - prefix)]
+    picked = torch.cat(sequence, dim=1)[:, stored].reshape(-1)
+    return x_rows[picked].reshape(batch, kept_count, c), size_rows[picked].reshape(batch, kept_count, 1)
 
 
 class MergingAttention(nn.Module):
@@ -191,6 +240,9 @@ class TokenMergedViT(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         vit = self.vit
         x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(x))))
+        if any(self.schedule):  # stored as the merging blocks read it (see stored_order)
+            patches = self.tokens[0] - self.prefix
+            x = x[:, list(range(self.prefix)) + [self.prefix + i for i in stored_order(patches)]]
         size = torch.ones_like(x[..., :1])
         for block in self.blocks:
             x, size = block(x, size)
@@ -220,15 +272,22 @@ def token_counts(vit: Any, schedule: Sequence[int]) -> list[int]:
     return counts
 
 
+SCHEDULES = ("constant", "decreasing", "alternate")
+
+
 def resolve_schedule(vit: Any, r: int | None, schedule: Sequence[int] | str, cls_only_last: bool) -> list[int]:
-    """Tokens merged away per block, from a constant ``r``, a ``decreasing`` schedule starting at
-    ``2r``, or an explicit list; checked to leave every block tokens to merge."""
+    """Tokens merged away per block, from ``r`` and a schedule shape, or an explicit list; checked to
+    leave every block tokens to merge. Shapes: ``constant`` (r per block), ``decreasing`` (2r down
+    to 0) and ``alternate`` (2r in every other block from the second: the first block's keys match
+    tokens worst, and half the blocks pay the merge's own ops for the same number of tokens)."""
     depth = len(vit.blocks)
     if isinstance(schedule, str):
         if r is None:
             raise UserError(f"tokens.r: a {schedule} schedule needs r, the tokens merged per block")
         if schedule == "constant":
             values = [r] * depth
+        elif schedule == "alternate":
+            values = [2 * r * (i % 2) for i in range(depth)]
         else:
             values = [round(2 * r * (1 - i / depth)) for i in range(depth)]
     else:
@@ -265,11 +324,15 @@ def describe(model: TokenMergedViT) -> dict[str, Any]:
 
 def choice_tensors(proto: onnx.ModelProto, model: TokenMergedViT) -> list[str]:
     """The tensors of ``model``'s export that hold its merge choices: per merging block, the
-    partner and ranking indices (the index outputs of its two TopKs, in graph order)."""
-    names = [node.output[1] for node in proto.graph.node if node.op_type == "TopK"]
+    partner and ranking indices (its ArgMax and its TopK's indices, in graph order)."""
+    names = [
+        node.output[0] if node.op_type == "ArgMax" else node.output[1]
+        for node in proto.graph.node
+        if node.op_type in ("ArgMax", "TopK")
+    ]
     merging = sum(1 for block in model.merging_blocks if block.r)
     if len(names) != 2 * merging:
-        raise ValueError(f"expected 2 TopK per merging block ({2 * merging}), found {len(names)}")
+        raise ValueError(f"expected an ArgMax and a TopK per merging block ({2 * merging}), found {len(names)}")
     return names
 
 

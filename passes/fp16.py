@@ -21,8 +21,8 @@ class Fp16Config(PassConfig):
 
 
 # Token merging's choices and merge stay float32: in float16 a near-tie flips far more often, and
-# ONNX Runtime's CPU ScatterElements has no float16 kernel for reduction 'add'.
-MERGE_OPS = ("TopK", "GatherElements", "ScatterElements")
+# ONNX Runtime's CPU scatters have no float16 kernel for reduction 'add'.
+MERGE_OPS = ("ReduceMax", "ArgMax", "TopK", "GatherElements", "ScatterElements", "ScatterND")
 
 
 def drop_repeated_nodes(model: onnx.ModelProto) -> int:
@@ -57,7 +57,8 @@ class Fp16Pass(Pass):
     name = "fp16"
     Config = Fp16Config
     config: Fp16Config
-    version = 3  # 2: nodes in topological order (version 1 wrote an invalid graph); 3: MERGE_OPS kept float32
+    version = 4  # 2: nodes in topological order (version 1 wrote an invalid graph); 3: MERGE_OPS kept float32;
+    # 4: the merge's ArgMax, ReduceMax and ScatterND too
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
         from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16

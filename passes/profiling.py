@@ -55,7 +55,7 @@ CATEGORY_OPS: dict[str, frozenset[str]] = {
         {"Gelu", "FastGelu", "BiasGelu", "QuickGelu", "Erf", "Tanh", "Sigmoid", "Relu", "HardSwish", "HardSigmoid"}
     ),
     "quantize": frozenset({"DynamicQuantizeLinear", "QuantizeLinear", "DequantizeLinear"}),
-    "token merging": frozenset({"TopK", "GatherElements", "ScatterElements", "ArgMax", "ArgMin"}),
+    "token merging": frozenset({"TopK", "GatherElements", "ScatterElements", "ScatterND", "ArgMax", "ArgMin"}),
     "layout": frozenset(
         {
             "Reshape",

@@ -17,23 +17,35 @@ from tests.conftest import TINY_MODEL, write_config
 
 
 def test_matching_merges_the_most_similar_pairs_by_size_and_keeps_the_class_token_first():
-    # One class token, then patches p0..p5: A = p0 p2 p4, B = p1 p3 p5 (alternate positions).
+    # One class token, then patches p0..p5 in sequence order: A = p0 p2 p4, B = p1 p3 p5 (alternate
+    # positions), stored as the blocks read them: cls, p0 p2 p4, p1 p3 p5.
     # By cosine similarity of the metric, p0's best partner is p1 (1.0), p2's is p3 (0.98, p5 0.979),
     # p4 points away from all of B (best: p5, -0.69). With r = 2, p0 and p2 merge; p4 stays.
-    metric = torch.tensor([[[0.0, 0, 1], [1, 0, 0], [1, 0, 0], [0, 1, 0], [0, 1, 0.2], [-1, -1, 0], [0, 1, 0.21]]])
-    x = torch.arange(7 * 2, dtype=torch.float32).reshape(1, 7, 2)
+    cls, p0, p1, p2, p3, p4, p5 = [0.0, 0, 1], [1, 0, 0], [1, 0, 0], [0, 1, 0], [0, 1, 0.2], [-1, -1, 0], [0, 1, 0.21]
+    metric = torch.tensor([[cls, p0, p2, p4, p1, p3, p5]])
+    x = torch.arange(7 * 2, dtype=torch.float32).reshape(1, 7, 2)  # rows: cls p0 p2 p4 p1 p3 p5
     size = torch.ones(1, 7, 1)
-    size[0, 2] = 3.0  # p1 already stands for three patches
+    size[0, 4] = 3.0  # p1 already stands for three patches
     out, new_size = bipartite_soft_matching(x, size, metric, r=2, prefix=1)
 
+    # the sequence after the merge: p4 (A's unmerged), then B: p1+p0, p3+p2, p5; stored as its even
+    # positions (p4, p3+p2) then its odd ones (p1+p0, p5)
     assert out.shape == (1, 5, 2) and new_size.shape == (1, 5, 1)
     assert torch.equal(out[0, 0], x[0, 0]) and new_size[0, 0, 0] == 1  # the class token, first and untouched
-    assert torch.equal(out[0, 1], x[0, 5])  # A's unmerged token: p4
-    assert torch.allclose(out[0, 2], (x[0, 1] * 1 + x[0, 2] * 3) / 4)  # p1 + p0, weighted by size
-    assert torch.allclose(out[0, 3], (x[0, 3] + x[0, 4]) / 2)  # p3 + p2
+    assert torch.equal(out[0, 1], x[0, 3])  # p4
+    assert torch.allclose(out[0, 2], (x[0, 5] + x[0, 2]) / 2)  # p3 + p2
+    assert torch.allclose(out[0, 3], (x[0, 4] * 3 + x[0, 1] * 1) / 4)  # p1 + p0, weighted by size
     assert torch.equal(out[0, 4], x[0, 6])  # p5, nothing merged into it
-    assert new_size[0, :, 0].tolist() == [1.0, 1.0, 4.0, 2.0, 1.0]
+    assert new_size[0, :, 0].tolist() == [1.0, 1.0, 2.0, 4.0, 1.0]
     assert float(new_size.sum()) == float(size.sum())  # no patch lost or counted twice
+    # batched: each image merges its own pairs, its rows moved within it. Image 2 stores p4 and p0
+    # the other way round (A = p4 p2 p0): rows 3 and 2 merge, row 1 stays.
+    both = torch.cat([metric, metric[:, [0, 3, 2, 1, 4, 5, 6]]])
+    out2, size2 = bipartite_soft_matching(torch.cat([x, x + 100]), torch.cat([size, size]), both, r=2, prefix=1)
+    assert torch.equal(out2[0], out[0]) and torch.equal(size2[0], new_size[0])
+    y = x[0] + 100
+    expected = torch.stack([y[0], y[1], (y[5] + y[2]) / 2, (y[4] * 3 + y[3]) / 4, y[6]])
+    assert torch.allclose(out2[1], expected) and size2[1, :, 0].tolist() == [1.0, 1.0, 2.0, 4.0, 1.0]
 
 
 def test_class_token_only_last_block_is_exact(tiny_model, tiny_images):
@@ -62,6 +74,8 @@ def test_schedules_and_their_limits(tiny_model):
     assert resolve_schedule(tiny_model, 8, "constant", True) == [8, 0]
     assert resolve_schedule(tiny_model, 8, "constant", False) == [8, 8]
     assert resolve_schedule(tiny_model, 8, "decreasing", False) == [16, 8]
+    assert resolve_schedule(tiny_model, 8, "alternate", False) == [0, 16]
+    assert resolve_schedule(tiny_model, 8, "alternate", True) == [0, 0]
     from onnxvit.errors import UserError
 
     with pytest.raises(UserError, match="one per block"):
@@ -75,7 +89,7 @@ def test_export_matches_pytorch_given_the_same_choices(tiny_model, tiny_images, 
     merged = merge_tokens(tiny_model, [40, 30], class_token_only_last_block=False)
     proto = export_onnx(merged, tiny_images, ExportConfig())
     ops = {node.op_type for node in proto.graph.node}
-    assert {"TopK", "GatherElements", "ScatterElements"} <= ops
+    assert {"ArgMax", "TopK", "ScatterND"} <= ops
     batches = [tiny_images[i : i + batch] for i in range(0, 8, batch)]
     diff = check_export(merged, proto, batches, 1e-4, 2)
     assert diff <= 1e-4
@@ -84,8 +98,8 @@ def test_export_matches_pytorch_given_the_same_choices(tiny_model, tiny_images, 
     # the check is not vacuous: a wrong export (the merge's sizes dropped) fails it
     broken = onnx.ModelProto()
     broken.CopyFrom(proto)
-    scatter = next(n for n in broken.graph.node if n.op_type == "ScatterElements")
-    next(a for a in scatter.attribute if a.name == "reduction").s = b"none"  # merged tokens overwrite, not add
+    scatter = next(n for n in broken.graph.node if n.op_type == "ScatterND")
+    next(a for a in scatter.attribute if a.name == "reduction").s = b"none"  # merged sizes overwrite, not add
     with pytest.raises(Exception, match="differ from PyTorch"):
         check_export(merged, broken, batches, 1e-4, 2)
     assert torch_logits(merged, batches).shape == (8, 4)
@@ -150,17 +164,17 @@ def test_fuse_vit_keeps_the_attention_bias_when_the_qkv_output_has_another_reade
     merged = merge_tokens(tiny_model, [30, 0])
     ctx = PassContext(calibration=[tiny_images[:4]], search=[], batch_size=1, threads=2, log=lambda s: None)
     proto = SimplifyPass(SimplifyConfig()).run(export_onnx(merged, tiny_images, ExportConfig()), ctx)
-    # a second reader of block 1's qkv projection (the input of its 5-D Reshape): its query section
-    hidden = tiny_model.embed_dim
+    # a second reader of block 1's qkv projection (the input of its 5-D Reshape), seen as (B, tokens,
+    # 3 * hidden) as the merge's key slice sees it: its query section
+    hidden, tokens = tiny_model.embed_dim, merged.tokens[1]
     unflatten = next(n for n in proto.graph.node if n.op_type == "Reshape" and "/blocks.1/attn/" in n.name)
     proto.graph.initializer.extend(
-        onnx.numpy_helper.from_array(np.array([v]), f"reader/{name}")
-        for name, v in (("s", 0), ("e", hidden), ("a", -1))
+        onnx.numpy_helper.from_array(np.array(v), f"reader/{name}")
+        for name, v in (("s", [0]), ("e", [hidden]), ("a", [-1]), ("shape", [-1, tokens, 3 * hidden]))
     )
-    reader = onnx.helper.make_node(
-        "Slice", [unflatten.input[0], "reader/s", "reader/e", "reader/a"], ["queries_seen"], name="reader"
-    )
-    proto.graph.node.append(reader)
+    view = onnx.helper.make_node("Reshape", [unflatten.input[0], "reader/shape"], ["qkv_seen"], name="view")
+    reader = onnx.helper.make_node("Slice", ["qkv_seen", "reader/s", "reader/e", "reader/a"], ["queries_seen"], name="reader")
+    proto.graph.node.extend([view, reader])
     seen = onnx.helper.make_tensor_value_info("queries_seen", onnx.TensorProto.FLOAT, ["batch", "tokens", hidden])
     proto.graph.output.append(seen)
     fused = FuseVitPass(FuseVitConfig()).run(proto, ctx)
@@ -209,14 +223,14 @@ def test_searched_merge_end_to_end(tmp_path, image_folder):
     assert variants["fp32"]["macs"] < variants["dense-fp32"]["macs"]
     assert variants["int8"]["macs"] == variants["fp32"]["macs"]
     merged = onnx.load(out / "model.fp32.onnx")
-    assert any(n.op_type == "ScatterElements" for n in merged.graph.node)
+    assert any(n.op_type == "ScatterND" for n in merged.graph.node)
     fp16 = onnx.load(out / "model.fp16.onnx")
-    scatter = [n for n in fp16.graph.node if n.op_type == "ScatterElements"]
+    scatter = [n for n in fp16.graph.node if n.op_type == "ScatterND"]
     assert scatter and all("Cast" not in n.name for n in scatter)  # kept float32: the model ran in evaluation
     artifacts = {a["variant"]: a for a in report["mobile"]["artifacts"]}
     assert all(a["ok"] and a["argmax_equal"] and a["choices"] for a in artifacts.values())
     ops_config = (out / report["mobile"]["operators_config"]).read_text()
-    assert "ScatterElements" in ops_config and "TopK" in ops_config
+    assert "ScatterND" in ops_config and "TopK" in ops_config
     assert "Token merging" in (out / "report.md").read_text()
 
 

@@ -17,7 +17,8 @@ from onnxvit.engine import cache_key
 from onnxvit.errors import UserError
 from onnxvit.stages.load import Run
 
-VERSION = 1  # of the merge as onnxvit/tokens.py builds it: part of every merged model's cache key
+VERSION = 2  # of the merge as onnxvit/tokens.py builds it: part of every merged model's cache key;
+# 2: tokens stored as each block splits them, rows moved by ScatterND / Gather, the partner by ArgMax
 SEARCH_VERSION = 2  # of how the search measures: 2: timed in the benchmark's rounds
 
 
