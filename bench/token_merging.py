@@ -16,7 +16,7 @@ Rows, evaluated on the whole evaluation split at batch 1 and timed together in i
 Also the machine's int8 GEMM speed-up at DeiT-tiny's shapes. With --json PATH writes the table and
 issue 16's `headline`; the plot is top-1 against latency.
 
-    python bench/token_merging.py [--output DIR] [--json PATH] [--rs 4,8,10,12,16] [--alternate-rs 12,13,14]
+    python bench/token_merging.py [--output DIR] [--json PATH] [--rs 4,8,10,12,16] [--alternate-rs 12,13,14,16]
                                   [--eval-images N]
 """
 
@@ -252,7 +252,7 @@ def main() -> None:
         __doc__,
         "bench-tokens",
         rs=dict(default="4,8,10,12,16", help="constant r values"),
-        alternate_rs=dict(default="12,13,14", help="r values of the alternate shape (2r in every other block)"),
+        alternate_rs=dict(default="12,13,14,16", help="r values of the alternate shape (2r in every other block)"),
         eval_images=dict(type=int, default=None, help="evaluate on the first N evaluation images (a dry run)"),
     ).parse_args()
     bench = TokenBench(args.output.resolve(), args.quiet, args.eval_images)
