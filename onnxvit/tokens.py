@@ -69,11 +69,12 @@ def split_sizes(n: int, prefix: int) -> tuple[int, int]:
     return (n - prefix + 1) // 2, (n - prefix) // 2
 
 
-def stored_order(count: int) -> list[int]:
-    """Positions of a ``count``-token sequence in the order the blocks store it: its even positions
-    (set A), then its odd ones (set B). Attention and MLP do not care about token order, so storing
-    the sequence so makes each block's split two contiguous slices instead of strided copies."""
-    return list(range(0, count, 2)) + list(range(1, count, 2))
+def stored_order(count: int, prefix: int) -> list[int]:
+    """Positions of a ``count``-token sequence in the order the blocks store it: the ``prefix``
+    tokens, then the patch tokens' even positions (set A), then their odd ones (set B). Attention and
+    MLP do not care about token order, so storing the sequence so makes each block's split two
+    contiguous slices instead of strided copies."""
+    return [*range(prefix), *range(prefix, count, 2), *range(prefix + 1, count, 2)]
 
 
 class _AddRows(torch.autograd.Function):
@@ -137,14 +138,14 @@ def bipartite_soft_matching(
     size_rows = add_rows(size_rows, targets, a_size)
     # x_b + (sum over the a merged into b of s_a (x_a - x_b)) / S_b is the size-weighted mean (S_b: b's new size)
     x_rows = add_rows(x_rows, targets, a_size * (x_rows[sources] - x_rows[targets]) / size_rows[targets])
-    sequence = [kept + (prefix + first_row), torch.arange(prefix + a_count, n, device=x.device).reshape(1, -1, 1)]
-    sequence[1] = sequence[1] + first_row
-    if prefix:
-        sequence.insert(0, torch.arange(prefix, device=x.device).reshape(1, -1, 1) + first_row)
-    kept_count = n - r
-    stored = list(range(prefix)) + [prefix + i for i in stored_order(kept_count - prefix)]
-    picked = torch.cat(sequence, dim=1)[:, stored].reshape(-1)
-    return x_rows[picked].reshape(batch, kept_count, c), size_rows[picked].reshape(batch, kept_count, 1)
+    # the sequence after the merge (prefix, A's kept, B), as rows of the table, then stored
+    b_rows = torch.arange(prefix + a_count, n, device=x.device).reshape(1, -1, 1) + first_row
+    parts = [kept + (prefix + first_row), b_rows]
+    if prefix:  # (no empty tensor in the graph of a model without prefix tokens)
+        parts.insert(0, torch.arange(prefix, device=x.device).reshape(1, -1, 1) + first_row)
+    sequence = torch.cat(parts, dim=1)
+    picked = sequence[:, stored_order(n - r, prefix)].reshape(-1)
+    return x_rows[picked].reshape(batch, n - r, c), size_rows[picked].reshape(batch, n - r, 1)
 
 
 class MergingAttention(nn.Module):
@@ -240,9 +241,8 @@ class TokenMergedViT(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         vit = self.vit
         x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(x))))
-        if any(self.schedule):  # stored as the merging blocks read it (see stored_order)
-            patches = self.tokens[0] - self.prefix
-            x = x[:, list(range(self.prefix)) + [self.prefix + i for i in stored_order(patches)]]
+        if any(self.schedule):  # stored as the merging blocks read it
+            x = x[:, stored_order(self.tokens[0], self.prefix)]
         size = torch.ones_like(x[..., :1])
         for block in self.blocks:
             x, size = block(x, size)
@@ -270,9 +270,6 @@ def token_counts(vit: Any, schedule: Sequence[int]) -> list[int]:
         counts.append(tokens)
         tokens -= r
     return counts
-
-
-SCHEDULES = ("constant", "decreasing", "alternate")
 
 
 def resolve_schedule(vit: Any, r: int | None, schedule: Sequence[int] | str, cls_only_last: bool) -> list[int]:

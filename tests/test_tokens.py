@@ -68,6 +68,9 @@ def test_average_pooled_model_weighs_merged_tokens_by_size():
         assert torch.allclose(merge_tokens(vit, [0, 0])(x), vit(x), atol=1e-5)
         merged = merge_tokens(vit, [20, 20])
         assert merged.tokens == [196, 176] and merged(x).shape == (2, 3)
+    # without prefix tokens the export holds no empty index tensor and matches PyTorch at batch 2
+    proto = export_onnx(merged, x.numpy(), ExportConfig())
+    assert check_export(merged, proto, [x.numpy()], 1e-4, 2) <= 1e-4
 
 
 def test_schedules_and_their_limits(tiny_model):
