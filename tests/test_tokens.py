@@ -176,7 +176,9 @@ def test_fuse_vit_keeps_the_attention_bias_when_the_qkv_output_has_another_reade
         for name, v in (("s", [0]), ("e", [hidden]), ("a", [-1]), ("shape", [-1, tokens, 3 * hidden]))
     )
     view = onnx.helper.make_node("Reshape", [unflatten.input[0], "reader/shape"], ["qkv_seen"], name="view")
-    reader = onnx.helper.make_node("Slice", ["qkv_seen", "reader/s", "reader/e", "reader/a"], ["queries_seen"], name="reader")
+    reader = onnx.helper.make_node(
+        "Slice", ["qkv_seen", "reader/s", "reader/e", "reader/a"], ["queries_seen"], name="reader"
+    )
     proto.graph.node.extend([view, reader])
     seen = onnx.helper.make_tensor_value_info("queries_seen", onnx.TensorProto.FLOAT, ["batch", "tokens", hidden])
     proto.graph.output.append(seen)
