@@ -228,21 +228,25 @@ def headline(rows: list[dict[str, Any]], bench: TokenBench, gemm: float | None) 
     }
 
 
+FAMILIES = {"tome-r": "constant r", "tome-alt-r": "alternate r"}  # row-name prefix -> schedule shape
+
+
+def _family(row: dict[str, Any]) -> str | None:
+    """The row-name prefix of a constant-r or alternate-r row (drawn as a line), else None (a point)."""
+    name = row["name"]
+    return next((p for p in FAMILIES if name.startswith(p) and name[len(p) :][:1].isdigit()), None)
+
+
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
     fig, ax = latency_axes()
     tiny = [r for r in rows if r["group"] == "deit_tiny"]
-    families = {"tome-r": "constant r", "tome-alt-r": "alternate r"}
-    for prefix, shape in families.items():
+    for prefix, shape in FAMILIES.items():
         for int8, marker, label in ((False, "o", "fp32 (fused)"), (True, "s", "+ int8")):
-            points = sorted(
-                (r["median_ms"], r["top1"])
-                for r in tiny
-                if r["name"].startswith(prefix) and r["name"][len(prefix)].isdigit() and r["int8"] == int8
-            )
+            points = sorted((r["median_ms"], r["top1"]) for r in tiny if _family(r) == prefix and r["int8"] == int8)
             if points:
                 ax.plot(*zip(*points), marker=marker, lw=0.8, label=f"merged, {shape}, {label}")
     for r in tiny:
-        if not any(r["name"].startswith(prefix) and r["name"][len(prefix)].isdigit() for prefix in families):
+        if _family(r) is None:
             mark(ax, r)
     finish_latency_plot(fig, ax, "DeiT-tiny: token merging, int8, pruning (ONNX Runtime) vs PQV-Mobile (Lite)", path)
 

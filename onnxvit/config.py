@@ -165,7 +165,7 @@ class TokenSearchConfig(StrictModel):
     whose logits on the search split stay within the budget against the unmerged model's."""
 
     candidates: list[int] = Field(
-        [4, 8, 10, 12, 16], min_length=1, description="Tokens merged per block (r) of the constant schedules tried."
+        [4, 8, 10, 12, 16], min_length=1, description="Tokens merged per block (r) tried with each schedule shape."
     )
     schedules: list[Literal["constant", "decreasing", "alternate"]] = Field(
         ["constant"], min_length=1, description="Schedule shapes tried for every candidate r."
