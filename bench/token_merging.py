@@ -43,7 +43,7 @@ from pqv_mobile import ENGINE, PQV_RATIO, PQV_TOP1_DROP, Bench, pqv_recipe_prune
 EXAMPLE = REPO / "examples" / "deit_tiny_tokens.yaml"
 PRUNE = PruneConfig(method="taylor", ratio=0.1, ratio_kinds=["mlp"], round_to=8, batches=4)
 SMALL = TokensConfig(r=12, schedule="alternate")
-SMALL_NAME = "small-tome-alt-r12"
+SMALL_NAME = f"small-tome-alt-r{SMALL.r}"  # named as the DeiT-tiny row with the same schedule
 
 
 class TokenBench:
