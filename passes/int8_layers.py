@@ -10,41 +10,11 @@ the quantizer wrote against the builder's for the same layers), and a test check
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
 from passes.graph import weight_channel_axis
-from passes.weight_schemes import Overrides, WeightScheme
-
-INTEGER_TYPES: dict[int, type[np.integer]] = {onnx.TensorProto.INT8: np.int8, onnx.TensorProto.UINT8: np.uint8}
-
-
-@dataclass(frozen=True)
-class QuantizedWeight:
-    """One weight as the quantizer writes it: integers, and a scale and zero point per output channel."""
-
-    values: np.ndarray
-    scale: np.ndarray
-    zero_point: np.ndarray
-
-
-def quantize_weight(weight: np.ndarray, entries: list[dict], qtype: int) -> QuantizedWeight:
-    """``weight`` quantized per output channel with the override ``entries`` (one per channel, or one
-    for all), rounded and clipped as ONNX Runtime's ``quantize_nparray`` does."""
-    axis = entries[0]["axis"] % weight.ndim
-    dtype = INTEGER_TYPES[qtype]
-    info = np.iinfo(dtype)
-    channels = weight.shape[axis]
-    rows = [entries[i if len(entries) > 1 else 0] for i in range(channels)]
-    scale = np.array([np.float32(e["scale"]) for e in rows], np.float32)
-    zero_point = np.array([e["zero_point"] for e in rows], dtype)
-    shape = [1] * weight.ndim
-    shape[axis] = channels
-    values = (weight.astype(np.float32) / scale.reshape(shape)).round() + zero_point.reshape(shape).astype(np.float32)
-    return QuantizedWeight(np.clip(values, info.min, info.max).astype(dtype), scale, zero_point)
+from passes.weight_schemes import Overrides, QuantizedWeight, WeightScheme, quantize_weight
 
 
 class DynamicInt8Builder:

@@ -38,7 +38,7 @@ from passes.int8_limit import cpu_model, linear_shapes, u8u8_speed
 from passes.module_names import node_modules
 from passes.ort_quant import CalibrationReader, ensure_node_names, run_ort_quantizer, tensor_values, weighted_nodes
 from passes.runtime import batches
-from passes.weight_schemes import Overrides, WeightScheme, WeightTuner
+from passes.weight_schemes import Overrides, QuantizedWeight, WeightScheme, WeightTuner
 
 QuantTypeName = Literal["int8", "uint8"]
 
@@ -132,6 +132,15 @@ def u8s8_saturates() -> bool:
     except OSError:
         return True
     return not any(flag in flags for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
+def exact_product(weight: QuantizedWeight) -> bool:
+    """Whether ONNX Runtime's dynamic kernel multiplies ``weight``'s integers exactly on this CPU: always
+    for uint8 weights (u8u8) and where uint8 x int8 does not saturate; there, only while every
+    pair of products fits 16 bits, i.e. integers within 7 bits (a clipped 7-bit scale may pass them)."""
+    if weight.values.dtype == np.uint8 or not u8s8_saturates():
+        return True
+    return bool(np.abs(weight.values.astype(np.int16)).max(initial=0) <= 64)
 
 
 @register_pass
@@ -302,10 +311,11 @@ class QuantizeInt8Pass(Pass):
             return self.quantize_layers(piece, nodes, reduce_range, feeds, overrides)
 
         qtype = onnx.TensorProto.INT8 if self._weight_type == "int8" else onnx.TensorProto.UINT8
+        exact = exact_product if cfg.mode == "dynamic" else None
         work = len(layers) * (cfg.schemes == "search") + len(tuned_bridges)
         with ctx.progress("int8: weight schemes", work) as advance:
             tuner = WeightTuner(
-                model, layers, quantize_piece, values, qtype, reduce_range, ctx.threads, advance, ctx.executor
+                model, layers, quantize_piece, values, qtype, reduce_range, ctx.threads, advance, ctx.executor, exact
             )
             default = WeightScheme(per_channel=cfg.per_channel)
             schemes = {layer: default for layer in tuner.layers}

@@ -9,9 +9,11 @@ output channel, so that is the freedom here: a ``WeightScheme`` per weight, writ
 scales and zero points in ``TensorQuantOverrides`` that ONNX Runtime's own quantizer applies.
 Activations of dynamic kernels are quantized per call; there is nothing of theirs to choose.
 
-Every candidate is judged the same way: the layer (or bridge block) is cut out of the float model,
-quantized by ONNX Runtime's quantizer with the candidate's overrides, and run by ONNX Runtime on the
-float inputs it sees on the calibration images; the error is its output SQNR against float.
+Every candidate is judged the same way: by its output SQNR against float on the inputs the layer
+(or bridge block) sees on the calibration images. A block is cut out of the float model, quantized
+by ONNX Runtime's quantizer with the candidate's overrides and run by ONNX Runtime. A single dynamic
+linear layer whose kernel multiplies exactly on this CPU has the same figure computed from its
+inputs (``passes.linear_error``), without a run per candidate.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from onnxruntime.quantization.quant_utils import get_qmin_qmax_for_qType
 
 from passes.executor import Executor
 from passes.graph import GraphIndex, weight_channel_axis
+from passes.linear_error import DynamicLinearError
 from passes.metrics import SqnrAgainst
 from passes.runtime import make_session, run_feeds
 
@@ -105,6 +108,42 @@ def scheme_overrides(index: GraphIndex, schemes: Trial, qtype: int, reduce_range
     return result
 
 
+INTEGER_TYPES: dict[int, type[np.integer]] = {onnx.TensorProto.INT8: np.int8, onnx.TensorProto.UINT8: np.uint8}
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """One weight as the quantizer writes it: integers, and a scale and zero point per output channel."""
+
+    values: np.ndarray
+    scale: np.ndarray
+    zero_point: np.ndarray
+    axis: int
+
+    def dequantized(self) -> np.ndarray:
+        """The values the kernel multiplies by, in float64: (integer - zero point) x scale."""
+        shape = [1] * self.values.ndim
+        shape[self.axis] = -1
+        zero_point = self.zero_point.astype(np.float64).reshape(shape)
+        return (self.values.astype(np.float64) - zero_point) * self.scale.astype(np.float64).reshape(shape)
+
+
+def quantize_weight(weight: np.ndarray, entries: list[dict], qtype: int) -> QuantizedWeight:
+    """``weight`` quantized per output channel with the override ``entries`` (one per channel, or one
+    for all), rounded and clipped as ONNX Runtime's ``quantize_nparray`` does."""
+    axis = entries[0]["axis"] % weight.ndim
+    dtype = INTEGER_TYPES[qtype]
+    info = np.iinfo(dtype)
+    channels = weight.shape[axis]
+    rows = [entries[i if len(entries) > 1 else 0] for i in range(channels)]
+    scale = np.array([np.float32(e["scale"]) for e in rows], np.float32)
+    zero_point = np.array([e["zero_point"] for e in rows], dtype)
+    shape = [1] * weight.ndim
+    shape[axis] = channels
+    values = (weight.astype(np.float32) / scale.reshape(shape)).round() + zero_point.reshape(shape).astype(np.float32)
+    return QuantizedWeight(np.clip(values, info.min, info.max).astype(dtype), scale, zero_point, axis)
+
+
 DEFAULT = WeightScheme()
 SCHEMES = (DEFAULT, WeightScheme(True, False), WeightScheme(False, True), WeightScheme(False, False))
 
@@ -121,6 +160,10 @@ def _typed(model: onnx.ModelProto) -> onnx.ModelProto:
         if out and out not in known
     )
     return typed
+
+
+class _NotExact(Exception):
+    """A candidate's integers that the kernel would not multiply exactly (it saturates)."""
 
 
 class NotSeparable(ValueError):
@@ -228,9 +271,13 @@ class WeightTuner:
         threads: int,
         advance: Callable[[int], None] = lambda n: None,
         executor: Executor | None = None,
+        exact: Callable[[QuantizedWeight], bool] | None = None,
     ) -> None:
         """``values(names)`` gives the float values of tensors ``names``, one dict per calibration batch;
-        ``executor`` runs each layer's candidates."""
+        ``executor`` runs each layer's candidates. ``exact(weight)``, given where ``quantize`` writes
+        dynamic int8 layers: whether this CPU's kernel multiplies ``weight``'s integers exactly. A
+        single ``MatMul`` layer whose candidates all pass is scored from its inputs
+        (``DynamicLinearError``); the others are run."""
         self.index = GraphIndex(model)
         self.nodes = {node.name: node for node in model.graph.node if node.name in set(layers)}
         self.layers = [name for name in layers if name in self.nodes]
@@ -239,6 +286,7 @@ class WeightTuner:
         self.quantize, self.values = quantize, values
         self.qtype, self.reduce_range, self.threads, self.advance = qtype, reduce_range, threads, advance
         self.executor = executor or Executor()
+        self.exact = exact
 
     def overrides(self, schemes: dict[str, WeightScheme]) -> Overrides:
         return scheme_overrides(self.index, schemes, self.qtype, self.reduce_range)
@@ -294,16 +342,93 @@ class WeightTuner:
         """Per layer, the candidate with the highest output SQNR, then the clip that raises it most;
         ``default`` unless another beats it by ``min_gain_db`` (less is calibration noise)."""
         candidates, clips = list(dict.fromkeys([default, *candidates])), [clip for clip in clips if clip != 1.0]
+        exact = self._exact_scores([layer for layer in self.layers if self._scored_exactly(layer)], candidates, clips)
+        scores: dict[str, dict[WeightScheme, float] | NotSeparable] = dict(exact)
+        scores.update(self._run_scores([layer for layer in self.layers if layer not in exact], candidates, clips))
         chosen, table = {}, {}
-        ends = [(self.nodes[layer].input[0], self.nodes[layer].output[0]) for layer in self.layers]
-        layers = iter(self.layers)
+        for layer in self.layers:
+            layer_scores = scores[layer]
+            if isinstance(layer_scores, NotSeparable):
+                table[layer] = {"chosen": default.label, "why": f"not measured: {layer_scores}"}
+                chosen[layer] = default
+                continue
+            best = max(layer_scores, key=layer_scores.__getitem__)
+            if layer_scores[best] < layer_scores[default] + min_gain_db:
+                best = default
+            chosen[layer] = best
+            table[layer] = {
+                "chosen": best.label,
+                "default": default.label,
+                "sqnr_db": {s.label: v for s, v in layer_scores.items()},
+            }
+        return chosen, table
+
+    def _scored_exactly(self, layer: str) -> bool:
+        node = self.nodes[layer]
+        weight = self.index.constant(node.input[1]) if node.op_type == "MatMul" else None
+        return self.exact is not None and weight is not None and weight.ndim == 2
+
+    def _exact_scores(
+        self, layers: list[str], candidates: list[WeightScheme], clips: list[float], chunk: int = 16
+    ) -> dict[str, dict[WeightScheme, float]]:
+        """Each layer's candidates, then the best one's clips, scored from its inputs on the
+        calibration images (captured ``chunk`` layers at a time); a layer with a candidate the kernel
+        would not multiply exactly is left out."""
+        result = {}
+        for start in range(0, len(layers), chunk):
+            part = layers[start : start + chunk]
+            captured = self.values(sorted({self.nodes[layer].input[0] for layer in part}))
+            for layer in part:
+                node = self.nodes[layer]
+                try:
+                    result[layer] = self._layer_scores(
+                        node, [batch[node.input[0]] for batch in captured], candidates, clips
+                    )
+                except _NotExact:
+                    continue
+                self.advance(1)
+        return result
+
+    def _layer_scores(
+        self, node: onnx.NodeProto, inputs: list[np.ndarray], candidates: list[WeightScheme], clips: list[float]
+    ) -> dict[WeightScheme, float]:
+        weight = self.index.constant(node.input[1])
+        axis = weight_channel_axis(node)
+        assert weight is not None and axis is not None and self.exact is not None  # a MatMul's constant weight
+        exact = self.exact
+
+        def quantized(scheme: WeightScheme) -> np.ndarray:
+            entries = scheme.overrides(weight, axis % weight.ndim, self.qtype, self.reduce_range)
+            integers = quantize_weight(weight, entries, self.qtype)
+            if not exact(integers):
+                raise _NotExact
+            return integers.dequantized()
+
+        for scheme in candidates:  # the tightest clip has the widest integers: fall back before computing
+            quantized(dataclasses.replace(scheme, clip=min(clips, default=1.0)))
+        error = DynamicLinearError(inputs, weight)
+        scores = {scheme: round(error.sqnr_db(quantized(scheme)), 3) for scheme in candidates}
+        best = max(scores, key=scores.__getitem__)
+        for clip in clips:
+            scheme = dataclasses.replace(best, clip=clip)
+            scores[scheme] = round(error.sqnr_db(quantized(scheme)), 3)
+        return scores
+
+    def _run_scores(
+        self, layers: list[str], candidates: list[WeightScheme], clips: list[float]
+    ) -> dict[str, dict[WeightScheme, float] | NotSeparable]:
+        """Each layer's candidates, then the best one's clips, each quantized and run on the
+        calibration images (or why the layer could not be cut out to run alone)."""
+        result: dict[str, dict[WeightScheme, float] | NotSeparable] = {}
+        ends = [(self.nodes[layer].input[0], self.nodes[layer].output[0]) for layer in layers]
+        remaining = iter(layers)
         for probes in self._probes(ends):  # a chunk of layers: their candidates, then their clips, measured together
-            chunk = [(next(layers), probe) for probe in probes]
+            chunk = [(next(remaining), probe) for probe in probes]
             measured = [(layer, probe) for layer, probe in chunk if isinstance(probe, BlockProbe)]
             first = self._measure([(probe, [{layer: scheme} for scheme in candidates]) for layer, probe in measured])
             scores = {layer: dict(zip(candidates, values)) for (layer, _), values in zip(measured, first)}
             clipped = {
-                layer: [dataclasses.replace(max(scores[layer], key=scores[layer].get), clip=clip) for clip in clips]
+                layer: [dataclasses.replace(max(scores[layer], key=scores[layer].__getitem__), clip=c) for c in clips]
                 for layer, _ in measured
             }
             second = self._measure(
@@ -313,22 +438,9 @@ class WeightTuner:
                 scores[layer].update(zip(clipped[layer], values))
             release_float_pieces(probe for _, probe in measured)
             for layer, probe in chunk:
+                result[layer] = probe if isinstance(probe, NotSeparable) else scores[layer]
                 self.advance(1)
-                if isinstance(probe, NotSeparable):
-                    table[layer] = {"chosen": default.label, "why": f"not measured: {probe}"}
-                    chosen[layer] = default
-                    continue
-                layer_scores = scores[layer]
-                best = max(layer_scores, key=layer_scores.get)
-                if layer_scores[best] < layer_scores[default] + min_gain_db:
-                    best = default
-                chosen[layer] = best
-                table[layer] = {
-                    "chosen": best.label,
-                    "default": default.label,
-                    "sqnr_db": {s.label: v for s, v in layer_scores.items()},
-                }
-        return chosen, table
+        return result
 
     def reconstruct(
         self, bridges: list[dict[str, Any]], schemes: dict[str, WeightScheme], grid: Iterable[float] = CLIP_GRID

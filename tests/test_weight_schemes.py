@@ -223,3 +223,83 @@ def test_a_trial_is_scored_where_it_runs_the_same_at_any_thread_count(searched):
     weight_schemes._FLOAT_PIECES.clear()
     assert scores[0] == scores[1]
     assert abs(scores[0] - expected) < 2e-3, (scores, expected)
+
+
+def test_dynamic_dequantized_is_onnx_runtimes_dynamic_quantize_linear():
+    """The exact scorer's view of a dynamic layer's input is, bit for bit, what ONNX Runtime's
+    DynamicQuantizeLinear makes of it: wide and narrow ranges, all-positive and all-negative
+    tensors, heavy tails, ties."""
+    from passes.linear_error import dynamic_dequantized
+
+    graph = helper.make_graph(
+        [helper.make_node("DynamicQuantizeLinear", ["x"], ["q", "s", "z"])],
+        "dql",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, None)],
+        [
+            helper.make_tensor_value_info("q", onnx.TensorProto.UINT8, None),
+            helper.make_tensor_value_info("s", onnx.TensorProto.FLOAT, None),
+            helper.make_tensor_value_info("z", onnx.TensorProto.UINT8, None),
+        ],
+    )
+    session = make_session(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), 1)
+    rng = np.random.default_rng(3)
+    tensors = [rng.standard_normal((1, 50, 64)).astype(np.float32) * rng.uniform(0.01, 30) for _ in range(20)]
+    tensors += [np.abs(tensors[0]), -np.abs(tensors[1]), tensors[2] ** 3, np.round(tensors[3] * 4) / 4]
+    for x in tensors:
+        q, s, z = session.run(None, {"x": x})
+        assert np.array_equal(dynamic_dequantized(x), (q.astype(np.float64) - float(z)) * float(s))
+
+
+@pytest.mark.parametrize("weight_type", ["int8", "uint8"])
+def test_exact_scores_are_the_scores_of_runs_on_a_vit(tiny_onnx, tiny_images, weight_type, monkeypatch):
+    """On a ViT's linear layers, the scheme search scores each candidate from the layer's inputs
+    (exact) as it scores it by quantizing the layer and running it with ONNX Runtime: every figure
+    equal to the 0.001 dB a search reads, give or take one rounding step, and the same choices."""
+    from passes import weight_schemes
+    from passes.quantize_int8 import u8s8_saturates
+
+    computed: list[int] = []
+    error, init = weight_schemes.DynamicLinearError, weight_schemes.WeightTuner.__init__
+    monkeypatch.setattr(weight_schemes, "DynamicLinearError", lambda *args: computed.append(1) or error(*args))
+    tables = {}
+    for exact in (True, False):
+
+        def tuner(self, *args, exact=exact, **kwargs):
+            init(self, *args, **kwargs)
+            assert self.exact is not None  # the pass asks for the exact scorer in dynamic mode
+            self.exact = self.exact if exact else None
+
+        monkeypatch.setattr(weight_schemes.WeightTuner, "__init__", tuner)
+        ctx = PassContext(calibration=[tiny_images[:6]], input_name="input", batch_size=1)
+        config = QuantizeInt8Config(schemes="search", weight_type=weight_type, reduce_range=True)
+        QuantizeInt8Pass(config).run(tiny_onnx, ctx)
+        tables[exact] = ctx.notes["schemes"]
+    assert tables[True].keys() == tables[False].keys() and len(tables[True]) >= 8
+    # 8-bit int8 weights (a clip widens 7-bit ones) saturate there: every layer falls back to runs
+    saturating = weight_type == "int8" and u8s8_saturates()
+    assert len(computed) == (0 if saturating else len(tables[True]))
+    for layer, exact in tables[True].items():
+        ran = tables[False][layer]
+        assert exact["chosen"] == ran["chosen"], layer
+        assert exact["sqnr_db"].keys() == ran["sqnr_db"].keys()
+        for label, value in exact["sqnr_db"].items():
+            assert abs(value - ran["sqnr_db"][label]) <= 1.5e-3, (layer, label, value, ran["sqnr_db"][label])
+
+
+def test_saturating_kernels_are_run_not_computed(searched, monkeypatch):
+    """Where ONNX Runtime's uint8 x int8 kernel saturates (8-bit int8 weights on x86 without VNNI),
+    its output is not the exact product: the search runs those candidates instead of computing them."""
+    from passes import linear_error, quantize_int8
+
+    monkeypatch.setattr(quantize_int8, "u8s8_saturates", lambda: True)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("computed a saturating kernel's error")
+
+    monkeypatch.setattr(linear_error.DynamicLinearError, "__init__", refuse)
+    model, _, _ = searched
+    calibration = [np.random.default_rng(2).standard_normal((64, K)).astype(np.float32)]
+    ctx = PassContext(calibration=calibration, input_name="x")
+    config = QuantizeInt8Config(schemes="search", weight_type="int8", reduce_range=False)
+    QuantizeInt8Pass(config).run(model, ctx)
+    assert len(ctx.notes["schemes"]) == 3
