@@ -17,6 +17,7 @@ from onnx import helper
 from passes.executor import Executor
 from passes.graph import graph_suffix, suffix_inputs
 from passes.metrics import SQNR_CEILING_DB, sqnr_db, top1_agreement
+from passes.ort_quant import FloatValues
 from passes.runtime import make_session, run_feeds
 
 Quantize = Callable[[list[str]], onnx.ModelProto]
@@ -67,18 +68,12 @@ class FidelityProbe:
 
 class AloneProbe:
     """The fidelity of the model with one layer quantized, rerunning only the network from that layer
-    on: the float values entering it are captured once per chunk of layers (``values(names)``, one
-    dict per search batch), and the float prefix, identical for every candidate, is not rerun."""
+    on: the float values entering it are captured for as many layers at once as ``values``' memory
+    budget holds (one dict per search batch), and the float prefix, identical for every candidate,
+    is not rerun."""
 
-    def __init__(
-        self,
-        model: onnx.ModelProto,
-        build: Quantize,
-        probe: FidelityProbe,
-        values: Callable[[list[str]], list[dict[str, np.ndarray]]],
-        chunk: int = 8,
-    ) -> None:
-        self.model, self.build, self.probe, self.values, self.chunk = model, build, probe, values, chunk
+    def __init__(self, model: onnx.ModelProto, build: Quantize, probe: FidelityProbe, values: FloatValues) -> None:
+        self.model, self.build, self.probe, self.values = model, build, probe, values
         self.position = {node.name: index for index, node in enumerate(model.graph.node)}
 
     def rank(self, layers: list[str]) -> dict[str, Fidelity]:
@@ -87,10 +82,10 @@ class AloneProbe:
         result: dict[str, Fidelity] = {}
         executor = self.probe.executor
         callers = executor.task_threads(self.probe.threads)
-        for start in range(0, len(layers), self.chunk):
-            chunk = layers[start : start + self.chunk]
-            names = sorted({name for layer in chunk for name in suffix_inputs(self.model, self.position[layer])})
-            captured = self.values(names)
+        needs = [suffix_inputs(self.model, self.position[layer]) for layer in layers]
+        for indices in self.values.chunks(needs):
+            chunk = [layers[index] for index in indices]
+            captured = self.values(sorted({name for index in indices for name in needs[index]}))
             types = {name: helper.np_dtype_to_tensor_dtype(value.dtype) for name, value in captured[0].items()}
             suffixes = (  # built as workers free up
                 (graph_suffix(self.build([layer]), self.position[layer], types).SerializeToString(), callers)

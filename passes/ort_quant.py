@@ -95,6 +95,50 @@ def tensor_values(
         yield {name: batch if name == input_name else values[name] for name in names}
 
 
+CAPTURE_BYTES = 1 << 30  # float values a search holds at once; more layers per capture pass is faster
+
+
+class FloatValues:
+    """A float model's tensor values on fixed batches, for searches that measure candidates on them:
+    ``values(names)`` captures ``names`` in one pass over the batches, and ``chunks`` groups the
+    items a search measures so that each group's values fit ``budget`` bytes: few passes where the
+    model is small, bounded memory where it is large."""
+
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        batches: list[np.ndarray],
+        input_name: str,
+        threads: int,
+        executor: Executor | None = None,
+        budget: int = CAPTURE_BYTES,
+    ) -> None:
+        self.model, self.batches, self.input_name = model, batches, input_name
+        self.threads, self.executor, self.budget = threads, executor, budget
+
+    def __call__(self, names: list[str]) -> list[dict[str, np.ndarray]]:
+        return list(tensor_values(self.model, names, self.batches, self.input_name, self.threads, self.executor))
+
+    def chunks(self, needs: list[list[str]]) -> list[list[int]]:
+        """Consecutive indices of ``needs`` (each item's tensor names), grouped so that the values of
+        a group's names on every batch fit the budget; sizes are read from the first batch."""
+        names = sorted({name for item in needs for name in item})
+        if not names or not self.batches:
+            return [list(range(len(needs)))] if needs else []
+        first = next(tensor_values(self.model, names, self.batches[:1], self.input_name, self.threads))
+        scale = sum(len(batch) for batch in self.batches) / len(self.batches[0])
+        groups: list[list[int]] = [[]]
+        held: set[str] = set()
+        for index, item in enumerate(needs):
+            grown = held | set(item)
+            if groups[-1] and sum(first[name].nbytes for name in grown) * scale > self.budget:
+                groups.append([])
+                grown = set(item)
+            groups[-1].append(index)
+            held = grown
+        return groups
+
+
 def channel_ranges(
     model: onnx.ModelProto, names: list[str], ctx: PassContext
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -36,7 +36,7 @@ from passes.graph import copy_model, find_bridges, gemms_as_matmul
 from passes.int8_layers import DynamicInt8Builder
 from passes.int8_limit import cpu_model, linear_shapes, u8u8_speed
 from passes.module_names import node_modules
-from passes.ort_quant import CalibrationReader, ensure_node_names, run_ort_quantizer, tensor_values, weighted_nodes
+from passes.ort_quant import CalibrationReader, FloatValues, ensure_node_names, run_ort_quantizer, weighted_nodes
 from passes.runtime import batches
 from passes.weight_schemes import Overrides, QuantizedWeight, WeightScheme, WeightTuner
 
@@ -210,11 +210,8 @@ class QuantizeInt8Pass(Pass):
             candidate = quantize if builder is None else builder.build
             alone = None
             if builder is not None:
-
-                def search_values(names: list[str]) -> list[dict[str, np.ndarray]]:
-                    return list(tensor_values(prepared, names, ctx.search, ctx.input_name, ctx.threads, ctx.executor))
-
-                alone = AloneProbe(prepared, builder.build, probe, search_values)
+                values = FloatValues(prepared, ctx.search, ctx.input_name, ctx.threads, ctx.executor)
+                alone = AloneProbe(prepared, builder.build, probe, values)
             _, notes = fit_budget(layers, candidate, probe, budget, cfg.max_float_layers, ctx.log, alone)
             for entry in notes.get("sensitivity", []):
                 entry["module"] = modules.get(entry["layer"], entry["layer"])
@@ -298,9 +295,7 @@ class QuantizeInt8Pass(Pass):
 
         # each layer's inputs at the deploy batch: a dynamic layer's activation range is the batch's
         deployed = batches(np.concatenate(calibration), ctx.batch_size)
-
-        def values(names: list[str]) -> list[dict[str, np.ndarray]]:
-            return list(tensor_values(model, names, deployed, ctx.input_name, ctx.threads, ctx.executor))
+        values = FloatValues(model, deployed, ctx.input_name, ctx.threads, ctx.executor)
 
         def quantize_piece(
             piece: onnx.ModelProto, nodes: list[str], overrides: Overrides, feeds: list[dict[str, np.ndarray]]

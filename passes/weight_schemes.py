@@ -34,6 +34,7 @@ from passes.executor import Executor
 from passes.graph import GraphIndex, weight_channel_axis
 from passes.linear_error import DynamicLinearError
 from passes.metrics import SqnrAgainst
+from passes.ort_quant import FloatValues
 from passes.runtime import make_session, run_feeds
 
 CLIP_GRID = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6, 0.5)
@@ -265,7 +266,7 @@ class WeightTuner:
         model: onnx.ModelProto,
         layers: list[str],
         quantize: QuantizePiece,
-        values: Callable[[list[str]], list[dict[str, np.ndarray]]],
+        values: FloatValues,
         qtype: int,
         reduce_range: bool,
         threads: int,
@@ -369,14 +370,14 @@ class WeightTuner:
         return self.exact is not None and weight is not None and weight.ndim == 2
 
     def _exact_scores(
-        self, layers: list[str], candidates: list[WeightScheme], clips: list[float], chunk: int = 16
+        self, layers: list[str], candidates: list[WeightScheme], clips: list[float]
     ) -> dict[str, dict[WeightScheme, float]]:
         """Each layer's candidates, then the best one's clips, scored from its inputs on the
-        calibration images (captured ``chunk`` layers at a time); a layer with a candidate the kernel
-        would not multiply exactly is left out."""
+        calibration images (captured for as many layers at once as the values' budget holds); a layer
+        with a candidate the kernel would not multiply exactly is left out."""
         result = {}
-        for start in range(0, len(layers), chunk):
-            part = layers[start : start + chunk]
+        for indices in self.values.chunks([[self.nodes[layer].input[0]] for layer in layers]):
+            part = [layers[index] for index in indices]
             captured = self.values(sorted({self.nodes[layer].input[0] for layer in part}))
             for layer in part:
                 node = self.nodes[layer]

@@ -89,10 +89,12 @@ def test_builder_matches_the_quantizer_on_a_vit(tiny_onnx, tiny_images):
     assert not np.array_equal(ours, float_logits)  # the check above compares quantized models
 
 
-def test_alone_probe_measures_what_a_whole_model_measures(tiny_onnx, tiny_images):
-    """Rerunning only the network from a layer on gives that layer's whole-model fidelity."""
+@pytest.mark.parametrize("budget", [1 << 30, 1])
+def test_alone_probe_measures_what_a_whole_model_measures(tiny_onnx, tiny_images, budget):
+    """Rerunning only the network from a layer on gives that layer's whole-model fidelity, whether the
+    float values entering every layer are captured in one pass or (a budget of one byte) a pass per layer."""
     from passes.accuracy_budget import AloneProbe, FidelityProbe
-    from passes.ort_quant import tensor_values
+    from passes.ort_quant import FloatValues
     from passes.runtime import batches
 
     model = onnx.ModelProto.FromString(tiny_onnx.SerializeToString())
@@ -102,8 +104,10 @@ def test_alone_probe_measures_what_a_whole_model_measures(tiny_onnx, tiny_images
     builder = DynamicInt8Builder(model, layers, onnx.TensorProto.INT8, reduce_range=False)
     search = batches(tiny_images[:6], 1)
     probe = FidelityProbe(model, search, 2)
-    alone = AloneProbe(model, builder.build, probe, lambda names: list(tensor_values(model, names, search, "input", 2)))
-    measured = alone.rank(layers)
+    values = FloatValues(model, search, "input", 2, budget=budget)
+    needs = [[node.input[0]] for node in model.graph.node if node.name in layers]
+    assert len(values.chunks(needs)) == (1 if budget > 1 else len(layers))
+    measured = AloneProbe(model, builder.build, probe, values).rank(layers)
     assert measured.keys() == set(layers)
     for layer in layers:
         whole = probe(builder.build([layer]))
