@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -74,3 +75,19 @@ def test_random_weights_are_the_same_in_every_run():
     second = create_model(ModelConfig(**TINY_MODEL)).state_dict()
     assert all(torch.equal(first[k], second[k]) for k in first)
     assert torch.equal(torch.get_rng_state(), state)  # the caller's random stream is left as it was
+
+
+def test_a_pytorch_variants_logits_come_in_order_from_parallel_callers(tiny_model, tiny_images):
+    """PyTorch logits computed by two callers at batch 1 are every image's, in order, as one call over
+    the whole batch computes them; the caller's thread setting is left as it was."""
+    from onnxvit.variant import Variant
+
+    variant = Variant("torch-fp32", "torch", "tiny", module=tiny_model.eval())
+    before = torch.get_num_threads()
+    seen = []
+    logits = variant.logits(tiny_images, 1, 2, seen.append)
+    with torch.inference_mode():
+        expected = tiny_model(torch.from_numpy(tiny_images)).numpy()
+    assert torch.get_num_threads() == before and sum(seen) == len(tiny_images)
+    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-5)
+    assert np.array_equal(logits.argmax(1), expected.argmax(1))
