@@ -7,6 +7,7 @@ small (31 images by default), and SQNR resolves differences that top-1 counts on
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
@@ -58,7 +59,31 @@ class FidelityProbe:
         self.reference = self.executor.logits(reference, batches, threads)
 
     def __call__(self, model: onnx.ModelProto) -> Fidelity:
-        return self.score(self.executor.logits(model, self.batches, self.threads))
+        return self.score(self.logits(model))
+
+    def logits(self, model: onnx.ModelProto) -> np.ndarray:
+        return self.executor.logits(model, self.batches, self.threads)
+
+    def subset(self, indices: list[int]) -> FidelityProbe:
+        """This probe on the search batches ``indices`` only, their float logits taken from its own."""
+        starts = np.cumsum([0, *(len(batch) for batch in self.batches)])
+        probe = copy.copy(self)
+        probe.batches = [self.batches[i] for i in indices]
+        probe.reference = np.concatenate([self.reference[starts[i] : starts[i + 1]] for i in indices])
+        return probe
+
+    def farthest(self, logits: np.ndarray, images: int) -> list[int]:
+        """The search batches where ``logits`` are farthest from float (most squared error), fewest
+        that hold ``images`` images, in their order: a model's error energy is mostly theirs."""
+        starts = np.cumsum([0, *(len(batch) for batch in self.batches)])
+        error = np.square(logits.astype(np.float64) - self.reference)
+        noise = [float(error[starts[i] : starts[i + 1]].sum()) for i in range(len(self.batches))]
+        chosen: list[int] = []
+        for index in sorted(range(len(noise)), key=lambda i: -noise[i]):
+            if sum(len(self.batches[i]) for i in chosen) >= images:
+                break
+            chosen.append(index)
+        return sorted(chosen)
 
     def score(self, logits: np.ndarray) -> Fidelity:
         return Fidelity(
@@ -75,6 +100,10 @@ class AloneProbe:
     def __init__(self, model: onnx.ModelProto, build: Quantize, probe: FidelityProbe, values: FloatValues) -> None:
         self.model, self.build, self.probe, self.values = model, build, probe, values
         self.position = {node.name: index for index, node in enumerate(model.graph.node)}
+
+    def subset(self, indices: list[int]) -> AloneProbe:
+        """This probe on the search batches ``indices`` only."""
+        return AloneProbe(self.model, self.build, self.probe.subset(indices), self.values.subset(indices))
 
     def rank(self, layers: list[str]) -> dict[str, Fidelity]:
         """Each layer's fidelity when it alone is quantized; a chunk's suffixes run as one ``map`` of
@@ -115,13 +144,17 @@ def fit_budget(
     max_float: int,
     log: Callable[[str], None],
     alone: AloneProbe | None = None,
+    ranking_images: int | None = None,
 ) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """Quantize ``layers`` except the fewest most harmful ones, so that ``budget`` holds on the search
     split; returns the model and what was measured (per layer, when the ranking ran). ``alone``
-    measures the layers one at a time faster than a whole model each; every model kept or
-    rejected is measured whole."""
+    measures the layers one at a time faster than a whole model each. ``ranking_images``: rank on
+    that many search images, those where the fully quantized model is farthest from float (as
+    OpenVINO's accuracy-aware quantization ranks on its mismatches). Every model kept or rejected is
+    measured whole, on every search image: a coarser ranking may keep a layer more, never miss the budget."""
     model = quantize(layers)
-    fidelity = probe(model)
+    logits = probe.logits(model)
+    fidelity = probe.score(logits)
     notes: dict[str, Any] = {"search_fidelity": fidelity.rounded(), "kept_float": [], "budget_met": True}
     if budget.met(fidelity):
         return model, notes
@@ -129,7 +162,12 @@ def fit_budget(
         f"budget not met with every layer in int8 ({fidelity.sqnr_db:.1f} dB, {fidelity.agreement:.1f}% "
         f"agreement); ranking {len(layers)} layers"
     )
-    single = alone.rank(layers) if alone is not None else {layer: probe(quantize([layer])) for layer in layers}
+    ranker = probe
+    if ranking_images is not None and ranking_images < sum(len(batch) for batch in probe.batches):
+        indices = probe.farthest(logits, ranking_images)
+        ranker, alone = probe.subset(indices), alone.subset(indices) if alone is not None else None
+        notes["ranking_images"] = sum(len(batch) for batch in ranker.batches)
+    single = alone.rank(layers) if alone is not None else {layer: ranker(quantize([layer])) for layer in layers}
     ranked = sorted(layers, key=lambda layer: (single[layer].sqnr_db, single[layer].agreement))
     notes["sensitivity"] = [{"layer": layer, **single[layer].rounded()} for layer in ranked]
     best = (model, fidelity, [])

@@ -21,7 +21,7 @@ from onnx import helper, numpy_helper
 from passes.graph import copy_model, gemms_as_matmul
 from passes.int8_layers import DynamicInt8Builder
 from passes.ort_quant import ensure_node_names, tensor_values
-from passes.timing import benchmark_input, measure_latency, onnx_runner
+from passes.timing import Runner, benchmark_input, measure_latency, onnx_runner
 
 ISA_FLAGS = (
     "avx2",
@@ -112,16 +112,11 @@ def _dynamic_int8(qtype: int, reduce_range: bool) -> Callable[[onnx.ModelProto],
     return lambda model: DynamicInt8Builder(model, ["linear"], qtype, reduce_range).build(["linear"])
 
 
-def _time_at_shapes(
-    shapes: list[LinearShape],
-    threads: int,
-    kinds: dict[str, Callable[[onnx.ModelProto], onnx.ModelProto]],
-    warmup: int,
-    runs: int,
-    rounds: int,
-) -> list[tuple[LinearShape, int, dict[str, float]]]:
-    """Each distinct shape's float layer made into each of ``kinds``, all timed interleaved: per
-    shape, how often ``shapes`` holds it and each kind's median ms."""
+def _shape_runners(
+    shapes: list[LinearShape], threads: int, kinds: dict[str, Callable[[onnx.ModelProto], onnx.ModelProto]]
+) -> tuple[dict[LinearShape, int], dict[str, Runner]]:
+    """How often ``shapes`` holds each distinct shape, and a runner per distinct shape and kind
+    (named ``index/kind``): its float layer made into each of ``kinds``."""
     counts: dict[LinearShape, int] = {}
     for shape in shapes:
         counts[shape] = counts.get(shape, 0) + 1
@@ -132,6 +127,20 @@ def _time_at_shapes(
         activation, leading = (*shape.rows[1:], shape.k), shape.rows[0]
         for kind, make in kinds.items():
             runners[f"{index}/{kind}"] = onnx_runner(make(float_model), activation, threads, leading)
+    return counts, runners
+
+
+def _time_at_shapes(
+    shapes: list[LinearShape],
+    threads: int,
+    kinds: dict[str, Callable[[onnx.ModelProto], onnx.ModelProto]],
+    warmup: int,
+    runs: int,
+    rounds: int,
+) -> list[tuple[LinearShape, int, dict[str, float]]]:
+    """Each distinct shape's float layer made into each of ``kinds``, all timed interleaved: per
+    shape, how often ``shapes`` holds it and each kind's median ms."""
+    counts, runners = _shape_runners(shapes, threads, kinds)
     times = measure_latency(runners, warmup, runs, rounds)
     return [
         (shape, count, {kind: times[f"{index}/{kind}"]["median"] for kind in kinds})
@@ -156,19 +165,28 @@ def gemm_speedup(
     return {"int8_gemm_speedup": round(float_total / int8_total, 4) if int8_total else None, "shapes": table}
 
 
-def u8u8_speed(shapes: list[LinearShape], threads: int, warmup: int = 5, runs: int = 30, rounds: int = 3) -> dict:
+def u8u8_speed(shapes: list[LinearShape], threads: int, warmup: int = 5, runs: int = 8, rounds: int = 6) -> dict:
     """ONNX Runtime's dynamic uint8 x uint8 GEMM (full-range uint8 weights) against its uint8 x int8
-    GEMM with 7-bit weights, at each distinct shape, timed interleaved: ``u8u8_time_ratio`` is the
-    u8u8 time over the u8s8 time, each shape weighted by how often the model runs it. On x86 without
-    VNNI the u8s8 kernel needs 7-bit weights not to saturate; u8u8 keeps all 8 bits."""
+    GEMM with 7-bit weights, at each distinct shape, timed interleaved in ``rounds`` rounds of
+    ``runs``: per round, the u8u8 time over the u8s8 time, each shape weighted by how often the model
+    runs it (``round_ratios``), and their median (``u8u8_time_ratio``). On x86 without VNNI the u8s8
+    kernel needs 7-bit weights not to saturate; u8u8 keeps all 8 bits."""
     kinds = {
         "u8s8": _dynamic_int8(onnx.TensorProto.INT8, True),
         "u8u8": _dynamic_int8(onnx.TensorProto.UINT8, False),
     }
-    timed = _time_at_shapes(shapes, threads, kinds, warmup, runs, rounds)
-    u8s8 = sum(count * ms["u8s8"] for _, count, ms in timed)
-    u8u8 = sum(count * ms["u8u8"] for _, count, ms in timed)
-    return {"u8u8_time_ratio": round(u8u8 / u8s8, 4) if u8s8 else None, "shapes": len(timed)}
+    counts, runners = _shape_runners(shapes, threads, kinds)
+    ratios = []
+    for round_index in range(rounds):
+        times = measure_latency(runners, warmup if round_index == 0 else 0, runs, 1)
+        total = {kind: sum(c * times[f"{i}/{kind}"]["median"] for i, c in enumerate(counts.values())) for kind in kinds}
+        if total["u8s8"]:
+            ratios.append(total["u8u8"] / total["u8s8"])
+    return {
+        "u8u8_time_ratio": round(float(np.median(ratios)), 4) if ratios else None,
+        "round_ratios": [round(ratio, 4) for ratio in ratios],
+        "shapes": len(counts),
+    }
 
 
 def int8_bound(reference_total: float, reference_linear: float, gemm_speedup: float) -> float:

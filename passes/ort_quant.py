@@ -119,6 +119,12 @@ class FloatValues:
     def __call__(self, names: list[str]) -> list[dict[str, np.ndarray]]:
         return list(tensor_values(self.model, names, self.batches, self.input_name, self.threads, self.executor))
 
+    def subset(self, indices: list[int]) -> FloatValues:
+        """These values on the batches ``indices`` only."""
+        return FloatValues(
+            self.model, [self.batches[i] for i in indices], self.input_name, self.threads, self.executor, self.budget
+        )
+
     def chunks(self, needs: list[list[str]]) -> list[list[int]]:
         """Consecutive indices of ``needs`` (each item's tensor names), grouped so that the values of
         a group's names on every batch fit the budget; sizes are read from the first batch."""
