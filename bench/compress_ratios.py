@@ -36,6 +36,8 @@ def cold_run_profile(report: dict[str, Any], seconds: float) -> dict[str, Any]:
         "search_over_fp32_eval": round(search_s / fp32_eval_s, 2),
         "cold_run_over_fp32_eval": round(seconds / fp32_eval_s, 2),
         "stages_s": {k: v for k, v in timings.items() if not k.startswith("evaluate/")},
+        "evaluate_s": {k.removeprefix("evaluate/"): v for k, v in timings.items() if k.startswith("evaluate/")},
+        "steps_s": {step["name"]: step["seconds"] for step in report["steps"] if not step["cached"]},
     }
 
 

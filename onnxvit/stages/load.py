@@ -37,6 +37,9 @@ class Run:
     cache: Cache
     timings: dict[str, float] = field(default_factory=dict)
     used_executor: dict[str, Any] | None = None  # what the executor was, once it has been closed
+    # each model's check logits by identity (with the model, so the id stays its own): a step's
+    # input is the output of the step before or a model several steps read, and runs once
+    checked: dict[int, tuple[onnx.ModelProto, np.ndarray]] = field(default_factory=dict)
 
     @contextmanager
     def timed(self, part: str) -> Iterator[None]:
@@ -165,7 +168,10 @@ class Run:
 
     def check(self, before: onnx.ModelProto, after: onnx.ModelProto) -> dict[str, float]:
         """The numeric check recorded after every step: ``after``'s logits against ``before``'s."""
-        threads = self.config.benchmark.threads
-        return compare_logits(
-            model_logits(before, self.check_batches, threads), model_logits(after, self.check_batches, threads)
-        )
+        return compare_logits(self._check_logits(before), self._check_logits(after))
+
+    def _check_logits(self, model: onnx.ModelProto) -> np.ndarray:
+        if id(model) not in self.checked:
+            logits = model_logits(model, self.check_batches, self.config.benchmark.threads)
+            self.checked[id(model)] = (model, logits)
+        return self.checked[id(model)][1]
