@@ -59,17 +59,28 @@ class WeightScheme:
     def overrides(self, weight: np.ndarray, axis: int, qtype: int, reduce_range: bool) -> list[dict[str, Any]]:
         """ONNX Runtime per-channel TensorQuantOverrides for ``weight``: one entry per channel, the same
         for each when per-tensor (its QDQ quantizer does not broadcast a single entry)."""
+        zero_points, scales = self.channel_parameters(weight, axis, qtype, reduce_range)
+        return [
+            {"axis": axis, "scale": scale, "zero_point": zero_point} for scale, zero_point in zip(scales, zero_points)
+        ]
+
+    def channel_parameters(
+        self, weight: np.ndarray, axis: int, qtype: int, reduce_range: bool
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Each output channel's zero point and scale (what ``overrides`` writes), as arrays."""
         qmin, qmax = get_qmin_qmax_for_qType(qtype, reduce_range, self.symmetric)
         rows = np.moveaxis(weight, axis, 0).reshape(weight.shape[axis], -1)
         lows, highs = rows.min(1), rows.max(1)
         if not self.per_channel:
             lows, highs = np.full_like(lows, lows.min()), np.full_like(highs, highs.max())
-        zero_points, scales = channel_scale_zp(
+        return channel_scale_zp(
             (lows * self.clip).astype(np.float32), (highs * self.clip).astype(np.float32), qmin, qmax, self.symmetric
         )
-        return [
-            {"axis": axis, "scale": scale, "zero_point": zero_point} for scale, zero_point in zip(scales, zero_points)
-        ]
+
+    def quantize(self, weight: np.ndarray, axis: int, qtype: int, reduce_range: bool) -> QuantizedWeight:
+        """``weight`` in integers with this scheme's parameters, as the quantizer writes it."""
+        zero_point, scale = self.channel_parameters(weight, axis, qtype, reduce_range)
+        return quantize_channels(weight, axis, scale, zero_point.astype(INTEGER_TYPES[qtype]), qtype)
 
 
 def channel_scale_zp(
@@ -133,16 +144,22 @@ def quantize_weight(weight: np.ndarray, entries: list[dict], qtype: int) -> Quan
     """``weight`` quantized per output channel with the override ``entries`` (one per channel, or one
     for all), rounded and clipped as ONNX Runtime's ``quantize_nparray`` does."""
     axis = entries[0]["axis"] % weight.ndim
-    dtype = INTEGER_TYPES[qtype]
-    info = np.iinfo(dtype)
-    channels = weight.shape[axis]
-    rows = [entries[i if len(entries) > 1 else 0] for i in range(channels)]
+    rows = [entries[i if len(entries) > 1 else 0] for i in range(weight.shape[axis])]
     scale = np.array([np.float32(e["scale"]) for e in rows], np.float32)
-    zero_point = np.array([e["zero_point"] for e in rows], dtype)
+    zero_point = np.array([e["zero_point"] for e in rows], INTEGER_TYPES[qtype])
+    return quantize_channels(weight, axis, scale, zero_point, qtype)
+
+
+def quantize_channels(
+    weight: np.ndarray, axis: int, scale: np.ndarray, zero_point: np.ndarray, qtype: int
+) -> QuantizedWeight:
+    """``weight`` rounded and clipped to ``qtype`` with a scale and zero point per channel of ``axis``."""
+    info = np.iinfo(INTEGER_TYPES[qtype])
     shape = [1] * weight.ndim
-    shape[axis] = channels
+    shape[axis] = weight.shape[axis]
+    scale = np.asarray(scale, np.float32)
     values = (weight.astype(np.float32) / scale.reshape(shape)).round() + zero_point.reshape(shape).astype(np.float32)
-    return QuantizedWeight(np.clip(values, info.min, info.max).astype(dtype), scale, zero_point, axis)
+    return QuantizedWeight(np.clip(values, info.min, info.max).astype(zero_point.dtype), scale, zero_point, axis)
 
 
 DEFAULT = WeightScheme()
@@ -399,8 +416,7 @@ class WeightTuner:
         exact = self.exact
 
         def quantized(scheme: WeightScheme) -> np.ndarray:
-            entries = scheme.overrides(weight, axis % weight.ndim, self.qtype, self.reduce_range)
-            integers = quantize_weight(weight, entries, self.qtype)
+            integers = scheme.quantize(weight, axis % weight.ndim, self.qtype, self.reduce_range)
             if not exact(integers):
                 raise _NotExact
             return integers.dequantized()

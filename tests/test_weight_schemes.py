@@ -303,3 +303,17 @@ def test_saturating_kernels_are_run_not_computed(searched, monkeypatch):
     config = QuantizeInt8Config(schemes="search", weight_type="int8", reduce_range=False)
     QuantizeInt8Pass(config).run(model, ctx)
     assert len(ctx.notes["schemes"]) == 3
+
+
+@pytest.mark.parametrize("qtype", [onnx.TensorProto.INT8, onnx.TensorProto.UINT8])
+@pytest.mark.parametrize("reduce_range", [False, True])
+def test_a_scheme_quantizes_as_its_overrides_do(qtype, reduce_range):
+    """The search's direct quantization of a candidate is the one its TensorQuantOverrides give."""
+    from passes.weight_schemes import quantize_weight
+
+    weight = np.random.default_rng(4).laplace(0, 1, (K, 16)).astype(np.float32)
+    for scheme in [*SCHEMES, WeightScheme(False, False, 0.6), WeightScheme(True, True, 0.5)]:
+        direct = scheme.quantize(weight, 1, qtype, reduce_range)
+        entries = quantize_weight(weight, scheme.overrides(weight, 1, qtype, reduce_range), qtype)
+        assert direct.values.dtype == entries.values.dtype and np.array_equal(direct.values, entries.values)
+        assert np.array_equal(direct.scale, entries.scale) and np.array_equal(direct.zero_point, entries.zero_point)
