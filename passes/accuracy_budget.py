@@ -66,24 +66,30 @@ class FidelityProbe:
 
     def subset(self, indices: list[int]) -> FidelityProbe:
         """This probe on the search batches ``indices`` only, their float logits taken from its own."""
-        starts = np.cumsum([0, *(len(batch) for batch in self.batches)])
+        rows = self._rows()
         probe = copy.copy(self)
         probe.batches = [self.batches[i] for i in indices]
-        probe.reference = np.concatenate([self.reference[starts[i] : starts[i + 1]] for i in indices])
+        probe.reference = np.concatenate([self.reference[rows[i]] for i in indices])
         return probe
 
     def farthest(self, logits: np.ndarray, images: int) -> list[int]:
         """The search batches where ``logits`` are farthest from float (most squared error), fewest
         that hold ``images`` images, in their order: a model's error energy is mostly theirs."""
-        starts = np.cumsum([0, *(len(batch) for batch in self.batches)])
         error = np.square(logits.astype(np.float64) - self.reference)
-        noise = [float(error[starts[i] : starts[i + 1]].sum()) for i in range(len(self.batches))]
+        noise = [float(error[rows].sum()) for rows in self._rows()]
         chosen: list[int] = []
+        held = 0
         for index in sorted(range(len(noise)), key=lambda i: -noise[i]):
-            if sum(len(self.batches[i]) for i in chosen) >= images:
+            if held >= images:
                 break
             chosen.append(index)
+            held += len(self.batches[index])
         return sorted(chosen)
+
+    def _rows(self) -> list[slice]:
+        """Each search batch's rows in the logits."""
+        starts = np.cumsum([0, *(len(batch) for batch in self.batches)])
+        return [slice(int(start), int(end)) for start, end in zip(starts[:-1], starts[1:])]
 
     def score(self, logits: np.ndarray) -> Fidelity:
         return Fidelity(

@@ -45,10 +45,12 @@ class DynamicInt8Builder:
             weight = numpy_helper.to_array(initializers[node.input[1]])
             axis = weight_channel_axis(node)
             assert axis is not None  # a MatMul's
-            entries = (overrides or {}).get(node.input[1]) or default.overrides(
-                weight, axis % weight.ndim, qtype, reduce_range
+            entries = (overrides or {}).get(node.input[1])
+            self.weights[name] = (
+                quantize_weight(weight, entries, qtype)
+                if entries
+                else default.quantize(weight, axis % weight.ndim, qtype, reduce_range)
             )
-            self.weights[name] = quantize_weight(weight, entries, qtype)
 
     def build(self, layers: list[str]) -> onnx.ModelProto:
         """The float model with ``layers`` (a subset of the builder's) as the quantizer writes them."""
