@@ -11,7 +11,8 @@ dequantized input times the dequantized weight, ``Aq Wq``, and its error against
 
 whose input products (K x K and K x N) are shared by every candidate; a candidate costs one K x K
 by K x N product instead of a pass over every input row. The kernels differ from this only by
-their float32 scaling of the integer sums, far below the 0.001 dB a search reads.
+their float32 scaling of the integer sums, and the input products here are summed in float32:
+both far below the 0.001 dB a search reads.
 """
 
 from __future__ import annotations
@@ -41,24 +42,27 @@ class DynamicLinearError:
 
     def __init__(self, inputs: list[np.ndarray], weight: np.ndarray) -> None:
         k, n = weight.shape
-        floats = np.concatenate([np.asarray(x, np.float64).reshape(-1, k) for x in inputs])
-        dequantized = np.concatenate([dynamic_dequantized(x).reshape(-1, k) for x in inputs])
+        # the products over every input row run in float32 (their rounding is far below what a
+        # search reads); what they give is K x K or K x N, kept and combined in float64
+        floats = np.concatenate([np.asarray(x, np.float32).reshape(-1, k) for x in inputs])
+        dequantized = np.concatenate([dynamic_dequantized(x).astype(np.float32).reshape(-1, k) for x in inputs])
         delta = dequantized - floats
         self.weight = np.asarray(weight, np.float64)
         if k < 2 * n:  # one Gram matrix of [Aq | Δ] is cheaper than products with the weight
             stacked = np.concatenate([dequantized, delta], axis=1)
-            gram = stacked.T @ stacked
+            gram = _wide(stacked.T @ stacked)
             self.gram, cross, delta_gram = gram[:k, :k], gram[:k, k:], gram[k:, k:]
             self.cross = cross @ self.weight
             self.base = _inner(self.weight, delta_gram @ self.weight)
             signal_gram = self.gram - cross - cross.T + delta_gram  # A'A, with A = Aq - Δ
             self.signal = _inner(self.weight, signal_gram @ self.weight)
         else:
-            self.gram = dequantized.T @ dequantized
-            residual = delta @ self.weight
-            self.cross = dequantized.T @ residual
-            self.base = _inner(residual, residual)
-            output = floats @ self.weight
+            single = np.asarray(weight, np.float32)
+            self.gram = _wide(dequantized.T @ dequantized)
+            residual = delta @ single
+            self.cross = _wide(dequantized.T @ residual)
+            self.base = _inner(_wide(residual), _wide(residual))
+            output = _wide(floats @ single)
             self.signal = _inner(output, output)
 
     def sqnr_db(self, dequantized_weight: np.ndarray) -> float:
@@ -68,6 +72,10 @@ class DynamicLinearError:
         if noise <= 0.0:
             return float("inf")
         return float(10.0 * np.log10(max(self.signal, 1e-30) / noise))
+
+
+def _wide(values: np.ndarray) -> np.ndarray:
+    return values.astype(np.float64)
 
 
 def _inner(a: np.ndarray, b: np.ndarray) -> float:

@@ -33,7 +33,7 @@ from pydantic import Field, model_validator
 from passes import register_pass
 from passes.accuracy_budget import AloneProbe, Budget, FidelityProbe, fit_budget
 from passes.base import Pass, PassConfig, PassContext, PassError, Requirement, count_ops
-from passes.graph import copy_model, find_bridges, gemms_as_matmul
+from passes.graph import copy_model, find_bridges, gemms_as_matmul, same_computation
 from passes.int8_layers import DynamicInt8Builder
 from passes.int8_limit import cpu_model, linear_shapes, u8u8_speed
 from passes.module_names import node_modules
@@ -221,21 +221,25 @@ class QuantizeInt8Pass(Pass):
             if builder is not None:
                 values = FloatValues(prepared, ctx.search, ctx.input_name, ctx.threads, ctx.executor)
                 alone = AloneProbe(prepared, builder.build, probe, values)
-            _, notes = fit_budget(
+            searched, notes = fit_budget(
                 layers, candidate, probe, budget, cfg.max_float_layers, ctx.log, alone, cfg.ranking_images
             )
             for entry in notes.get("sensitivity", []):
                 entry["module"] = modules.get(entry["layer"], entry["layer"])
             kept = set(notes["kept_float"])
             quantized = quantize([layer for layer in layers if layer not in kept])
-            if builder is not None:  # what ships is the quantizer's model: measure it, say if it differs
-                shipped = probe(quantized).rounded()
-                notes["search_model_equals_quantizer_output"] = shipped == notes["search_fidelity"]
-                if shipped != notes["search_fidelity"]:
-                    ctx.log(
-                        f"int8: the quantizer's model measures {shipped}, the searched one {notes['search_fidelity']}"
-                    )
-                    notes["search_fidelity"] = shipped
+            if builder is not None:  # what ships is the quantizer's model: the searched one, or else measured
+                same = same_computation(quantized, searched)
+                if not same:
+                    shipped = probe(quantized).rounded()
+                    same = shipped == notes["search_fidelity"]
+                    if not same:
+                        ctx.log(
+                            f"int8: the quantizer's model measures {shipped}, "
+                            f"the searched one {notes['search_fidelity']}"
+                        )
+                        notes["search_fidelity"] = shipped
+                notes["search_model_equals_quantizer_output"] = same
             if cfg.kept_layers == "u8u8" and kept:
                 quantized = self._kept_as_u8u8(quantized, notes, probe, budget, ctx)
             ctx.notes.update(notes)

@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from passes.graph import gemms_as_matmul
+from passes.graph import gemms_as_matmul, same_computation
 from passes.int8_layers import DynamicInt8Builder
 from passes.ort_quant import ensure_node_names, weighted_nodes
 from passes.quantize_int8 import QuantizeInt8Config, QuantizeInt8Pass
@@ -83,8 +83,10 @@ def test_builder_matches_the_quantizer_on_a_vit(tiny_onnx, tiny_images):
     batches = [tiny_images[:1], tiny_images[1:3]]
     for chosen in (layers, layers[::3], [layers[-1]]):
         expected = model_logits(quantizer.quantize_layers(model, chosen, False, [], {}), batches, 1)
-        ours = model_logits(builder.build(chosen), batches, 1)
+        built = builder.build(chosen)
+        ours = model_logits(built, batches, 1)
         assert np.array_equal(ours, expected)
+        assert same_computation(built, quantizer.quantize_layers(model, chosen, False, [], {}))
     float_logits = model_logits(model, batches, 1)
     assert not np.array_equal(ours, float_logits)  # the check above compares quantized models
 

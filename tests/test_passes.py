@@ -278,6 +278,30 @@ def test_topological_sort_orders_a_shuffled_graph_and_refuses_a_missing_producer
         topological_sort(shuffled)
 
 
+def test_same_computation_sees_past_names_and_order_not_past_a_changed_constant(tiny_onnx):
+    from passes.graph import copy_model, same_computation, topological_sort
+
+    renamed = copy_model(tiny_onnx)
+    nodes = list(renamed.graph.node)
+    mapping = {out: f"t{i}.{j}" for i, node in enumerate(nodes) for j, out in enumerate(node.output)}
+    mapping.update({out.name: out.name for out in renamed.graph.output})  # outputs keep their names
+    for index, node in enumerate(nodes):
+        node.name = f"n{index}"
+        node.input[:] = [mapping.get(name, name) for name in node.input]
+        node.output[:] = [mapping[name] for name in node.output]
+    del renamed.graph.node[:]
+    renamed.graph.node.extend(nodes[::-1])
+    assert topological_sort(renamed) > 0  # another valid order than the original's
+    assert same_computation(tiny_onnx, renamed)
+
+    changed = copy_model(tiny_onnx)
+    weight = max(changed.graph.initializer, key=lambda init: len(init.raw_data))
+    values = numpy_helper.to_array(weight).copy()
+    values.flat[0] += 1e-3
+    weight.CopyFrom(numpy_helper.from_array(values, weight.name))
+    assert not same_computation(tiny_onnx, changed)
+
+
 def test_fidelity_probe_narrows_to_the_images_farthest_from_float(tiny_onnx, tiny_images):
     """A probe's subset holds the batches where a model's logits are farthest from float, fewest that
     hold the images asked for, and scores against their own float logits."""
