@@ -21,7 +21,7 @@ from onnx import helper, numpy_helper
 from passes.graph import copy_model, gemms_as_matmul
 from passes.int8_layers import DynamicInt8Builder
 from passes.ort_quant import ensure_node_names, tensor_values
-from passes.timing import Runner, benchmark_input, measure_latency, onnx_runner
+from passes.timing import Runner, benchmark_input, measure_latency, onnx_runner, timed_rounds
 
 ISA_FLAGS = (
     "avx2",
@@ -176,10 +176,13 @@ def u8u8_speed(shapes: list[LinearShape], threads: int, warmup: int = 5, runs: i
         "u8u8": _dynamic_int8(onnx.TensorProto.UINT8, False),
     }
     counts, runners = _shape_runners(shapes, threads, kinds)
+    times = timed_rounds(runners, warmup, runs * rounds, rounds)
     ratios = []
     for round_index in range(rounds):
-        times = measure_latency(runners, warmup if round_index == 0 else 0, runs, 1)
-        total = {kind: sum(c * times[f"{i}/{kind}"]["median"] for i, c in enumerate(counts.values())) for kind in kinds}
+        total = {
+            kind: sum(c * float(np.median(times[f"{i}/{kind}"][round_index])) for i, c in enumerate(counts.values()))
+            for kind in kinds
+        }
         if total["u8s8"]:
             ratios.append(total["u8u8"] / total["u8s8"])
     return {

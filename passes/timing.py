@@ -25,24 +25,35 @@ def summarize(times_ms: np.ndarray) -> dict[str, float]:
     return {"median": round(float(median), 4), "p90": round(float(p90), 4), "iqr": round(float(q75 - q25), 4)}
 
 
+def timed_rounds(
+    runners: dict[str, Runner], warmup: int, runs: int, rounds: int = 5, after_round: Callable[[], None] = lambda: None
+) -> dict[str, list[list[float]]]:
+    """Per runner, the ms of each of its timed calls, round by round: ``runs`` calls after ``warmup``
+    calls each, interleaved over ``rounds`` rounds."""
+    for run in runners.values():
+        for _ in range(warmup):
+            run()
+    times: dict[str, list[list[float]]] = {name: [] for name in runners}
+    per_round = [runs // rounds + (1 if i < runs % rounds else 0) for i in range(rounds)]
+    for count in per_round:
+        for name, run in runners.items():
+            calls = []
+            for _ in range(count):
+                start = time.perf_counter()
+                run()
+                calls.append((time.perf_counter() - start) * 1e3)
+            times[name].append(calls)
+        after_round()
+    return times
+
+
 def measure_latency(
     runners: dict[str, Runner], warmup: int, runs: int, rounds: int = 5, after_round: Callable[[], None] = lambda: None
 ) -> dict[str, dict[str, float]]:
     """Median, p90 and IQR in ms of ``runs`` timed calls per runner, after ``warmup`` calls each,
     interleaved over ``rounds`` rounds."""
-    for run in runners.values():
-        for _ in range(warmup):
-            run()
-    times: dict[str, list[float]] = {name: [] for name in runners}
-    per_round = [runs // rounds + (1 if i < runs % rounds else 0) for i in range(rounds)]
-    for count in per_round:
-        for name, run in runners.items():
-            for _ in range(count):
-                start = time.perf_counter()
-                run()
-                times[name].append((time.perf_counter() - start) * 1e3)
-        after_round()
-    return {name: summarize(np.array(values)) for name, values in times.items()}
+    times = timed_rounds(runners, warmup, runs, rounds, after_round)
+    return {name: summarize(np.concatenate(per_round)) for name, per_round in times.items()}
 
 
 def benchmark_input(shape: tuple[int, ...], batch_size: int) -> np.ndarray:

@@ -21,3 +21,17 @@ def test_parallel_callers_give_the_logits_of_one_session(tiny_onnx, tiny_images)
         got = model_logits(model, split, threads=2, advance=seen.append)
         assert np.array_equal(got, expected)
         assert sum(seen) == len(tiny_images)
+
+
+def test_the_timing_loop_interleaves_rounds_and_times_no_warmup():
+    """Runners are called warm-up first, then round by round (A A B B, A A B B, ...); only the
+    timed calls are kept, per round, and the summary is over all of them."""
+    from passes.timing import measure_latency, timed_rounds
+
+    calls: list[str] = []
+    runners = {name: (lambda name=name: calls.append(name)) for name in "AB"}
+    times = timed_rounds(runners, warmup=1, runs=5, rounds=2)
+    assert calls == ["A", "B"] + ["A"] * 3 + ["B"] * 3 + ["A"] * 2 + ["B"] * 2
+    assert [len(r) for r in times["A"]] == [3, 2] and all(ms >= 0 for r in times["B"] for ms in r)
+    summary = measure_latency(runners, 0, 4, 2)
+    assert set(summary) == {"A", "B"} and set(summary["A"]) == {"median", "p90", "iqr"}
