@@ -15,7 +15,7 @@ def test_real_deit_tiny_compresses_with_parity_and_small_int8_loss(tmp_path):
     doc["data"].update(
         root=str(SAMPLE), manifest=str(REPO / "calib_data" / "imagenet-sample.json"), max_eval_images=128
     )
-    doc["benchmark"].update(warmup=2, runs=6, rounds=2)
+    doc["benchmark"].update(warmup=2, runs=6, rounds=2, profile=False)  # the profile: test_profiling
     doc["output"]["dir"] = str(tmp_path / "out")
     path = tmp_path / "deit.yaml"
     path.write_text(yaml.safe_dump(doc))
