@@ -3,6 +3,7 @@ a tensor, constant values, attributes, and swapping a matched group of nodes for
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import numpy as np
@@ -69,27 +70,34 @@ def topological_sort(model: onnx.ModelProto) -> int:
 
 def same_computation(first: onnx.ModelProto, second: onnx.ModelProto) -> bool:
     """Whether two models compute the same outputs from the same inputs by the same ops on the same
-    constants, whatever their node and tensor names or node order: each tensor is identified by what
-    computes it (a constant by its values), and the graph outputs' identities are compared. A model
-    with subgraphs is never called the same (their names are not resolved)."""
+    constants, whatever their node and tensor names or node order: each tensor is identified by a
+    digest of what computes it (a constant by its values), and the graph outputs' are compared. A
+    model with subgraphs is never called the same (their names are not resolved)."""
 
-    def identities(model: onnx.ModelProto) -> list[tuple[str, int]] | None:
+    def digest(*parts: bytes | str) -> str:
+        hasher = hashlib.sha256()
+        for part in parts:
+            data = part.encode() if isinstance(part, str) else part
+            hasher.update(len(data).to_bytes(8, "little") + data)
+        return hasher.hexdigest()
+
+    def identities(model: onnx.ModelProto) -> list[tuple[str, str]] | None:
         graph = model.graph
-        known: dict[str, int] = {"": hash("")}
-        known.update({i.name: hash(("input", i.name, i.type.SerializeToString())) for i in graph.input})
+        known = {"": "none"}
+        known.update({i.name: digest("input", i.name, i.type.SerializeToString()) for i in graph.input})
         for init in graph.initializer:
             values = numpy_helper.to_array(init)
-            known[init.name] = hash(("constant", values.dtype.str, values.shape, values.tobytes()))
+            known[init.name] = digest("constant", values.dtype.str, str(values.shape), values.tobytes())
         for node in graph.node:
             if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
                 return None
             if any(name not in known for name in node.input):
                 return None
-            attributes = tuple(sorted((a.name, a.SerializeToString()) for a in node.attribute))
-            computed = (node.domain or "ai.onnx", node.op_type, attributes, tuple(known[n] for n in node.input))
+            attributes = [a.SerializeToString() for a in sorted(node.attribute, key=lambda a: a.name)]
+            computed = digest(node.domain or "ai.onnx", node.op_type, *attributes, "|", *(known[n] for n in node.input))
             for index, name in enumerate(node.output):
-                known[name] = hash((computed, index))
-        return [(o.name, known.get(o.name, hash(None))) for o in graph.output]
+                known[name] = digest(computed, str(index))
+        return [(o.name, known.get(o.name, "unknown")) for o in graph.output]
 
     ours, theirs = identities(first), identities(second)
     return ours is not None and ours == theirs
