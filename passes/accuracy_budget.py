@@ -135,10 +135,10 @@ def suffix_logits(captured: list[dict[str, np.ndarray]], task: tuple[bytes, int]
     """The logits of a network suffix (``task``: its bytes and the callers) fed the captured float
     values it reads, one feed per search batch."""
     data, callers = task
-    suffix = onnx.ModelProto.FromString(data)
-    inputs = [i.name for i in suffix.graph.input]
+    session = make_session(data, 1)  # from the bytes: no parse and re-serialization of the suffix here
+    inputs = [i.name for i in session.get_inputs()]
     feeds = [{name: batch[name] for name in inputs} for batch in captured]
-    outputs = run_feeds(make_session(suffix, 1), feeds, callers)
+    outputs = run_feeds(session, feeds, callers)
     return np.concatenate([out[0] for out in outputs]).astype(np.float32)
 
 

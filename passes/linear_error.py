@@ -11,8 +11,8 @@ dequantized input times the dequantized weight, ``Aq Wq``, and its error against
 
 whose input products (K x K and K x N) are shared by every candidate; a candidate costs one K x K
 by K x N product instead of a pass over every input row. The kernels differ from this only by
-their float32 scaling of the integer sums, and the input products here are summed in float32:
-both far below the 0.001 dB a search reads.
+their float32 scaling of the integer sums, and the products here are summed in float32: both far
+below the 0.001 dB a search reads.
 """
 
 from __future__ import annotations
@@ -64,11 +64,13 @@ class DynamicLinearError:
             self.base = _inner(_wide(residual), _wide(residual))
             output = _wide(floats @ single)
             self.signal = _inner(output, output)
+        self._gram_single = self.gram.astype(np.float32)
 
     def sqnr_db(self, dequantized_weight: np.ndarray) -> float:
         """The layer's output SQNR (dB) against float with ``dequantized_weight`` in place of its weight."""
         change = np.asarray(dequantized_weight, np.float64) - self.weight
-        noise = _inner(change, self.gram @ change) + 2.0 * _inner(change, self.cross) + self.base
+        spread = _wide(self._gram_single @ change.astype(np.float32))  # G D, the K x K by K x N product
+        noise = _inner(change, spread) + 2.0 * _inner(change, self.cross) + self.base
         if noise <= 0.0:
             return float("inf")
         return float(10.0 * np.log10(max(self.signal, 1e-30) / noise))
