@@ -155,12 +155,19 @@ def load_images(
     advance: Callable[[int], None] = lambda n: None,
     workers: int = 2,
 ) -> np.ndarray:
-    """Decode and preprocess ``files`` into one NCHW float32 array."""
+    """Decode and preprocess ``files`` into one NCHW float32 array, each image written in place (no
+    stacking copy of the whole split)."""
+    if not files:
+        raise ValueError("no files to load")
+    first = np.asarray(load_image(folder, files[0], transform).numpy(), np.float32)
+    out = np.empty((len(files), *first.shape), np.float32)
+    out[0] = first
+    advance(1)
 
-    def one(relative: str) -> np.ndarray:
-        array = load_image(folder, relative, transform).numpy()
+    def one(index: int) -> None:
+        out[index] = load_image(folder, files[index], transform).numpy()
         advance(1)
-        return array
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return np.stack(list(pool.map(one, files))).astype(np.float32)
+        list(pool.map(one, range(1, len(files))))
+    return out

@@ -10,6 +10,7 @@ the node's outputs downstream, since fusions rename nodes but keep the tensors a
 from __future__ import annotations
 
 import bisect
+import gc
 import json
 import tempfile
 import time
@@ -191,6 +192,19 @@ def parse_profile(
     return profile.less_cost(node_cost_ms) if node_cost_ms else profile
 
 
+def read_trace(path: Path) -> list[dict]:
+    """ONNX Runtime's trace events from ``path``. The collector is paused while the parse builds its
+    many small objects: its full passes over a pipeline's large heap would cost more than the parse."""
+    text = path.read_text()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return json.loads(text)
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def profile_model(
     model: onnx.ModelProto | Path, shape: tuple[int, ...], threads: int, batch_size: int, warmup: int, runs: int
 ) -> Profile:
@@ -239,7 +253,7 @@ def profile_models(
                     plain_ms[name].append((time.perf_counter() - start) * 1e3)
         result = {}
         for index, (name, model) in enumerate(models.items()):
-            events = json.loads(Path(profiled[name].end_profiling()).read_text())
+            events = read_trace(Path(profiled[name].end_profiling()))
             graph = onnx.load(Path(tmp) / f"optimized-{index}.onnx", load_external_data=False).graph
             original = model if isinstance(model, onnx.ModelProto) else onnx.load(model, load_external_data=False)
             raw = parse_profile(events, graph, warmup, original.graph)

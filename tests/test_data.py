@@ -70,3 +70,15 @@ def test_shipped_manifest_matches_the_shared_sample():
         splits["evaluate"][0].split("/")[0]
     )
     assert np.unique([folder.label(f) for f in folder.files]).size == 1000
+
+
+def test_load_images_keeps_file_order_across_workers(image_folder, tiny_model):
+    """Each image lands at its file's index, whichever worker decoded it."""
+    from onnxvit.data import load_image, load_images, timm_transform
+
+    folder, transform = scan_image_folder(image_folder), timm_transform(tiny_model)[0]
+    files = folder.files[:9][::-1]
+    loaded = load_images(folder, files, transform, workers=3)
+    assert loaded.dtype == np.float32 and loaded.shape[0] == len(files)
+    for index, relative in enumerate(files):
+        np.testing.assert_array_equal(loaded[index], load_image(folder, relative, transform).numpy())
