@@ -1,7 +1,8 @@
 """onnxvit's int8 against ONNX Runtime's own recipes, in one table (issue 4).
 
 Runs `onnxvit compress` with the recipe of examples/deit_tiny.yaml (fuse_vit -> reparam_layernorm ->
-quantize_int8 with an accuracy budget; ort-default; ort-dynamic) on:
+quantize_int8 with an accuracy budget; ort-default; ort-dynamic), plus `int8-qattention` (the int8
+model through the `qattention` pass), on:
 - the real DeiT-tiny, evaluated on the whole evaluation split (accuracy and fidelity);
 - random-init deit_small_patch16_224 and vit_small_patch16_224, for speed (and fidelity to their own
   FP32 outputs on a few images; random weights have no accuracy to report).
@@ -23,7 +24,7 @@ from onnxvit.report import markdown_table, variant_table
 from _common import REPO, arguments, compress_doc, example, write_json
 
 EXAMPLE = REPO / "examples" / "deit_tiny.yaml"
-VARIANTS = ["fp32", "ort-default", "ort-dynamic", "int8"]
+VARIANTS = ["fp32", "ort-default", "ort-dynamic", "int8", "int8-qattention"]
 SPEED_ONLY = {"deit_small": "deit_small_patch16_224", "vit_small": "vit_small_patch16_224"}
 
 
@@ -31,6 +32,8 @@ def config_for(key: str) -> dict[str, Any]:
     """The example's recipe, for the real DeiT-tiny or a random-init model."""
     doc = example(EXAMPLE)
     doc["passes"] = [step for step in doc["passes"] if step.get("name", step["pass"]) != "fp16"]
+    # the same int8 model with each attention block as one QAttention, timed beside it
+    doc["passes"].append({"pass": "qattention", "name": "int8-qattention", "input": "int8"})
     doc["benchmark"]["torch"] = False
     if key != "deit_tiny":
         doc["model"] = {"name": SPEED_ONLY[key], "random_init": True}
@@ -76,6 +79,11 @@ def headline(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     if "vit_small" in results:
         vit = {row["name"]: row for row in results["vit_small"]["rows"]}
         head["vit_small_int8_speedup_vs_fp32"] = round(vit["int8"]["speedup_vs_fp32"], 3)
+    head["int8_qattention_speedup_vs_fp32"] = round(tiny["int8-qattention"]["speedup_vs_fp32"], 3)
+    head["int8_qattention_agree_top1"] = round(tiny["int8-qattention"]["agree_top1"], 3)
+    head["int8_qattention_sqnr_db"] = round(tiny["int8-qattention"]["sqnr_db"], 2)
+    if "deit_small" in results:
+        head["deit_small_int8_qattention_speedup_vs_fp32"] = round(small["int8-qattention"]["speedup_vs_fp32"], 3)
     head["int8_kept_float_layers"] = len(results["deit_tiny"]["int8_notes"].get("kept_float", []))
     # what this CPU's int8 kernels allow for the model, and how much of it onnxvit's int8 reaches
     machine = results["deit_tiny"]["machine"]

@@ -16,6 +16,7 @@ PASS_MODULES: dict[str, str] = {
     "fp16": "fp16",
     "fuse_vit": "fuse_vit",
     "mixed_precision": "mixed_precision",
+    "qattention": "qattention",
     "ort_default": "ort_baselines",
     "ort_dynamic": "ort_baselines",
     "quantize_int8": "quantize_int8",

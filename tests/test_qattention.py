@@ -1,0 +1,70 @@
+"""The int8 qkv projection and its attention as one QAttention: the same integer products, the
+float attention by another kernel, so the logits move by rounding only."""
+
+import numpy as np
+import onnx
+import pytest
+
+from passes.base import PassContext
+from passes.fuse_vit import FuseVitPass
+from passes.metrics import sqnr_db
+from passes.qattention import QAttentionPass
+from passes.quantize_int8 import QuantizeInt8Config, QuantizeInt8Pass
+from passes.runtime import batches, model_logits
+from tests.test_vit_rewrites import _export
+
+
+def _count(model: onnx.ModelProto, op: str) -> int:
+    return sum(node.op_type == op for node in model.graph.node)
+
+
+@pytest.fixture(scope="module")
+def fused(tiny_images):
+    return FuseVitPass().run(_export("deit_tiny_patch16_224", tiny_images, depth=2), PassContext())
+
+
+@pytest.mark.parametrize("weight_type", ["int8", "uint8"])
+@pytest.mark.parametrize("schemes", ["fixed", "search"])
+def test_int8_attention_blocks_become_qattention(fused, tiny_images, weight_type, schemes):
+    ctx = PassContext(calibration=[tiny_images[:8]])
+    config = QuantizeInt8Config(weight_type=weight_type, reduce_range=False, schemes=schemes)
+    quantized = QuantizeInt8Pass(config).run(fused, ctx)
+    notes: dict = {}
+    rewritten = QAttentionPass().run(quantized, PassContext(notes=notes))
+    assert notes == {"fused": 2}
+    assert _count(rewritten, "QAttention") == 2
+    assert _count(rewritten, "MultiHeadAttention") == _count(rewritten, "Split") == 0
+    assert _count(rewritten, "MatMulInteger") == _count(quantized, "MatMulInteger") - 2
+    onnx.checker.check_model(rewritten, full_check=True)
+    one_by_one = batches(tiny_images, 1)  # the deploy batch: one input range per image
+    # the first block's attention output, from the same input: equal but for float rounding
+    first = next(n for n in quantized.graph.node if n.op_type == "MultiHeadAttention").output[0]
+    np.testing.assert_allclose(
+        _outputs(rewritten, first, one_by_one), _outputs(quantized, first, one_by_one), rtol=1e-4, atol=1e-5
+    )
+    # later blocks' dynamic input ranges can move by a step with that rounding, and a few values with them
+    before, after = model_logits(quantized, one_by_one), model_logits(rewritten, one_by_one)
+    assert sqnr_db(before, after) > 25
+    assert (before.argmax(1) == after.argmax(1)).all()
+
+
+def _outputs(model: onnx.ModelProto, name: str, feeds: list[np.ndarray]) -> np.ndarray:
+    """Tensor ``name`` of ``model`` for each feed."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    del probe.graph.output[:]
+    probe.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    return model_logits(probe, feeds)
+
+
+def test_float_attention_and_shared_tensors_are_left_alone(fused, tiny_images):
+    notes: dict = {}
+    assert QAttentionPass().run(fused, PassContext(notes=notes)) is fused and notes == {"fused": 0}
+    quantized = QuantizeInt8Pass(QuantizeInt8Config(reduce_range=False)).run(fused, PassContext())
+    shared = onnx.ModelProto()
+    shared.CopyFrom(quantized)
+    query = next(n for n in shared.graph.node if n.op_type == "MultiHeadAttention").input[0]
+    shared.graph.output.append(onnx.helper.make_tensor_value_info(query, onnx.TensorProto.FLOAT, None))
+    notes = {}
+    QAttentionPass().run(shared, PassContext(notes=notes))
+    assert notes == {"fused": 1}  # the block whose query is also a graph output keeps its Split
