@@ -35,12 +35,12 @@ CATEGORY_OPS: dict[str, frozenset[str]] = {
             "QGemm",
             "QLinearConv",
             "ConvInteger",
-            "QAttention",
         }
     ),
     "int4 GEMM": frozenset({"MatMulNBits"}),
     "float GEMM": frozenset({"MatMul", "Gemm", "FusedMatMul", "FusedGemm", "Conv", "FusedConv", "NhwcFusedConv"}),
-    "attention": frozenset({"MultiHeadAttention", "Attention", "Softmax", "GroupQueryAttention"}),
+    # QAttention holds an int8 qkv projection too, but most of its time is the float attention
+    "attention": frozenset({"MultiHeadAttention", "Attention", "QAttention", "Softmax", "GroupQueryAttention"}),
     "LayerNorm": frozenset(
         {
             "LayerNormalization",

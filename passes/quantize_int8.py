@@ -38,6 +38,7 @@ from passes.int8_layers import DynamicInt8Builder
 from passes.int8_limit import cpu_model, linear_shapes, u8u8_speed
 from passes.module_names import node_modules
 from passes.ort_quant import CalibrationReader, FloatValues, ensure_node_names, run_ort_quantizer, weighted_nodes
+from passes.qattention import QAttentionPass
 from passes.runtime import batches
 from passes.weight_schemes import Overrides, QuantizedWeight, WeightScheme, WeightTuner
 
@@ -112,6 +113,13 @@ class QuantizeInt8Config(PassConfig):
         description="Budget: what the layers it keeps out of int8 become. float; or u8u8: full-range 8-bit "
         "uint8 weights (ONNX Runtime's uint8 x uint8 kernel, which does not saturate on x86 without VNNI), "
         "each layer moved only where the model still meets the budget on the search split.",
+    )
+
+    qattention: bool = Field(
+        False,
+        description="dynamic: each attention block's int8 qkv projection and its MultiHeadAttention (from "
+        "fuse_vit) as one ONNX Runtime QAttention (the qattention pass), without the Split and the transposes "
+        "of q, k and v; with a budget, only where the whole model still meets it.",
     )
 
     @model_validator(mode="after")
@@ -213,6 +221,7 @@ class QuantizeInt8Pass(Pass):
             return self.quantize_layers(prepared, nodes, reduce_range, calibration, overrides)
 
         quantized_count: int | None
+        probe: FidelityProbe | None = None
         if budget.active:
             probe = FidelityProbe(model, ctx.search, ctx.threads, ctx.executor)
             builder = self._builder(prepared, layers, reduce_range, overrides)
@@ -247,11 +256,33 @@ class QuantizeInt8Pass(Pass):
         else:
             quantized = quantize(layers if cfg.weighted_only else None)
             quantized_count = len(layers) if cfg.weighted_only else None
+        if cfg.qattention and cfg.mode == "dynamic":
+            quantized = self._as_qattention(quantized, probe, budget, ctx)
         ctx.notes.update(
             mode=cfg.mode, weight_type=self._weight_type, reduce_range=reduce_range, quantized_nodes=quantized_count
         )
         ctx.notes.update(count_ops(quantized, "QuantizeLinear", "DynamicQuantizeLinear"))
         return quantized
+
+    def _as_qattention(
+        self, model: onnx.ModelProto, probe: FidelityProbe | None, budget: Budget, ctx: PassContext
+    ) -> onnx.ModelProto:
+        """``model``'s attention blocks as QAttention (``passes.qattention``). Its float attention rounds
+        differently, which can move a later layer's dynamic input range by a step: with a budget, the
+        rewritten model ships only where it still meets it."""
+        found: dict[str, Any] = {}
+        rewritten = QAttentionPass().run(model, PassContext(notes=found))
+        ctx.notes["qattention"] = 0
+        if not found["fused"]:
+            return model
+        if probe is not None:
+            fidelity = probe(rewritten)
+            if not budget.met(fidelity):
+                ctx.log(f"int8: with QAttention the model measures {fidelity.rounded()}, below the budget; not used")
+                return model
+            ctx.notes["search_fidelity"] = fidelity.rounded()
+        ctx.notes["qattention"] = found["fused"]
+        return rewritten
 
     def _resolve_weight_type(self, model: onnx.ModelProto, ctx: PassContext) -> QuantTypeName:
         """``weight_type``, with ``auto`` measured on this CPU (see the module's docstring)."""

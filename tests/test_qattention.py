@@ -68,3 +68,28 @@ def test_float_attention_and_shared_tensors_are_left_alone(fused, tiny_images):
     notes = {}
     QAttentionPass().run(shared, PassContext(notes=notes))
     assert notes == {"fused": 1}  # the block whose query is also a graph output keeps its Split
+
+
+def test_quantize_int8_ships_qattention_only_within_its_budget(fused, tiny_images, monkeypatch):
+    from passes import quantize_int8
+
+    search = [tiny_images[i : i + 1] for i in range(6)]
+    config = QuantizeInt8Config(reduce_range=False, qattention=True, min_sqnr_db=10.0, max_float_layers=8)
+    ctx = PassContext(calibration=[tiny_images[:8]], search=search)
+    shipped = QuantizeInt8Pass(config).run(fused, ctx)
+    assert ctx.notes["qattention"] == 2 and _count(shipped, "QAttention") == 2
+    assert ctx.notes["search_fidelity"]["sqnr_db"] >= 10.0
+
+    class Breaking(QAttentionPass):  # a rewrite whose model misses the budget
+        def run(self, model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
+            rewritten = super().run(model, ctx)
+            for node in rewritten.graph.node:
+                if node.op_type == "QAttention":
+                    node.input[4] = node.input[3]  # the weight's scales replaced by the input's
+            return rewritten
+
+    monkeypatch.setattr(quantize_int8, "QAttentionPass", Breaking)
+    ctx = PassContext(calibration=[tiny_images[:8]], search=search)
+    shipped = QuantizeInt8Pass(config).run(fused, ctx)
+    assert ctx.notes["qattention"] == 0
+    assert _count(shipped, "QAttention") == 0 and _count(shipped, "MultiHeadAttention") == 2
