@@ -131,6 +131,8 @@ class QuantizeInt8Config(PassConfig):
                     f"{', '.join(ignored)}: only used with mode: static (dynamic mode measures "
                     "activation ranges per call); remove them or set mode: static"
                 )
+        if self.qattention and self.mode == "static":
+            raise ValueError("qattention: only with mode: dynamic (QAttention reads a per-call input range)")
         if self.reconstruct_bridges and self.bridges == "float":
             raise ValueError(
                 "reconstruct_bridges: the bridge layers are kept float (bridges: float); set bridges: int8 to tune them"

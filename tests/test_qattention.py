@@ -93,3 +93,8 @@ def test_quantize_int8_ships_qattention_only_within_its_budget(fused, tiny_image
     shipped = QuantizeInt8Pass(config).run(fused, ctx)
     assert ctx.notes["qattention"] == 0
     assert _count(shipped, "QAttention") == 0 and _count(shipped, "MultiHeadAttention") == 2
+
+
+def test_qattention_with_static_int8_is_a_config_error():
+    with pytest.raises(ValueError, match="qattention: only with mode: dynamic"):
+        QuantizeInt8Config(mode="static", qattention=True)
