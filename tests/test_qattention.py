@@ -7,7 +7,9 @@ import pytest
 
 from passes.base import PassContext
 from passes.fuse_vit import FuseVitPass
+from passes.graph import copy_model
 from passes.metrics import sqnr_db
+from passes.ort_quant import tensor_values
 from passes.qattention import QAttentionPass
 from passes.quantize_int8 import QuantizeInt8Config, QuantizeInt8Pass
 from passes.runtime import batches, model_logits
@@ -50,19 +52,15 @@ def test_int8_attention_blocks_become_qattention(fused, tiny_images, weight_type
 
 def _outputs(model: onnx.ModelProto, name: str, feeds: list[np.ndarray]) -> np.ndarray:
     """Tensor ``name`` of ``model`` for each feed."""
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    del probe.graph.output[:]
-    probe.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    return model_logits(probe, feeds)
+    values = tensor_values(model, [name], feeds, model.graph.input[0].name, threads=2)
+    return np.concatenate([batch[name] for batch in values])
 
 
 def test_float_attention_and_shared_tensors_are_left_alone(fused, tiny_images):
     notes: dict = {}
     assert QAttentionPass().run(fused, PassContext(notes=notes)) is fused and notes == {"fused": 0}
     quantized = QuantizeInt8Pass(QuantizeInt8Config(reduce_range=False)).run(fused, PassContext())
-    shared = onnx.ModelProto()
-    shared.CopyFrom(quantized)
+    shared = copy_model(quantized)
     query = next(n for n in shared.graph.node if n.op_type == "MultiHeadAttention").input[0]
     shared.graph.output.append(onnx.helper.make_tensor_value_info(query, onnx.TensorProto.FLOAT, None))
     notes = {}
