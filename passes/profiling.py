@@ -14,6 +14,7 @@ import gc
 import json
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -221,36 +222,41 @@ def profile_models(
     warmup: int,
     runs: int,
     rounds: int = 5,
+    unprofiled_ms: Mapping[str, float] | None = None,
 ) -> dict[str, Profile]:
     """Each model profiled on the benchmark input: ``warmup`` runs, then ``runs`` counted, split
     over ``rounds`` interleaved as the timing loop does (a slow spell of the machine falls on every
-    model, not on one), each in a session opened as every timed session is. Beside each profiled
-    session an unprofiled one runs as many calls in the same rounds. The profiler builds each event's
-    arguments inside the node's timed span, so a model of many small nodes can sum to more than its
-    unprofiled run; that excess, spread evenly over the nodes, is taken off every node's time."""
+    model, not on one), each in a session opened as every timed session is. The profiler builds
+    each event's arguments inside the node's timed span, so a model of many small nodes can sum to
+    more than its unprofiled run; that excess, spread evenly over the nodes, is taken off every
+    node's time. The unprofiled run is ``unprofiled_ms[name]`` where the caller timed the model
+    already (the benchmark stage, in the same process); otherwise an unprofiled session beside the
+    profiled one runs as many calls in the same rounds."""
     with tempfile.TemporaryDirectory(prefix="onnxvit-profile-") as tmp:
-        profiled, plain, feeds = {}, {}, {}
+        profiled, plain, feeds = {}, {}, {}  # plain: unprofiled sessions, where no time was given
         for index, (name, model) in enumerate(models.items()):
             options = session_options(threads)
             options.enable_profiling = True
             options.profile_file_prefix = str(Path(tmp) / f"profile-{index}")
             options.optimized_model_filepath = str(Path(tmp) / f"optimized-{index}.onnx")
             profiled[name] = make_session(model, threads, options)
-            plain[name] = make_session(model, threads)
+            if unprofiled_ms is None:
+                plain[name] = make_session(model, threads)
             feeds[name] = {profiled[name].get_inputs()[0].name: benchmark_input(shape, batch_size)}
-            for session in (profiled[name], plain[name]):
+            for session in [profiled[name]] + ([plain[name]] if name in plain else []):
                 for _ in range(warmup):
                     session.run(None, feeds[name])
-        plain_ms: dict[str, list[float]] = {name: [] for name in models}
+        plain_ms: dict[str, list[float]] = {name: [] for name in plain}
         per_round = [runs // rounds + (r < runs % rounds) for r in range(rounds)]
         for count in per_round:
             for name in models:
                 for _ in range(count):
                     profiled[name].run(None, feeds[name])
-                for _ in range(count):
+                for _ in range(count if name in plain else 0):
                     start = time.perf_counter()
                     plain[name].run(None, feeds[name])
                     plain_ms[name].append((time.perf_counter() - start) * 1e3)
+        unprofiled = dict(unprofiled_ms or {}) | {name: float(np.median(times)) for name, times in plain_ms.items()}
         result = {}
         for index, (name, model) in enumerate(models.items()):
             events = read_trace(Path(profiled[name].end_profiling()))
@@ -258,6 +264,6 @@ def profile_models(
             original = model if isinstance(model, onnx.ModelProto) else onnx.load(model, load_external_data=False)
             raw = parse_profile(events, graph, warmup, original.graph)
             # what the nodes' raw sum exceeds a whole unprofiled run by can only be the profiler's
-            cost = max(raw.total_ms - float(np.median(plain_ms[name])), 0.0) / max(len(raw.nodes), 1)
+            cost = max(raw.total_ms - unprofiled[name], 0.0) / max(len(raw.nodes), 1)
             result[name] = raw.less_cost(cost)
         return result

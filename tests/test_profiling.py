@@ -77,6 +77,16 @@ def test_interleaved_profiles_take_off_the_profilers_own_cost(tiny_onnx, tiny_in
         assert 0.5 * profile.run_ms < profile.total_ms < profile.run_ms  # the profiler's cost is out of the nodes
 
 
+def test_a_given_unprofiled_time_sets_the_profilers_cost(tiny_onnx):
+    # the benchmark stage timed the model already: the nodes are brought down to that time, not below
+    raw = profile_models({"m": tiny_onnx}, (3, 224, 224), 1, 1, 1, 4, rounds=1, unprofiled_ms={"m": 1e6})["m"]
+    assert raw.node_cost_ms == 0.0
+    target = raw.total_ms / 2
+    halved = profile_models({"m": tiny_onnx}, (3, 224, 224), 1, 1, 1, 4, rounds=1, unprofiled_ms={"m": target})["m"]
+    # what the nodes sum to above the given time is taken off them: about half of their raw sum
+    assert halved.node_cost_ms * len(halved.nodes) > raw.total_ms / 4
+
+
 def test_node_modules_name_fused_nodes_from_what_follows(tiny_int8):
     modules = node_modules(tiny_int8.graph)
     quantized = [n.name for n in tiny_int8.graph.node if n.op_type == "MatMulInteger"]
