@@ -15,7 +15,7 @@ import onnx
 from pydantic import BaseModel, ConfigDict
 
 from passes.executor import Executor
-from passes.runtime import batches
+from passes.runtime import batches, model_logits
 
 
 class PassError(Exception):
@@ -50,7 +50,7 @@ class PassContext:
     ``executor`` runs the independent measurements of a search (here, or on workers); ``memo``
     keeps JSON-able results of long searches across interrupted runs (the engine backs it with a
     file keyed like the step); ``progress(description, total)`` opens a progress bar and yields the
-    function that advances it.
+    function that advances it; ``check_logits`` (see the method) is the engine's own numeric check.
     """
 
     calibration: list[np.ndarray] = field(default_factory=list)
@@ -66,6 +66,16 @@ class PassContext:
     progress: Callable[[str, int], ContextManager[Callable[[int], None]]] = lambda description, total: (
         contextlib.nullcontext(lambda n=1: None)
     )
+    logits_on_check_images: Callable[[onnx.ModelProto], np.ndarray] | None = None
+
+    def check_logits(self, model: onnx.ModelProto) -> np.ndarray:
+        """``model``'s logits on the images a rewrite meant to be exact checks itself on: with the
+        engine, its check images, on which it checks every step and runs each model once (so the
+        step's input is not run again, nor its output after it); else the first calibration batch.
+        ``model`` must not change afterwards."""
+        if self.logits_on_check_images is not None:
+            return self.logits_on_check_images(model)
+        return model_logits(model, self.calibration[:1], self.threads)
 
     def require_calibration(self, who: str) -> None:
         if not self.calibration:

@@ -96,7 +96,6 @@ class ReparamLayerNormPass(Pass):
 
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
         from passes.metrics import rewrite_change
-        from passes.runtime import model_logits
 
         ctx.require_calibration("reparam_layernorm")
         cfg = self.config
@@ -130,7 +129,7 @@ class ReparamLayerNormPass(Pass):
                     )
             spreads.append(float((high - low).max() / max(float(np.median(high - low)), 1e-9)))
         prune_initializers(result)
-        before, after = (model_logits(m, ctx.calibration[:1], ctx.threads) for m in (model, result))
+        before, after = ctx.check_logits(model), ctx.check_logits(result)
         tolerance = cfg.atol * float(np.ptp(before))
         change = rewrite_change(model, before, after)
         if not change <= tolerance:

@@ -12,7 +12,6 @@ from pydantic import Field
 from passes import register_pass
 from passes.base import Pass, PassConfig, PassContext
 from passes.metrics import rewrite_change
-from passes.runtime import model_logits
 
 
 class SimplifyConfig(PassConfig):
@@ -36,10 +35,8 @@ class SimplifyPass(Pass):
             return self._fall_back(model, ctx, f"onnxsim failed: {type(exc).__name__}: {exc}")
         if not ok:
             return self._fall_back(model, ctx, "onnxsim reported its result invalid")
-        batches = ctx.calibration[:1]
-        if batches:
-            reference = model_logits(model, batches, ctx.threads)
-            test = model_logits(simplified, batches, ctx.threads)
+        if ctx.calibration:
+            reference, test = ctx.check_logits(model), ctx.check_logits(simplified)
             diff = rewrite_change(model, reference, test)
             limit = self.config.atol + self.config.rtol * float(np.max(np.abs(reference)))
             if not diff <= limit:

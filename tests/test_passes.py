@@ -55,6 +55,25 @@ def test_simplify_falls_back_when_onnxsim_fails_or_miscompiles(tiny_onnx, ctx, m
     assert "differ" in ctx.notes["fallback_reason"]
 
 
+def test_a_rewrite_checks_itself_on_the_engines_check_logits(tiny_onnx, tiny_images):
+    # the engine runs each model once on its check images; a rewrite's own check asks it for them
+    asked = []
+
+    def check_logits(model):
+        asked.append(model)
+        return model_logits(model, [tiny_images[:2]])
+
+    ctx = PassContext(calibration=[tiny_images[:4]], logits_on_check_images=check_logits)
+    simplified = SimplifyPass().run(tiny_onnx, ctx)
+    assert ctx.notes["simplified"] and [id(m) for m in asked] == [id(tiny_onnx), id(simplified)]
+
+    def moved(model):  # the engine's logits say the simplified graph changed them
+        return model_logits(model, [tiny_images[:2]]) + (0.0 if model is tiny_onnx else 1.0)
+
+    ctx = PassContext(calibration=[tiny_images[:4]], logits_on_check_images=moved)
+    assert SimplifyPass().run(tiny_onnx, ctx) is tiny_onnx and "differ" in ctx.notes["fallback_reason"]
+
+
 @pytest.mark.parametrize("method", ["minmax", "entropy", "percentile"])
 def test_quantize_int8_stores_int8_weights_and_stays_close(tiny_onnx, tiny_images, ctx, method):
     quantized = QuantizeInt8Pass(QuantizeInt8Config(mode="static", calibrate_method=method)).run(tiny_onnx, ctx)

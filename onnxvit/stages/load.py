@@ -164,6 +164,7 @@ class Run:
             search_labels=labels,
             executor=self.executor,
             progress=lambda description, total: self.reporter.task(description, total, live=False),
+            logits_on_check_images=self._check_logits,
         )
 
     def check(self, before: onnx.ModelProto, after: onnx.ModelProto) -> dict[str, float]:
