@@ -262,9 +262,9 @@ def _profile_section(report: dict[str, Any]) -> list[str]:
         "",
         "ONNX Runtime's profiler, ms per run by op category (after its session fusions; each node's median "
         "over the profiled runs, less the profiler's own cost per node: what the nodes' sum exceeds "
-        f"unprofiled runs of the same model in the same rounds by, spread over its nodes, {_node_cost_us(profiles)} "
-        "us); the sum against the profiled run's wall time (the profiler's cost included) and against the "
-        "median latency of the timing phase:",
+        f"the model's median latency from the timing phase by, spread over its nodes, {_node_cost_us(profiles)} "
+        "us); the sum against the profiled run's wall time (the profiler's cost included) and against that "
+        "median latency (above 1.00 where nodes shorter than the cost kept part of it):",
         "",
         "| variant | " + " | ".join(categories) + " | sum | profiled run | sum / median latency |",
         "|---|" + "---|" * (len(categories) + 3),
