@@ -111,6 +111,30 @@ def test_reported_figures_are_those_of_the_written_files_at_the_deploy_batch(fir
     assert "measured at batch 1" in (out / "report.md").read_text()
 
 
+def test_the_torch_variant_scores_as_one_evaluation_at_its_batch(first_run):
+    """Its batch check's logits, reused for the first images, change no figure: the report's equal a
+    plain evaluation of every image at the batch the report names."""
+    from onnxvit.compress import CACHE_DIR
+    from onnxvit.config import load_config
+    from onnxvit.engine import Cache
+    from onnxvit.progress import Reporter
+    from onnxvit.stages.evaluate import score
+    from onnxvit.stages.load import Run
+    from onnxvit.variant import Variant
+    from passes.runtime import model_logits
+
+    config_path, out, _ = first_run
+    config, pass_configs = load_config(config_path)
+    run = Run(config, pass_configs, Reporter(True), Cache(out / CACHE_DIR))
+    images, labels = run.evaluation_images, run.dataset.labels("evaluate")
+    report = json.loads((out / "report.json").read_text())
+    torch_row = next(v for v in report["variants"] if v["name"] == "torch-fp32")
+    torch_variant = Variant("torch-fp32", "torch", run.weights_id, module=run.dense_model)
+    again = torch_variant.logits(images, torch_row["eval_batch_size"], config.benchmark.threads)
+    figures = score(again, labels, model_logits(out / "model.fp32.onnx", [image[None] for image in images]))
+    assert {k: torch_row[k] for k in figures} == figures
+
+
 def test_second_run_comes_from_the_cache(first_run):
     config, out, _ = first_run
     before = json.loads((out / "report.json").read_text())

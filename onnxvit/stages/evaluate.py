@@ -22,37 +22,50 @@ def score(logits: np.ndarray, labels: np.ndarray, reference: np.ndarray) -> dict
     }
 
 
-def scoring_batch(run: Run, variant: Variant) -> int:
+def scoring_batch(run: Run, variant: Variant) -> tuple[int, np.ndarray | None]:
     """The batch ``variant`` is scored at: the deploy batch (``benchmark.batch_size``), where a dynamic
     int8 model's activation ranges, and so its logits, are what the app computes; or the larger
     ``data.batch_size`` for a PyTorch variant whose logits on the first such batch of evaluation
     images are identical there (bit for bit), since PyTorch runs batches faster. ONNX Runtime runs
-    batch 1 fastest with parallel callers, so its variants always use the deploy batch."""
+    batch 1 fastest with parallel callers, so its variants always use the deploy batch. Second: when
+    the check ran now, the deploy-batch logits of the images it ran, the first of the evaluation."""
     deploy, large = run.config.benchmark.batch_size, run.config.data.batch_size
     if variant.runtime == "onnxruntime" or large <= deploy:
-        return deploy
+        return deploy, None
+    measured: list[np.ndarray] = []
 
     def check() -> dict[str, int]:
         sample, threads = run.evaluation_images[:large], run.config.benchmark.threads
-        same = np.array_equal(variant.logits(sample, deploy, threads), variant.logits(sample, large, threads))
+        measured.append(variant.logits(sample, deploy, threads))
+        same = np.array_equal(measured[0], variant.logits(sample, large, threads))
         return {"batch_size": large if same else deploy}
 
     key = cache_key(model=variant.identity, evaluate=run.fingerprint("evaluate"), batches=[deploy, large])
-    return int(run.cache.json(f"scoring-batch-{variant.name}", key, check)["batch_size"])
+    batch = int(run.cache.json(f"scoring-batch-{variant.name}", key, check)["batch_size"])
+    return batch, (measured[0] if measured else None)
 
 
 def logits(run: Run, variant: Variant) -> tuple[np.ndarray, int]:
     """``variant``'s logits on the evaluation split and the batch they were computed at, from the
-    cache when this variant was scored before."""
-    batch = scoring_batch(run, variant)
+    cache when this variant was scored before. The batch check's logits are not computed again:
+    they are the first batches' at either batch (equal where the larger one is taken)."""
+    batch, head = scoring_batch(run, variant)
+    if head is not None and len(head) % batch:  # its images would not start a batch of the rest
+        head = None
 
     def produce() -> np.ndarray:
         images = run.evaluation_images
+        done = 0 if head is None else len(head)
         with (
             run.timed(f"evaluate/{variant.name}"),
             run.reporter.task(f"evaluating {variant.name}", len(images)) as advance,
         ):
-            return variant.logits(images, batch, run.config.benchmark.threads, advance, run.executor)
+            if head is not None:
+                advance(done)
+                if done == len(images):
+                    return head
+            rest = variant.logits(images[done:], batch, run.config.benchmark.threads, advance, run.executor)
+            return rest if head is None else np.concatenate([head, rest])
 
     key = cache_key(model=variant.identity, evaluate=run.fingerprint("evaluate"), batch_size=batch)
     return run.cache.array(f"logits-{variant.name}", key, produce), batch
