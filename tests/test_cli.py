@@ -81,20 +81,26 @@ def test_compress_writes_models_report_and_plot(first_run):
     assert written and {p.name: model_problem(onnx.load(p)) for p in written} == {p.name: None for p in written}
 
 
-def test_reported_figures_are_those_of_the_written_files_at_the_deploy_batch(first_run):
-    """Re-scored by hand (a plain ONNX Runtime session, one image per call, as an app runs it), the
-    written int8 and fp32 files give the report's top-1, agreement and SQNR."""
+def _run_of(first_run):
+    """The pipeline's shared state for the first run's config and cache, as a later stage sees it."""
     from onnxvit.compress import CACHE_DIR
-    from onnxvit.config import load_config
     from onnxvit.engine import Cache
     from onnxvit.progress import Reporter
-    from onnxvit.stages.evaluate import score
     from onnxvit.stages.load import Run
-    from passes.runtime import make_session
 
     config_path, out, _ = first_run
     config, pass_configs = load_config(config_path)
-    run = Run(config, pass_configs, Reporter(True), Cache(out / CACHE_DIR))
+    return Run(config, pass_configs, Reporter(True), Cache(out / CACHE_DIR))
+
+
+def test_reported_figures_are_those_of_the_written_files_at_the_deploy_batch(first_run):
+    """Re-scored by hand (a plain ONNX Runtime session, one image per call, as an app runs it), the
+    written int8 and fp32 files give the report's top-1, agreement and SQNR."""
+    from onnxvit.stages.evaluate import score
+    from passes.runtime import make_session
+
+    _, out, _ = first_run
+    run = _run_of(first_run)
     images, labels = run.evaluation_images, run.dataset.labels("evaluate")
 
     def batch_one(path: Path) -> np.ndarray:
@@ -114,19 +120,13 @@ def test_reported_figures_are_those_of_the_written_files_at_the_deploy_batch(fir
 def test_the_torch_variant_scores_as_one_evaluation_at_its_batch(first_run):
     """Its batch check's logits, reused for the first images, change no figure: the report's equal a
     plain evaluation of every image at the batch the report names."""
-    from onnxvit.compress import CACHE_DIR
-    from onnxvit.config import load_config
-    from onnxvit.engine import Cache
-    from onnxvit.progress import Reporter
     from onnxvit.stages.evaluate import score
-    from onnxvit.stages.load import Run
     from onnxvit.variant import Variant
     from passes.runtime import model_logits
 
-    config_path, out, _ = first_run
-    config, pass_configs = load_config(config_path)
-    run = Run(config, pass_configs, Reporter(True), Cache(out / CACHE_DIR))
-    images, labels = run.evaluation_images, run.dataset.labels("evaluate")
+    _, out, _ = first_run
+    run = _run_of(first_run)
+    config, images, labels = run.config, run.evaluation_images, run.dataset.labels("evaluate")
     report = json.loads((out / "report.json").read_text())
     torch_row = next(v for v in report["variants"] if v["name"] == "torch-fp32")
     torch_variant = Variant("torch-fp32", "torch", run.weights_id, module=run.dense_model)
