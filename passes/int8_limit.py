@@ -94,14 +94,23 @@ def linear_shapes(model: onnx.ModelProto, input_shape: tuple[int, ...], batch_si
     return result
 
 
+# Copies of a layer in each timed call: a kernel is timed between others, as in a model, where the
+# thread pool spins from one node to the next; one layer per call would time the pool's wake-up too
+# (sessions stop spinning when a call returns) or, with spinning left on, the last session's threads.
+GEMM_COPIES = 8
+LAYERS = [f"linear_{index}" for index in range(GEMM_COPIES)]
+
+
 def _gemm_model(shape: LinearShape, seed: int) -> onnx.ModelProto:
-    weight = np.random.default_rng(seed).standard_normal((shape.k, shape.n)).astype(np.float32) * 0.05
+    """``GEMM_COPIES`` float linear layers of ``shape``, each with its own weight, all reading one input."""
+    rng = np.random.default_rng(seed)
+    weights = [rng.standard_normal((shape.k, shape.n)).astype(np.float32) * 0.05 for _ in LAYERS]
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"], "linear")],
+        [helper.make_node("MatMul", ["x", f"w{i}"], [f"y{i}"], name) for i, name in enumerate(LAYERS)],
         "linear",
         [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [*shape.rows, shape.k])],
-        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
-        [numpy_helper.from_array(weight, "w")],
+        [helper.make_tensor_value_info(f"y{i}", onnx.TensorProto.FLOAT, None) for i in range(len(LAYERS))],
+        [numpy_helper.from_array(weight, f"w{i}") for i, weight in enumerate(weights)],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
@@ -109,14 +118,14 @@ def _gemm_model(shape: LinearShape, seed: int) -> onnx.ModelProto:
 
 
 def _dynamic_int8(qtype: int, reduce_range: bool) -> Callable[[onnx.ModelProto], onnx.ModelProto]:
-    return lambda model: DynamicInt8Builder(model, ["linear"], qtype, reduce_range).build(["linear"])
+    return lambda model: DynamicInt8Builder(model, LAYERS, qtype, reduce_range).build(LAYERS)
 
 
 def _shape_runners(
     shapes: list[LinearShape], threads: int, kinds: dict[str, Callable[[onnx.ModelProto], onnx.ModelProto]]
 ) -> tuple[dict[LinearShape, int], dict[str, Runner]]:
     """How often ``shapes`` holds each distinct shape, and a runner per distinct shape and kind
-    (named ``index/kind``): its float layer made into each of ``kinds``."""
+    (named ``index/kind``): its float layers (``GEMM_COPIES`` in one call) made into each of ``kinds``."""
     counts: dict[LinearShape, int] = {}
     for shape in shapes:
         counts[shape] = counts.get(shape, 0) + 1
@@ -139,11 +148,11 @@ def _time_at_shapes(
     rounds: int,
 ) -> list[tuple[LinearShape, int, dict[str, float]]]:
     """Each distinct shape's float layer made into each of ``kinds``, all timed interleaved: per
-    shape, how often ``shapes`` holds it and each kind's median ms."""
+    shape, how often ``shapes`` holds it and each kind's median ms per layer."""
     counts, runners = _shape_runners(shapes, threads, kinds)
     times = measure_latency(runners, warmup, runs, rounds)
     return [
-        (shape, count, {kind: times[f"{index}/{kind}"]["median"] for kind in kinds})
+        (shape, count, {kind: round(times[f"{index}/{kind}"]["median"] / GEMM_COPIES, 4) for kind in kinds})
         for index, (shape, count) in enumerate(counts.items())
     ]
 

@@ -164,9 +164,10 @@ def exact_product(weight: QuantizedWeight) -> bool:
 @register_pass
 class QuantizeInt8Pass(Pass):
     name = "quantize_int8"
-    version = 5  # 3: weight-scheme trials scored by SqnrAgainst with float64 pairwise sums, where they run;
+    version = 6  # 3: weight-scheme trials scored by SqnrAgainst with float64 pairwise sums, where they run;
     # 4: weight_type auto (uint8 on the u8u8 kernel where measured as fast as 7-bit u8s8);
-    # 5: weight_type auto decided over timing rounds (uint8 unless every round finds u8u8 slower)
+    # 5: weight_type auto decided over timing rounds (uint8 unless every round finds u8u8 slower);
+    # 6: those kernels timed as several layers per call, no other session's threads spinning
     Config = QuantizeInt8Config
     config: QuantizeInt8Config
     tabled_notes = frozenset({"schemes", "bridge_reconstruction", "modules"})

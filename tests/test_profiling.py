@@ -1,6 +1,9 @@
 """The per-op profile and the int8 limit: ONNX Runtime's profiler on real models, the limit from given figures."""
 
+import numpy as np
+import onnx
 import pytest
+from onnx import numpy_helper
 
 from passes.base import PassContext
 from passes.int8_limit import LinearShape, gemm_speedup, int8_bound, linear_shapes
@@ -114,6 +117,19 @@ def test_the_gemm_ratio_is_measured_at_the_model_shapes(tiny_onnx):
     measured = gemm_speedup([LinearShape((197,), 64, 64)] * 3 + [LinearShape((197,), 64, 256)], 1, True, 2, 6, 2)
     assert [row["count"] for row in measured["shapes"]] == [3, 1] and measured["int8_gemm_speedup"] > 0
     assert dims
+
+
+def test_kernels_are_timed_as_several_layers_in_one_call():
+    # in one call the pool spins from layer to layer, as in a model; every copy has its own weight
+    from passes.int8_limit import GEMM_COPIES, _dynamic_int8, _gemm_model
+
+    shape = LinearShape((197,), 64, 32)
+    float_model = _gemm_model(shape, 0)
+    int8_model = _dynamic_int8(onnx.TensorProto.INT8, True)(float_model)
+    weights = [numpy_helper.to_array(w) for w in float_model.graph.initializer]
+    assert GEMM_COPIES > 1 and len(weights) == GEMM_COPIES and not np.array_equal(weights[0], weights[1])
+    assert [n.op_type for n in float_model.graph.node] == ["MatMul"] * GEMM_COPIES
+    assert sum(n.op_type == "MatMulInteger" for n in int8_model.graph.node) == GEMM_COPIES
 
 
 def test_a_cpu_without_int8_gain_is_told_so():

@@ -98,7 +98,8 @@ def profile(
     )
     limit = run.cache.json(
         "gemm-ratio",
-        cache_key(model=reference.identity, settings=settings, machine=machine, shape=run.input_shape),
+        # method 2: several layers per timed call (passes.int8_limit.GEMM_COPIES)
+        cache_key(model=reference.identity, settings=settings, machine=machine, shape=run.input_shape, method=2),
         measure_limit,
     )
     speedup = limit["int8_gemm_speedup"]
