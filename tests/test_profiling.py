@@ -39,12 +39,33 @@ def test_every_node_of_a_real_model_is_attributed(tiny_onnx, tiny_int8):
         # kernel times sit inside the run: never more than it, and most of it
         assert 0.5 * profile.run_ms < profile.total_ms <= 1.05 * profile.run_ms
         linear = [n for n in profile.nodes if n.linear]
-        assert linear and {n.category for n in linear} == {gemm}
+        # GEMMs with a constant weight, and a float layer's bias where it is an Add of its own
+        assert linear and {n.category for n in linear if n.op_type != "Add"} == {gemm}
         # named by module path, not by ONNX node name, and every block's layers found
         assert all(n.module.startswith(("blocks.0.", "blocks.1.", "head")) for n in linear), linear
         assert {n.module for n in linear} >= {"blocks.0.mlp.fc1", "blocks.1.mlp.fc1", "blocks.1.mlp.fc2", "head"}
         assert 0 < profile.linear_ms < profile.total_ms
         assert profile.to_json()["slowest"][0]["ms"] == pytest.approx(max(n.ms for n in profile.nodes), abs=1e-4)
+
+
+def test_a_linear_layer_is_its_gemm_and_its_bias_add():
+    from onnx import helper
+
+    from passes.profiling import linear_layer_nodes
+
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["y"], "mm"),
+            helper.make_node("Add", ["b", "y"], ["z"], "bias"),
+            helper.make_node("Add", ["z", "x"], ["r"], "residual"),  # no constant: not a bias
+            helper.make_node("MatMul", ["r", "r"], ["s"], "scores"),  # no constant weight: not a layer
+            helper.make_node("Add", ["s", "b"], ["t"], "mask"),
+        ],
+        "g",
+        [],
+        [],
+    )
+    assert linear_layer_nodes(graph, {"w", "b"}) == {"mm", "bias"}
 
 
 def test_a_node_time_is_its_median_run_less_the_profiler_cost():

@@ -90,7 +90,8 @@ def profile(
             models={v.name: v.identity for v in onnx_variants},
             settings=settings,
             runs=bench.profile_runs,
-            method=5,  # interleaved rounds, per-node medians, less the profiler's cost over the timed median
+            method=6,  # interleaved rounds, per-node medians, less the profiler's cost over the timed median;
+            # a float layer's bias Add counted in its linear time
             machine=machine,
             shape=run.input_shape,
         ),
