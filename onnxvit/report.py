@@ -256,6 +256,12 @@ def _profile_section(report: dict[str, Any]) -> list[str]:
                 f"linear layers could give at most {v['int8_bound_speedup']:.2f}x"
                 + ("" if source == reference else f" ({latency[reference] / latency[v['name']]:.2f}x `{reference}`)")
                 + "."
+                + (
+                    f" It went past that bound: its graph also runs other ops faster than `{source}`'s (ONNX "
+                    "Runtime fuses it differently), which the bound leaves as profiled."
+                    if v["int8_efficiency"] > 1
+                    else ""
+                )
             )
     categories = list(dict.fromkeys(c for p in profiles.values() for c in p["categories_ms"]))
     lines += [

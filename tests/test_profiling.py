@@ -156,7 +156,7 @@ def test_kernels_are_timed_as_several_layers_in_one_call():
 def test_a_cpu_without_int8_gain_is_told_so():
     from onnxvit.report import _profile_section
 
-    def report(bound: float) -> dict:
+    def report(bound: float, efficiency: float = 0.93) -> dict:
         profile = {
             "runs": 1,
             "run_ms": 10.0,
@@ -175,7 +175,7 @@ def test_a_cpu_without_int8_gain_is_told_so():
                     "latency_ms": {"median": 10.5},
                     "int8_float_input": "fp32",
                     "int8_bound_speedup": bound,
-                    "int8_efficiency": 0.93,
+                    "int8_efficiency": efficiency,
                 },
             ],
         }
@@ -183,7 +183,9 @@ def test_a_cpu_without_int8_gain_is_told_so():
     slow = "\n".join(_profile_section(report(1.01)))
     assert "size lever" in slow and "fastest model measured is `fp32`." in slow
     fast = "\n".join(_profile_section(report(1.4)))
-    assert "size lever" not in fast and "`int8` reached 93%" in fast
+    assert "size lever" not in fast and "`int8` reached 93%" in fast and "went past" not in fast
+    past = "\n".join(_profile_section(report(1.4, efficiency=1.1)))
+    assert "`int8` reached 110%" in past and "It went past that bound" in past
     # an unreported float input that is faster than every variant is the one recommended, with how to get it
     hidden = report(1.01)
     hidden["profile"]["profiles"]["fused"] = hidden["profile"]["profiles"]["fp32"]
