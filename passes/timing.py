@@ -29,7 +29,9 @@ def timed_rounds(
     runners: dict[str, Runner], warmup: int, runs: int, rounds: int = 5, after_round: Callable[[], None] = lambda: None
 ) -> dict[str, list[list[float]]]:
     """Per runner, the ms of each of its timed calls, round by round: ``runs`` calls after ``warmup``
-    calls each, interleaved over ``rounds`` rounds."""
+    calls each, interleaved over ``rounds`` rounds. Each runner's turn in a round starts with one
+    untimed call: the first call after another runner's pays for the switch (the other's threads
+    still winding down, caches holding its weights), which no app running one model pays."""
     for run in runners.values():
         for _ in range(warmup):
             run()
@@ -37,6 +39,7 @@ def timed_rounds(
     per_round = [runs // rounds + (1 if i < runs % rounds else 0) for i in range(rounds)]
     for count in per_round:
         for name, run in runners.items():
+            run()
             calls = []
             for _ in range(count):
                 start = time.perf_counter()
