@@ -20,9 +20,9 @@ def batches(images: np.ndarray, batch_size: int) -> list[np.ndarray]:
 def session_options(threads: int) -> ort.SessionOptions:
     """How every session is opened: ``threads`` intra-op threads, full graph optimization, quiet, and
     the thread pool's spinning stopped when a call returns. By default a session's threads go on
-    spinning for tens of milliseconds after its call, on the cores the next session then runs on:
-    timed in interleaved rounds, each variant's first calls after another's ran about twice as long,
-    which set every p90. Stopped, a call of one session alone is no slower (its threads spin again
+    spinning after its call, on the cores the next session then runs on: timed in interleaved
+    rounds, each variant's first calls after another's were slowed by them, and they set every p90
+    (docs/benchmarks.md). Stopped, a call of one session alone is no slower (its threads spin again
     for the next call), and an app that infers now and then leaves the cores idle in between."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
