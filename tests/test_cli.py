@@ -132,7 +132,12 @@ def test_the_torch_variant_scores_as_one_evaluation_at_its_batch(first_run):
     torch_variant = Variant("torch-fp32", "torch", run.weights_id, module=run.dense_model)
     again = torch_variant.logits(images, torch_row["eval_batch_size"], config.benchmark.threads)
     figures = score(again, labels, model_logits(out / "model.fp32.onnx", [image[None] for image in images]))
-    assert {k: torch_row[k] for k in figures} == figures
+    # PyTorch's CPU kernels may round the last bits differently from call to call: its SQNR from fp32
+    # (float rounding alone, over 100 dB) moves by a fraction of a dB; any reuse of the wrong rows would not
+    assert {k: torch_row[k] for k in ("top1", "top5", "agree_top1")} == {
+        k: figures[k] for k in ("top1", "top5", "agree_top1")
+    }
+    assert torch_row["sqnr_db"] == pytest.approx(figures["sqnr_db"], abs=0.5) and figures["sqnr_db"] > 60
 
 
 def test_second_run_comes_from_the_cache(first_run):
