@@ -132,8 +132,9 @@ def test_the_torch_variant_scores_as_one_evaluation_at_its_batch(first_run):
     torch_variant = Variant("torch-fp32", "torch", run.weights_id, module=run.dense_model)
     again = torch_variant.logits(images, torch_row["eval_batch_size"], config.benchmark.threads)
     figures = score(again, labels, model_logits(out / "model.fp32.onnx", [image[None] for image in images]))
-    # PyTorch's CPU kernels may round the last bits differently from call to call: its SQNR from fp32
-    # (float rounding alone, over 100 dB) moves by a fraction of a dB; any reuse of the wrong rows would not
+    # PyTorch's logits may differ in their last bits between the pipeline's run and this one (seen once
+    # in CI): its SQNR from fp32, float rounding alone and over 100 dB, then moves by a fraction of a
+    # dB; rows reused in the wrong place would move it far more
     assert {k: torch_row[k] for k in ("top1", "top5", "agree_top1")} == {
         k: figures[k] for k in ("top1", "top5", "agree_top1")
     }
