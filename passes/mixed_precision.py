@@ -105,6 +105,7 @@ class MixedPrecisionConfig(PassConfig):
 @register_pass
 class MixedPrecisionPass(Pass):
     name = "mixed_precision"
+    version = 2  # 2: candidates timed as passes.timing.TIMING_METHOD 2 times them
     Config = MixedPrecisionConfig
     config: MixedPrecisionConfig
 

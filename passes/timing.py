@@ -18,6 +18,10 @@ import onnx
 from passes.runtime import make_session
 
 Runner = Callable[[], object]
+# How calls are timed: part of the cache key of every timed result, so that a cache from before a
+# change is not read as this one's. 2: sessions stop spinning when a call returns, and each runner's
+# turn in a round opens with one untimed call.
+TIMING_METHOD = 2
 
 
 def summarize(times_ms: np.ndarray) -> dict[str, float]:

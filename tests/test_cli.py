@@ -141,6 +141,18 @@ def test_the_torch_variant_scores_as_one_evaluation_at_its_batch(first_run):
     assert torch_row["sqnr_db"] == pytest.approx(figures["sqnr_db"], abs=0.5) and figures["sqnr_db"] > 60
 
 
+def test_latency_from_another_timing_method_is_timed_again(first_run, monkeypatch):
+    from onnxvit.stages import benchmark
+
+    config, out, _ = first_run
+    before = {p.name for p in (out / "cache").glob("latency-*.json")}
+    monkeypatch.setattr(benchmark, "TIMING_METHOD", benchmark.TIMING_METHOD + 1)
+    assert _invoke("compress", str(config), "--quiet").exit_code == 0
+    assert {p.name for p in (out / "cache").glob("latency-*.json")} > before
+    monkeypatch.undo()  # the report of this method again, for the tests after this one
+    assert _invoke("compress", str(config), "--quiet").exit_code == 0
+
+
 def test_second_run_comes_from_the_cache(first_run):
     config, out, _ = first_run
     before = json.loads((out / "report.json").read_text())

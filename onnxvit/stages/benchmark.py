@@ -8,7 +8,7 @@ from onnxvit.engine import cache_key
 from onnxvit.stages.load import Run
 from onnxvit.variant import Variant
 from passes.int8_limit import cpu_model
-from passes.timing import measure_latency
+from passes.timing import TIMING_METHOD, measure_latency
 
 
 def machine_info(threads: int) -> dict[str, Any]:
@@ -34,5 +34,6 @@ def latency(run: Run, variants: list[Variant]) -> dict[str, dict[str, float]]:
         benchmark=bench.model_dump(mode="json"),
         machine=machine_info(bench.threads),
         shape=run.input_shape,
+        timing=TIMING_METHOD,
     )
     return run.cache.json("latency", key, measure)

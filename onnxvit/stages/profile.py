@@ -14,6 +14,7 @@ from onnxvit.variant import Variant
 from passes.int8_limit import gemm_speedup, int8_bound, linear_shapes, machine_summary
 from passes.profiling import CATEGORY_OPS, profile_models
 from passes.quantize_int8 import u8s8_saturates
+from passes.timing import TIMING_METHOD
 
 # what makes a model not float: the ops the profiler counts as int8 GEMMs or as (de)quantization
 QUANTIZED_OPS = CATEGORY_OPS["int8 GEMM"] | CATEGORY_OPS["quantize"]
@@ -94,13 +95,21 @@ def profile(
             # a float layer's bias Add counted in its linear time
             machine=machine,
             shape=run.input_shape,
+            timing=TIMING_METHOD,
         ),
         measure_profiles,
     )
     limit = run.cache.json(
         "gemm-ratio",
         # method 2: several layers per timed call (passes.int8_limit.GEMM_COPIES)
-        cache_key(model=reference.identity, settings=settings, machine=machine, shape=run.input_shape, method=2),
+        cache_key(
+            model=reference.identity,
+            settings=settings,
+            machine=machine,
+            shape=run.input_shape,
+            method=2,
+            timing=TIMING_METHOD,
+        ),
         measure_limit,
     )
     speedup = limit["int8_gemm_speedup"]

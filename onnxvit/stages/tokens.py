@@ -16,6 +16,7 @@ from onnxvit.config import TokensConfig
 from onnxvit.engine import cache_key
 from onnxvit.errors import UserError
 from onnxvit.stages.load import Run
+from passes.timing import TIMING_METHOD
 
 VERSION = 2  # of the merge as onnxvit/tokens.py builds it: part of every merged model's cache key;
 # 2: tokens stored as each block splits them, rows moved by ScatterND / Gather, the partner by ArgMax
@@ -75,6 +76,7 @@ def search_schedule(run: Run, model: Any, model_id: str, cfg: TokensConfig) -> d
         export=run.config.export.model_dump(mode="json"),
         version=VERSION,
         search_version=SEARCH_VERSION,
+        timing=TIMING_METHOD,
     )
     return run.cache.json("token-search", key, lambda: _search(run, model, cfg))
 
