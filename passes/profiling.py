@@ -13,7 +13,6 @@ import bisect
 import gc
 import json
 import tempfile
-import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -23,7 +22,7 @@ import onnx
 
 from passes.module_names import node_modules
 from passes.runtime import make_session, session_options
-from passes.timing import benchmark_input
+from passes.timing import benchmark_input, measure_latency, onnx_runner
 
 # Categories in the order a report shows them; an op type not listed is "elementwise".
 CATEGORY_OPS: dict[str, frozenset[str]] = {
@@ -244,33 +243,26 @@ def profile_models(
     each event's arguments inside the node's timed span, so a model of many small nodes can sum to
     more than its unprofiled run; that excess, spread evenly over the nodes, is taken off every
     node's time. The unprofiled run is ``unprofiled_ms[name]`` where the caller timed the model
-    already (the benchmark stage, in the same process); otherwise an unprofiled session beside the
-    profiled one runs as many calls in the same rounds."""
+    already (the benchmark stage, in the same process); otherwise the timing loop times it first."""
+    if unprofiled_ms is None:
+        runners = {name: onnx_runner(model, shape, threads, batch_size) for name, model in models.items()}
+        unprofiled_ms = {name: t["median"] for name, t in measure_latency(runners, warmup, runs, rounds).items()}
     with tempfile.TemporaryDirectory(prefix="onnxvit-profile-") as tmp:
-        profiled, plain, feeds = {}, {}, {}  # plain: unprofiled sessions, where no time was given
+        profiled, feeds = {}, {}
         for index, (name, model) in enumerate(models.items()):
             options = session_options(threads)
             options.enable_profiling = True
             options.profile_file_prefix = str(Path(tmp) / f"profile-{index}")
             options.optimized_model_filepath = str(Path(tmp) / f"optimized-{index}.onnx")
             profiled[name] = make_session(model, threads, options)
-            if unprofiled_ms is None:
-                plain[name] = make_session(model, threads)
             feeds[name] = {profiled[name].get_inputs()[0].name: benchmark_input(shape, batch_size)}
-            for session in [profiled[name]] + ([plain[name]] if name in plain else []):
-                for _ in range(warmup):
-                    session.run(None, feeds[name])
-        plain_ms: dict[str, list[float]] = {name: [] for name in plain}
+            for _ in range(warmup):
+                profiled[name].run(None, feeds[name])
         per_round = [runs // rounds + (r < runs % rounds) for r in range(rounds)]
         for count in per_round:
             for name in models:
                 for _ in range(count):
                     profiled[name].run(None, feeds[name])
-                for _ in range(count if name in plain else 0):
-                    start = time.perf_counter()
-                    plain[name].run(None, feeds[name])
-                    plain_ms[name].append((time.perf_counter() - start) * 1e3)
-        unprofiled = dict(unprofiled_ms or {}) | {name: float(np.median(times)) for name, times in plain_ms.items()}
         result = {}
         for index, (name, model) in enumerate(models.items()):
             events = read_trace(Path(profiled[name].end_profiling()))
@@ -278,6 +270,6 @@ def profile_models(
             original = model if isinstance(model, onnx.ModelProto) else onnx.load(model, load_external_data=False)
             raw = parse_profile(events, graph, warmup, original.graph)
             # what the nodes' raw sum exceeds a whole unprofiled run by can only be the profiler's
-            cost = max(raw.total_ms - unprofiled[name], 0.0) / max(len(raw.nodes), 1)
+            cost = max(raw.total_ms - unprofiled_ms[name], 0.0) / max(len(raw.nodes), 1)
             result[name] = raw.less_cost(cost)
         return result
