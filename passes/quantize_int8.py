@@ -259,7 +259,7 @@ class QuantizeInt8Pass(Pass):
         else:
             quantized = quantize(layers if cfg.weighted_only else None)
             quantized_count = len(layers) if cfg.weighted_only else None
-        if cfg.qattention and cfg.mode == "dynamic":
+        if cfg.qattention:  # the config refuses it with mode: static
             quantized = self._as_qattention(quantized, probe, budget, ctx)
         ctx.notes.update(
             mode=cfg.mode, weight_type=self._weight_type, reduce_range=reduce_range, quantized_nodes=quantized_count
