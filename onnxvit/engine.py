@@ -195,7 +195,7 @@ def run_passes(
 
     ``make_context`` is called only when some step really runs (it loads calibration images);
     ``data_fingerprints`` names the calibrate / search images, and the batch they are measured at, in
-    the keys of passes that read them;
+    the keys of passes that read them, and the threads a pass that measures this machine times with;
     ``check(before, after)`` is the numeric check recorded for every step that runs.
     """
     models = {start_record.name: start}
@@ -226,8 +226,8 @@ def run_passes(
         if needs:
             key_parts["batch_size"] = data_fingerprints.get("batch_size", 1)
         machine = pass_cls.machine_key(pass_config)
-        if machine:
-            key_parts["machine"] = machine
+        if machine:  # what it measured on this CPU, it measured with the benchmark's threads
+            key_parts["machine"] = {**machine, "threads": data_fingerprints.get("threads")}
         record.key = cache_key(**key_parts)
 
         def produce(pass_cls=pass_cls, pass_config=pass_config, source=source, record=record) -> onnx.ModelProto:

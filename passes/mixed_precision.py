@@ -35,9 +35,11 @@ from passes import register_pass
 from passes.base import Pass, PassConfig, PassContext, PassError, Requirement
 from passes.blocks import REST, Assignment, Choice, find_blocks
 from passes.graph import copy_model, gemms_as_matmul
+from passes.int8_limit import cpu_model
 from passes.mixed_precision_search import Search
 from passes.ort_quant import CalibrationReader, ensure_node_names, run_ort_quantizer, weighted_nodes
 from passes.quantize_int8 import QuantizeInt8Config, QuantizeInt8Pass, u8s8_saturates
+from passes.timing import TIMING_METHOD
 
 NBITS_ONLY = frozenset({"block_size", "accuracy_level", "symmetric"})
 
@@ -114,6 +116,12 @@ class MixedPrecisionPass(Pass):
     def __init__(self, config: PassConfig | None = None) -> None:
         super().__init__(config)
         self.calibration: list[np.ndarray] = []
+
+    @classmethod
+    def machine_key(cls, config: PassConfig) -> dict[str, Any]:
+        """The search keeps what this CPU's kernels run fastest (timed, with int8's 7-bit weights
+        where u8s8 saturates): a cache from another machine or timing method is not this one's."""
+        return {"cpu": cpu_model(), "u8s8_saturates": u8s8_saturates(), "timing": TIMING_METHOD}
 
     @classmethod
     def requirements(cls, config: PassConfig) -> frozenset[Requirement]:

@@ -24,7 +24,7 @@ def counted(monkeypatch):
     return calls
 
 
-def _run(tmp_path, tiny_onnx, tiny_images, steps, force=False, fingerprint="calib-A"):
+def _run(tmp_path, tiny_onnx, tiny_images, steps, force=False, fingerprint="calib-A", threads=2):
     start = StepRecord(name="fp32", kind="export", input=None, config={}, key="k", sha256=model_sha256(tiny_onnx))
     configs = [get_pass(s.pass_).Config.model_validate(s.options) for s in steps]
     return run_passes(
@@ -34,7 +34,7 @@ def _run(tmp_path, tiny_onnx, tiny_images, steps, force=False, fingerprint="cali
         configs,
         Cache(tmp_path / "cache", force),
         lambda: PassContext(calibration=[tiny_images[:4]]),
-        {"calibrate": fingerprint, "search": "s"},
+        {"calibrate": fingerprint, "search": "s", "threads": threads},
         lambda a, b: {"checked": 1.0},
     )
 
@@ -75,6 +75,17 @@ def test_changing_one_pass_redoes_it_and_what_follows(tmp_path, tiny_onnx, tiny_
     _, chained = _run(tmp_path, tiny_onnx, tiny_images, _steps("percentile"))
     assert [r.cached for r in chained[1:]] == [True, False]
     assert counted == {"fp16": 3, "quantize_int8": 2}
+
+
+def test_a_step_that_measures_the_machine_is_redone_at_other_threads(tmp_path, tiny_onnx, tiny_images, counted):
+    steps = [
+        StepConfig(**{"pass": "quantize_int8", "name": "int8"}),  # weight_type / reduce_range auto: per machine
+        StepConfig(**{"pass": "fp16", "name": "half", "input": "fp32"}),  # the same output everywhere
+    ]
+    _run(tmp_path, tiny_onnx, tiny_images, steps, threads=2)
+    _, records = _run(tmp_path, tiny_onnx, tiny_images, steps, threads=1)
+    assert [r.cached for r in records[1:]] == [False, True]
+    assert counted == {"quantize_int8": 2, "fp16": 1}
 
 
 def test_new_calibration_data_and_force_redo_steps(tmp_path, tiny_onnx, tiny_images, counted):

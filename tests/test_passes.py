@@ -226,6 +226,14 @@ def test_only_a_machine_dependent_int8_choice_keys_the_cache_by_machine():
     assert QuantizeInt8Pass.machine_key(QuantizeInt8Config(weight_type="int8", reduce_range=False)) == {}
 
 
+def test_mixed_precision_keys_the_cache_by_machine_and_timing_method():
+    from passes.mixed_precision import MixedPrecisionConfig, MixedPrecisionPass
+    from passes.timing import TIMING_METHOD
+
+    key = MixedPrecisionPass.machine_key(MixedPrecisionConfig())
+    assert key["cpu"] and key["timing"] == TIMING_METHOD and isinstance(key["u8s8_saturates"], bool)
+
+
 def test_accuracy_budget_without_search_images_is_a_clear_error(tiny_onnx, ctx):
     with pytest.raises(PassError, match="search_images"):
         QuantizeInt8Pass(QuantizeInt8Config(min_agreement=99.0)).run(tiny_onnx, ctx)

@@ -34,6 +34,7 @@ def apply(
         {
             **{split: run.fingerprint(split) for split in ("calibrate", "search")},
             "batch_size": run.config.benchmark.batch_size,
+            "threads": run.config.benchmark.threads,
         },
         run.check,
         run.reporter.log,
