@@ -229,12 +229,20 @@ def run_passes(
         if machine:  # what it measured on this CPU, it measured with the benchmark's threads
             key_parts["machine"] = {**machine, "threads": data_fingerprints.get("threads")}
         record.key = cache_key(**key_parts)
+        # what a step's work shares across its options (PassContext.reuse): keyed like it, less the config
+        shared = {name: value for name, value in key_parts.items() if name != "config"}
 
-        def produce(pass_cls=pass_cls, pass_config=pass_config, source=source, record=record) -> onnx.ModelProto:
+        def reuse(part: str, depends_on: dict[str, Any], make: Callable[[], Any], shared=shared) -> Any:
+            return cache.json(f"{shared['pass']}-{part}", cache_key(**shared, part=part, depends_on=depends_on), make)
+
+        def produce(
+            pass_cls=pass_cls, pass_config=pass_config, source=source, record=record, reuse=reuse
+        ) -> onnx.ModelProto:
             nonlocal context
             context = context or make_context()
             context.notes = {}
             context.memo = cache.memo(record.name, record.key)
+            context.reused_results = reuse
             try:
                 output = pass_cls(pass_config).run(models[source], context)
             except (UserError, PassError) as exc:

@@ -151,13 +151,15 @@ def fit_budget(
     log: Callable[[str], None],
     alone: AloneProbe | None = None,
     ranking_images: int | None = None,
+    remember: Callable[[str, Callable[[], Any]], Any] = lambda name, produce: produce(),
 ) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """Quantize ``layers`` except the fewest most harmful ones, so that ``budget`` holds on the search
     split; returns the model and what was measured (per layer, when the ranking ran). ``alone``
     measures the layers one at a time faster than a whole model each. ``ranking_images``: rank on
     that many search images, those where the fully quantized model is farthest from float (as
     OpenVINO's accuracy-aware quantization ranks on its mismatches). Every model kept or rejected is
-    measured whole, on every search image: a coarser ranking may keep a layer more, never miss the budget."""
+    measured whole, on every search image: a coarser ranking may keep a layer more, never miss the budget.
+    ``remember(name, produce)`` gives the ranking (JSON) from an earlier run where the caller kept it."""
     model = quantize(layers)
     logits = probe.logits(model)
     fidelity = probe.score(logits)
@@ -173,7 +175,14 @@ def fit_budget(
         indices = probe.farthest(logits, ranking_images)
         ranker, alone = probe.subset(indices), alone.subset(indices) if alone is not None else None
         notes["ranking_images"] = sum(len(batch) for batch in ranker.batches)
-    single = alone.rank(layers) if alone is not None else {layer: ranker(quantize([layer])) for layer in layers}
+
+    def rank() -> dict[str, list[float]]:
+        alone_fidelity = (
+            alone.rank(layers) if alone is not None else {layer: ranker(quantize([layer])) for layer in layers}
+        )
+        return {layer: [value.sqnr_db, value.agreement] for layer, value in alone_fidelity.items()}
+
+    single = {layer: Fidelity(*value) for layer, value in remember("ranking", rank).items()}
     ranked = sorted(layers, key=lambda layer: (single[layer].sqnr_db, single[layer].agreement))
     notes["sensitivity"] = [{"layer": layer, **single[layer].rounded()} for layer in ranked]
     best = (model, fidelity, [])

@@ -50,7 +50,8 @@ class PassContext:
     ``executor`` runs the independent measurements of a search (here, or on workers); ``memo``
     keeps JSON-able results of long searches across interrupted runs (the engine backs it with a
     file keyed like the step); ``progress(description, total)`` opens a progress bar and yields the
-    function that advances it; ``check_logits`` (see the method) is the engine's own numeric check.
+    function that advances it; ``check_logits`` (see the method) is the engine's own numeric check;
+    ``reuse`` (see the method) keeps parts of a step's work that other options of the step share.
     """
 
     calibration: list[np.ndarray] = field(default_factory=list)
@@ -67,6 +68,16 @@ class PassContext:
         contextlib.nullcontext(lambda n=1: None)
     )
     logits_on_check_images: Callable[[onnx.ModelProto], np.ndarray] | None = None
+    reused_results: Callable[[str, dict[str, Any], Callable[[], Any]], Any] | None = None
+
+    def reuse(self, name: str, depends_on: dict[str, Any], produce: Callable[[], Any]) -> Any:
+        """``produce()``'s JSON-able result: a part of this step's work on its input model and data
+        that, of the pass's options, depends only on ``depends_on``. With the engine it comes from
+        the cache when a run of the step with other options made it (a new accuracy budget reuses
+        the weight schemes and the layer ranking); else it is computed."""
+        if self.reused_results is None:
+            return produce()
+        return self.reused_results(name, depends_on, produce)
 
     def check_logits(self, model: onnx.ModelProto) -> np.ndarray:
         """``model``'s logits on the images a rewrite meant to be exact checks itself on: with the

@@ -21,6 +21,7 @@ without VNNI):
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 from functools import lru_cache
 from pathlib import Path
@@ -33,18 +34,24 @@ from pydantic import Field, model_validator
 from passes import register_pass
 from passes.accuracy_budget import AloneProbe, Budget, FidelityProbe, fit_budget
 from passes.base import Pass, PassConfig, PassContext, PassError, Requirement, count_ops
-from passes.graph import copy_model, find_bridges, gemms_as_matmul, same_computation
+from passes.graph import GraphIndex, copy_model, find_bridges, gemms_as_matmul, same_computation
 from passes.int8_layers import DynamicInt8Builder
 from passes.int8_limit import cpu_model, linear_shapes, u8u8_speed
 from passes.module_names import node_modules
 from passes.ort_quant import CalibrationReader, FloatValues, ensure_node_names, run_ort_quantizer, weighted_nodes
 from passes.qattention import QAttentionPass
 from passes.runtime import batches
-from passes.weight_schemes import Overrides, QuantizedWeight, WeightScheme, WeightTuner
+from passes.timing import TIMING_METHOD
+from passes.weight_schemes import Overrides, QuantizedWeight, WeightScheme, WeightTuner, scheme_overrides
 
 QuantTypeName = Literal["int8", "uint8"]
 
 
+# options that decide only what the budget keeps, or what is done after it: the weight schemes and
+# the layer ranking of a step are reused across them (PassContext.reuse)
+BUDGET_ONLY = frozenset(
+    {"min_sqnr_db", "min_agreement", "max_float_layers", "ranking_images", "kept_layers", "qattention"}
+)
 U8U8_TOLERANCE = 1.05  # weight_type auto: u8u8 taken unless every round times it this much slower than 7-bit u8s8
 STATIC_ONLY = frozenset({"calibrate_method", "percentile", "activation_type", "quantize_outputs", "extra_options"})
 
@@ -218,7 +225,14 @@ class QuantizeInt8Pass(Pass):
         if bridges:
             ctx.notes.update(bridges=bridges, bridges_float=sorted(bridge_layers & set(candidates)))
         calibration = ctx.calibration_batches(cfg.calibration_images)
-        overrides = self._tune_weights(prepared, layers, bridges, reduce_range, calibration, ctx)
+        # what the schemes and the ranking depend on: every option but the budget's, as resolved here
+        depends = {
+            **self.config.model_dump(mode="json", exclude=set(BUDGET_ONLY)),
+            "weight_type": self._weight_type,
+            "reduce_range": reduce_range,
+            "layers": layers,
+        }
+        overrides = self._tune_weights(prepared, layers, bridges, reduce_range, calibration, ctx, depends)
 
         def quantize(nodes: list[str] | None) -> onnx.ModelProto:
             return self.quantize_layers(prepared, nodes, reduce_range, calibration, overrides)
@@ -233,8 +247,17 @@ class QuantizeInt8Pass(Pass):
             if builder is not None:
                 values = FloatValues(prepared, ctx.search, ctx.input_name, ctx.threads, ctx.executor)
                 alone = AloneProbe(prepared, builder.build, probe, values)
+            ranking = {**depends, "ranking_images": cfg.ranking_images}
             searched, notes = fit_budget(
-                layers, candidate, probe, budget, cfg.max_float_layers, ctx.log, alone, cfg.ranking_images
+                layers,
+                candidate,
+                probe,
+                budget,
+                cfg.max_float_layers,
+                ctx.log,
+                alone,
+                cfg.ranking_images,
+                lambda name, produce: ctx.reuse(name, ranking, produce),
             )
             for entry in notes.get("sensitivity", []):
                 entry["module"] = modules.get(entry["layer"], entry["layer"])
@@ -297,7 +320,13 @@ class QuantizeInt8Pass(Pass):
         dims = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:]]
         if not dims or not all(dims):
             return "int8"
-        measured = u8u8_speed(linear_shapes(model, tuple(dims), ctx.batch_size), ctx.threads)
+        shapes = linear_shapes(model, tuple(dims), ctx.batch_size)
+        # timed once per model and machine: a new budget keeps the kernel the first run chose
+        measured = ctx.reuse(
+            "u8u8-speed",
+            {"shapes": [str(shape) for shape in shapes], "timing": TIMING_METHOD},
+            lambda: u8u8_speed(shapes, ctx.threads),
+        )
         ratio, rounds = measured["u8u8_time_ratio"], measured["round_ratios"]
         ctx.notes.update(u8u8_time_ratio=ratio, u8u8_round_ratios=rounds)
         # slower only where every round says so: a kernel as fast within noise keeps its 8 bits every run
@@ -335,13 +364,37 @@ class QuantizeInt8Pass(Pass):
         reduce_range: bool,
         calibration: list[np.ndarray],
         ctx: PassContext,
+        depends: dict[str, Any],
     ) -> Overrides:
-        """Per-layer weight schemes and bridge clipping, measured; the notes say what each layer got."""
+        """Per-layer weight schemes and bridge clipping, measured (or reused: ``depends`` names what
+        they depend on); the notes say what each layer got."""
         cfg = self.config
         tuned_bridges = bridges if cfg.reconstruct_bridges else []
         if cfg.schemes == "fixed" and not tuned_bridges:
             return {}
         ctx.require_calibration("quantize_int8 (schemes / reconstruct_bridges)")
+        qtype = onnx.TensorProto.INT8 if self._weight_type == "int8" else onnx.TensorProto.UINT8
+        measured = ctx.reuse(
+            "weight-schemes",
+            depends,
+            lambda: self._measure_schemes(model, layers, tuned_bridges, reduce_range, calibration, ctx),
+        )
+        ctx.notes.update(measured["notes"])
+        schemes = {layer: WeightScheme(**scheme) for layer, scheme in measured["schemes"].items()}
+        return scheme_overrides(GraphIndex(model), schemes, qtype, reduce_range)
+
+    def _measure_schemes(
+        self,
+        model: onnx.ModelProto,
+        layers: list[str],
+        tuned_bridges: list[dict[str, Any]],
+        reduce_range: bool,
+        calibration: list[np.ndarray],
+        ctx: PassContext,
+    ) -> dict[str, Any]:
+        """The schemes ``_tune_weights`` measures, per layer as JSON, and its notes."""
+        cfg = self.config
+        notes: dict[str, Any] = {}
 
         # each layer's inputs at the deploy batch: a dynamic layer's activation range is the batch's
         deployed = batches(np.concatenate(calibration), ctx.batch_size)
@@ -365,12 +418,10 @@ class QuantizeInt8Pass(Pass):
             default = WeightScheme(per_channel=cfg.per_channel)
             schemes = {layer: default for layer in tuner.layers}
             if cfg.schemes == "search":
-                schemes, table = tuner.choose_schemes(default)
-                ctx.notes["schemes"] = table
+                schemes, notes["schemes"] = tuner.choose_schemes(default)
             if tuned_bridges:
-                schemes, table = tuner.reconstruct(tuned_bridges, schemes)
-                ctx.notes["bridge_reconstruction"] = table
-        return tuner.overrides(schemes)
+                schemes, notes["bridge_reconstruction"] = tuner.reconstruct(tuned_bridges, schemes)
+        return {"schemes": {layer: dataclasses.asdict(scheme) for layer, scheme in schemes.items()}, "notes": notes}
 
     def _builder(
         self, model: onnx.ModelProto, layers: list[str], reduce_range: bool, overrides: Overrides

@@ -88,6 +88,48 @@ def test_a_step_that_measures_the_machine_is_redone_at_other_threads(tmp_path, t
     assert counted == {"quantize_int8": 2, "fp16": 1}
 
 
+def test_a_new_budget_reuses_the_weight_schemes_and_the_ranking(tmp_path, tiny_onnx, tiny_images, monkeypatch):
+    """Only the budget changes: the int8 step runs again, but takes the weight schemes and the layer
+    ranking its first run measured, and writes the model a run from scratch writes."""
+    from passes.accuracy_budget import AloneProbe
+    from passes.weight_schemes import WeightTuner
+
+    calls: Counter = Counter()
+    for cls, method in ((WeightTuner, "choose_schemes"), (AloneProbe, "rank")):
+        original = getattr(cls, method)
+
+        def counted(self, *args, _original=original, _name=method, **kwargs):
+            calls[_name] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, method, counted)
+
+    def run(folder, budget):
+        options = {"schemes": "search", "min_sqnr_db": budget, "max_float_layers": 2}
+        steps = [StepConfig(**{"pass": "quantize_int8", "name": "int8", "options": options})]
+        start = StepRecord(name="fp32", kind="export", input=None, config={}, key="k", sha256=model_sha256(tiny_onnx))
+        return run_passes(
+            tiny_onnx,
+            start,
+            steps,
+            [get_pass("quantize_int8").Config.model_validate(options)],
+            Cache(folder, False),
+            lambda: PassContext(calibration=[tiny_images[:4]], search=[tiny_images[4:8], tiny_images[8:]]),
+            {"calibrate": "c", "search": "s", "threads": 2},
+            lambda a, b: {},
+        )[1][1]
+
+    run(tmp_path / "one", 300.0)  # no model meets it: every layer is ranked
+    assert calls == {"choose_schemes": 1, "rank": 1}
+    again = run(tmp_path / "one", 299.0)
+    assert not again.cached and calls == {"choose_schemes": 1, "rank": 1}
+    fresh = run(tmp_path / "two", 299.0)
+    assert calls == {"choose_schemes": 2, "rank": 2}
+    assert again.sha256 == fresh.sha256
+    for note in ("schemes", "sensitivity", "kept_float", "search_fidelity"):
+        assert again.notes[note] == fresh.notes[note]
+
+
 def test_new_calibration_data_and_force_redo_steps(tmp_path, tiny_onnx, tiny_images, counted):
     _run(tmp_path, tiny_onnx, tiny_images, _steps())
     _run(tmp_path, tiny_onnx, tiny_images, _steps(), fingerprint="calib-B")
