@@ -356,6 +356,11 @@ class QuantizeInt8Pass(Pass):
         notes["kept_float"] = [layer for layer in notes["kept_float"] if layer not in moved]
         return model
 
+    @property
+    def _qtype(self) -> int:
+        """The ONNX element type of the weights, as ``weight_type`` resolved here."""
+        return onnx.TensorProto.INT8 if self._weight_type == "int8" else onnx.TensorProto.UINT8
+
     def _tune_weights(
         self,
         model: onnx.ModelProto,
@@ -373,7 +378,6 @@ class QuantizeInt8Pass(Pass):
         if cfg.schemes == "fixed" and not tuned_bridges:
             return {}
         ctx.require_calibration("quantize_int8 (schemes / reconstruct_bridges)")
-        qtype = onnx.TensorProto.INT8 if self._weight_type == "int8" else onnx.TensorProto.UINT8
         measured = ctx.reuse(
             "weight-schemes",
             depends,
@@ -381,7 +385,7 @@ class QuantizeInt8Pass(Pass):
         )
         ctx.notes.update(measured["notes"])
         schemes = {layer: WeightScheme(**scheme) for layer, scheme in measured["schemes"].items()}
-        return scheme_overrides(GraphIndex(model), schemes, qtype, reduce_range)
+        return scheme_overrides(GraphIndex(model), schemes, self._qtype, reduce_range)
 
     def _measure_schemes(
         self,
@@ -408,12 +412,20 @@ class QuantizeInt8Pass(Pass):
                 return builder.build(nodes)
             return self.quantize_layers(piece, nodes, reduce_range, feeds, overrides)
 
-        qtype = onnx.TensorProto.INT8 if self._weight_type == "int8" else onnx.TensorProto.UINT8
         exact = exact_product if cfg.mode == "dynamic" else None
         work = len(layers) * (cfg.schemes == "search") + len(tuned_bridges)
         with ctx.progress("int8: weight schemes", work) as advance:
             tuner = WeightTuner(
-                model, layers, quantize_piece, values, qtype, reduce_range, ctx.threads, advance, ctx.executor, exact
+                model,
+                layers,
+                quantize_piece,
+                values,
+                self._qtype,
+                reduce_range,
+                ctx.threads,
+                advance,
+                ctx.executor,
+                exact,
             )
             default = WeightScheme(per_channel=cfg.per_channel)
             schemes = {layer: default for layer in tuner.layers}
@@ -429,9 +441,8 @@ class QuantizeInt8Pass(Pass):
         """The direct writer of this pass's dynamic int8 layers for searches, where it applies."""
         if self.config.mode != "dynamic" or not self.config.weighted_only:
             return None
-        qtype = onnx.TensorProto.INT8 if self._weight_type == "int8" else onnx.TensorProto.UINT8
         try:
-            return DynamicInt8Builder(model, layers, qtype, reduce_range, self.config.per_channel, overrides)
+            return DynamicInt8Builder(model, layers, self._qtype, reduce_range, self.config.per_channel, overrides)
         except ValueError:  # a layer it does not write (a weight from a Constant node): the quantizer
             return None
 
