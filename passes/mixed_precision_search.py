@@ -94,7 +94,28 @@ class Search:
         return m.sqnr
 
     def run(self) -> tuple[onnx.ModelProto, dict[str, Any]]:
-        cfg, ctx = self.cfg, self.ctx
+        """The measured front (reused where only ``select`` changed since it was measured: a new rule
+        picks from the same points), the point the rule picks, built, and the notes."""
+        found = self.ctx.reuse("front", self.cfg.model_dump(mode="json", exclude={"select"}), self._front)
+        points = found["points"]
+        front_points = [p for p in points if p["on_front"]]
+        chosen, reason = self._select([p for p in front_points if not p["violates"]] or front_points)
+        output = self.owner.build(self.prepared, self.layers, chosen["assignment"])
+        notes = {
+            **found["notes"],
+            "float_reference": {"top1": self.reference_top1},
+            "points": points,
+            "chosen": chosen["name"],
+            "chosen_code": chosen["code"],
+            "select": reason,
+        }
+        self.ctx.log(f"mixed precision: chose {chosen['name']} ({reason})")
+        return output, notes
+
+    def _front(self) -> dict[str, Any]:
+        """The search's measurements, as JSON: every measured point (``on_front`` where it is on the
+        measured Pareto front) and the notes that do not depend on the selection."""
+        cfg = self.cfg
         uniforms = {c: self.uniform(c) for c in dict.fromkeys([*cfg.choices, "float", "int8"])}
         model = self._additive_model(uniforms)
         explored = nsga2(
@@ -130,13 +151,10 @@ class Search:
             p["on_front"] = p in front_points
         for p in points:
             del p["measured"]
-        chosen, reason = self._select([p for p in front_points if not p["violates"]] or front_points)
-        output = self.owner.build(self.prepared, self.layers, chosen["assignment"])
         notes = {
             "blocks": {b: len(layers) for b, layers in self.layers.items()},
             "choices": list(cfg.choices),
             "base": self.base,
-            "float_reference": {"top1": self.reference_top1},
             "sensitivity": {
                 b: {c: round(model.single[b, c].sqnr, 3) for c in cfg.choices if c != self.base} for b in self.blocks
             },
@@ -144,13 +162,8 @@ class Search:
             "uniform_latency_ms": model.uniform_ms,
             "explored": len(explored),
             "predicted_front": len(front),
-            "points": points,
-            "chosen": chosen["name"],
-            "chosen_code": chosen["code"],
-            "select": reason,
         }
-        ctx.log(f"mixed precision: chose {chosen['name']} ({reason})")
-        return output, notes
+        return {"points": points, "notes": notes}
 
     def _additive_model(self, uniforms: dict[str, Assignment]) -> AdditiveModel:
         """Each block swapped alone from the base to every other choice, and the uniform models timed

@@ -105,6 +105,43 @@ def test_the_search_resumes_from_its_memo(tiny_onnx, tiny_images, tmp_path, monk
     assert first.notes["uniform_latency_ms"] == second.notes["uniform_latency_ms"]
 
 
+def test_a_new_selection_rule_picks_from_the_measured_front(tiny_onnx, tiny_images, tmp_path, monkeypatch):
+    """Only ``select`` changes: the step reruns without measuring or timing a model again, and picks
+    what a run from scratch with that rule picks."""
+    from onnxvit.config import StepConfig
+    from onnxvit.engine import Cache, StepRecord, model_sha256, run_passes
+
+    builds = []
+    original = MixedPrecisionPass.build
+    monkeypatch.setattr(MixedPrecisionPass, "build", lambda self, *args: builds.append(1) or original(self, *args))
+
+    def run(folder, minimize):
+        options = {**FAST, "select": {"min_agreement": None, "minimize": minimize}}
+        steps = [StepConfig(**{"pass": "mixed_precision", "name": "mixed", "options": options})]
+        start = StepRecord(name="fp32", kind="export", input=None, config={}, key="k", sha256=model_sha256(tiny_onnx))
+        models, records = run_passes(
+            tiny_onnx,
+            start,
+            steps,
+            [MixedPrecisionConfig.model_validate(options)],
+            Cache(folder, False),
+            lambda: PassContext(search=[tiny_images[:6]], threads=2),
+            {"calibrate": "c", "search": "s", "threads": 2},
+            lambda a, b: {},
+        )
+        return records[1]
+
+    run(tmp_path / "one", "latency")
+    builds.clear()
+    by_size = run(tmp_path / "one", "size")
+    assert not by_size.cached and len(builds) == 1  # the chosen point, built; nothing measured
+    fresh = run(tmp_path / "two", "size")
+    assert by_size.notes["chosen"] == fresh.notes["chosen"] and by_size.sha256 == fresh.sha256
+    allowed = [p for p in by_size.notes["points"] if p["on_front"] and not p["violates"]]
+    smallest = min(allowed, key=lambda p: p["size_bytes"])
+    assert by_size.notes["chosen"] == smallest["name"]
+
+
 def test_a_front_point_round_trips_through_the_report(tmp_path, image_folder):
     from onnxvit.compress import compress
     from onnxvit.config import load_config
