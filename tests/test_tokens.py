@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from onnxvit.cli import main
 from onnxvit.config import ExportConfig
+from onnxvit.errors import UserError
 from onnxvit.export import check_export, export_onnx, forced_logits, torch_logits
 from onnxvit.tokens import bipartite_soft_matching, merge_tokens, resolve_schedule
 from tests.conftest import TINY_MODEL, write_config
@@ -255,3 +256,28 @@ def test_models_without_a_token_sequence_and_bad_sections_are_one_line_errors(tm
     assert not (tmp_path / "out").exists()
     tight = {"search": {"candidates": [90], "min_sqnr_db": 150, "runs": 2}}
     fails("tokens.search: no candidate keeps min_sqnr_db 150", tokens=tight, model=dict(TINY_MODEL))
+
+
+def test_a_new_budget_re_picks_from_the_measured_candidates(tmp_path, image_folder, monkeypatch):
+    """The search's measurements are cached without its budget: a new budget measures nothing again
+    and takes the fastest candidate within it."""
+    from onnxvit.config import load_config
+    from onnxvit.engine import Cache
+    from onnxvit.progress import Reporter
+    from onnxvit.stages import tokens as stage
+    from onnxvit.stages.load import Run
+
+    search = {"candidates": [10, 40], "min_sqnr_db": 1000.0, "runs": 4}  # a budget no candidate keeps
+    config, passes = load_config(write_config(tmp_path, image_folder, tokens={"search": search}))
+    run = Run(config, passes, Reporter(True), Cache(tmp_path / "cache"))
+    measured = []
+    original = stage._measure
+    monkeypatch.setattr(stage, "_measure", lambda *args: measured.append(1) or original(*args))
+    with pytest.raises(UserError, match="no candidate keeps min_sqnr_db 1000"):
+        stage.search_schedule(run, run.dense_model, run.weights_id, config.tokens)
+    loose = config.tokens.model_copy(update={"search": config.tokens.search.model_copy(update={"min_sqnr_db": 0.0})})
+    chosen = stage.search_schedule(run, run.dense_model, run.weights_id, loose)
+    assert measured == [1]
+    allowed = [row for row in chosen["rows"][1:] if row["sqnr_db"] >= 0.0]
+    assert all(row["within_budget"] == (row in allowed) for row in chosen["rows"][1:]) and allowed
+    assert chosen["chosen"] == min(allowed, key=lambda row: row["latency_ms"])["candidate"]

@@ -66,11 +66,16 @@ def _candidates(model: Any, cfg: TokensConfig) -> list[tuple[str, list[int]]]:
     return list(found.items())
 
 
+BUDGET = {"search": {"min_sqnr_db", "min_agreement"}}  # what only filters the measured candidates
+
+
 def search_schedule(run: Run, model: Any, model_id: str, cfg: TokensConfig) -> dict[str, Any]:
-    """The search table and the chosen schedule: the fastest candidate within the fidelity budget."""
+    """The search table and the chosen schedule: the fastest candidate within the fidelity budget.
+    The candidates' measurements are cached without the budget, so a new budget only re-picks."""
+    assert cfg.search is not None
     key = cache_key(
         weights=model_id,
-        tokens=cfg.model_dump(mode="json"),
+        tokens=cfg.model_dump(mode="json", exclude=BUDGET),
         search_images=run.fingerprint("search"),
         benchmark=run.config.benchmark.model_dump(mode="json"),
         export=run.config.export.model_dump(mode="json"),
@@ -78,10 +83,30 @@ def search_schedule(run: Run, model: Any, model_id: str, cfg: TokensConfig) -> d
         search_version=SEARCH_VERSION,
         timing=TIMING_METHOD,
     )
-    return run.cache.json("token-search", key, lambda: _search(run, model, cfg))
+    measured = run.cache.json("token-search", key, lambda: _measure(run, model, cfg))
+    return _choose(measured, cfg.search.min_sqnr_db, cfg.search.min_agreement)
 
 
-def _search(run: Run, model: Any, cfg: TokensConfig) -> dict[str, Any]:
+def _choose(measured: dict[str, Any], min_sqnr_db: float, min_agreement: float) -> dict[str, Any]:
+    """The measured candidates, each marked whether it keeps the budget, and the fastest that does."""
+    rows = [
+        {**row, "within_budget": row["sqnr_db"] >= min_sqnr_db and row["agree_top1"] >= min_agreement}
+        for row in measured["rows"]
+    ]
+    allowed = [row for row in rows[1:] if row["within_budget"]]
+    if not allowed:
+        best = max(rows[1:], key=lambda row: row["sqnr_db"])
+        raise UserError(
+            f"tokens.search: no candidate keeps min_sqnr_db {min_sqnr_db:g} / min_agreement "
+            f"{min_agreement:g} on the search split (best: {best['candidate']} at {best['sqnr_db']:.1f} dB, "
+            f"{best['agree_top1']:.1f}%); lower the budget or add smaller candidates"
+        )
+    chosen = min(allowed, key=lambda row: row["latency_ms"])
+    return {"rows": rows, "chosen": chosen["candidate"], "schedule": chosen["schedule"], "images": measured["images"]}
+
+
+def _measure(run: Run, model: Any, cfg: TokensConfig) -> dict[str, Any]:
+    """Every candidate's fidelity on the search split and its latency, timed with the unmerged model."""
     from onnxvit.export import export_onnx, torch_logits
     from onnxvit.tokens import merge_tokens
     from passes.fuse_vit import FuseVitConfig, FuseVitPass
@@ -110,7 +135,6 @@ def _search(run: Run, model: Any, cfg: TokensConfig) -> dict[str, Any]:
             proto = SimplifyPass(SimplifyConfig(atol=run.config.export.atol)).run(proto, ctx)
             proto = FuseVitPass(FuseVitConfig()).run(proto, ctx)  # timed as the recipes run it
             runners[name] = onnx_runner(proto, run.input_shape, bench.threads, bench.batch_size)
-            within = fidelity["sqnr_db"] >= search.min_sqnr_db and fidelity["agree_top1"] >= search.min_agreement
             rows.append(
                 {
                     "candidate": name,
@@ -118,7 +142,6 @@ def _search(run: Run, model: Any, cfg: TokensConfig) -> dict[str, Any]:
                     "tokens_merged": int(sum(schedule)),
                     "sqnr_db": round(fidelity["sqnr_db"], 3),
                     "agree_top1": round(fidelity["agree_top1"], 3),
-                    "within_budget": bool(within),
                 }
             )
             advance(1)
@@ -129,16 +152,7 @@ def _search(run: Run, model: Any, cfg: TokensConfig) -> dict[str, Any]:
     for row in rows:
         row["latency_ms"] = latency[row["candidate"]]["median"]
         row["speedup"] = round(base / row["latency_ms"], 4)
-    allowed = [row for row in rows[1:] if row["within_budget"]]
-    if not allowed:
-        best = max(rows[1:], key=lambda row: row["sqnr_db"])
-        raise UserError(
-            f"tokens.search: no candidate keeps min_sqnr_db {search.min_sqnr_db:g} / min_agreement "
-            f"{search.min_agreement:g} on the search split (best: {best['candidate']} at {best['sqnr_db']:.1f} dB, "
-            f"{best['agree_top1']:.1f}%); lower the budget or add smaller candidates"
-        )
-    chosen = min(allowed, key=lambda row: row["latency_ms"])
-    return {"rows": rows, "chosen": chosen["candidate"], "schedule": chosen["schedule"], "images": len(images)}
+    return {"rows": rows, "images": len(images)}
 
 
 def merge(run: Run, model: Any, model_id: str) -> Merged:
