@@ -193,8 +193,10 @@ class RayExecutor(Executor):
             self.ray.shutdown()
 
 
-def make_executor(config: ExecutorConfig, log: Callable[[str], None] = lambda message: None) -> Executor:
-    """The executor a config asks for."""
+def make_executor(
+    config: ExecutorConfig, log: Callable[[str], None] = lambda message: None, lanes: int = 1
+) -> Executor:
+    """The executor a config asks for; in process, running ``lanes`` tasks of a search at a time."""
     if config.kind == "ray":
         return RayExecutor(config, log)
-    return Executor()
+    return Executor(lanes)

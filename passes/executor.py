@@ -16,6 +16,8 @@ Latency is never measured through an executor: timing stays in the calling proce
 from __future__ import annotations
 
 from collections import OrderedDict
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from itertools import islice
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
@@ -32,11 +34,17 @@ Model = onnx.ModelProto | Path | str
 
 
 class Executor:
-    """In process (the default): the measurements run here, one after another, each on ``threads``
-    cores as before executors existed."""
+    """In process (the default): the measurements run here. ``logits`` and ``outputs`` use
+    ``threads`` cores as callers of one session; ``map`` and ``stream`` run ``lanes`` items at a
+    time on threads of this process (ONNX Runtime releases the GIL), each item's feeds on
+    ``task_threads`` callers, so that one item's single-threaded parts (building, opening its
+    session) overlap another's runs."""
 
     kind = "local"
     workers = 1
+
+    def __init__(self, lanes: int = 1) -> None:
+        self.lanes = max(1, lanes)
 
     def logits(
         self,
@@ -73,12 +81,25 @@ class Executor:
         large results can be reduced and dropped as they come. ``function`` must be a module-level
         function (it is sent to workers by reference) and ``shared`` picklable; ``items`` may be a
         generator, consumed as workers free up, so that building the next item overlaps the work."""
-        for index, item in enumerate(items):
-            yield index, function(shared, item)
+        source = enumerate(items)
+        if self.lanes == 1:
+            for index, item in source:
+                yield index, function(shared, item)
+            return
+        with ThreadPoolExecutor(self.lanes) as pool:
+            pending = {pool.submit(function, shared, item): index for index, item in islice(source, self.lanes)}
+            while pending:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    index = pending.pop(future)
+                    for following, item in islice(source, 1):  # the next item, built while the others run
+                        pending[pool.submit(function, shared, item)] = following
+                    yield index, future.result()
 
     def task_threads(self, threads: int) -> int:
-        """The callers a task of ``map`` runs its feeds with: ``threads`` here, a worker's own elsewhere."""
-        return threads
+        """The callers a task of ``map`` runs its feeds with: its share of ``threads`` here (all of
+        them with one lane), a worker's own elsewhere."""
+        return max(1, threads // self.lanes)
 
     def describe(self) -> dict[str, Any]:
         """What the report says of where the work ran."""

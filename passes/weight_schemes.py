@@ -19,6 +19,7 @@ inputs (``passes.linear_error``), without a run per candidate.
 from __future__ import annotations
 
 import dataclasses
+import threading
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -235,6 +236,7 @@ class TrialInputs:
 
 
 _FLOAT_PIECES: OrderedDict[str, tuple[GraphIndex, SqnrAgainst]] = OrderedDict()
+_FLOAT_PIECES_LOCK = threading.Lock()
 KEPT_FLOAT_PIECES = 16  # a chunk of layers: a layer's clips are measured after all the chunk's schemes
 
 
@@ -243,20 +245,23 @@ def _float_piece(
 ) -> tuple[GraphIndex, SqnrAgainst]:
     """The float piece and its outputs prepared for scoring, run once per process that scores its
     trials (here, or on each worker) and kept for its next trials."""
-    if key in _FLOAT_PIECES:
-        _FLOAT_PIECES.move_to_end(key)
-        return _FLOAT_PIECES[key]
-    outputs = run_feeds(make_session(data, 1), feeds, callers)
-    _FLOAT_PIECES[key] = GraphIndex(onnx.ModelProto.FromString(data)), SqnrAgainst(_flat(outputs))
-    while len(_FLOAT_PIECES) > KEPT_FLOAT_PIECES:
-        _FLOAT_PIECES.popitem(last=False)
-    return _FLOAT_PIECES[key]
+    with _FLOAT_PIECES_LOCK:  # trials of one piece may run at once (Executor lanes): it is run once
+        if key in _FLOAT_PIECES:
+            _FLOAT_PIECES.move_to_end(key)
+            return _FLOAT_PIECES[key]
+        outputs = run_feeds(make_session(data, 1), feeds, callers)
+        piece = GraphIndex(onnx.ModelProto.FromString(data)), SqnrAgainst(_flat(outputs))
+        _FLOAT_PIECES[key] = piece
+        while len(_FLOAT_PIECES) > KEPT_FLOAT_PIECES:
+            _FLOAT_PIECES.popitem(last=False)
+        return piece
 
 
 def release_float_pieces(probes: Iterable[BlockProbe]) -> None:
     """Drop this process's copies of finished probes' float pieces (workers' copies age out)."""
-    for probe in probes:
-        _FLOAT_PIECES.pop(probe.key, None)
+    with _FLOAT_PIECES_LOCK:
+        for probe in probes:
+            _FLOAT_PIECES.pop(probe.key, None)
 
 
 def _flat(outputs: list[list[np.ndarray]]) -> np.ndarray:

@@ -49,3 +49,50 @@ def test_the_timing_loop_interleaves_rounds_and_times_no_warmup(monkeypatch):
     assert {round(ms, 6) for per_round in timed.values() for r in per_round for ms in r} == {1.0}
     summary = measure_latency(runners, 0, 4, 2)
     assert set(summary) == {"A", "B"} and set(summary["A"]) == {"median", "p90", "iqr"}
+
+
+def test_local_lanes_run_a_searchs_tasks_side_by_side_in_order():
+    """In process, ``lanes`` tasks of a map run at once (each with its share of the threads), and the
+    results come back in the items' order."""
+    import threading
+    import time
+
+    from passes.executor import Executor
+
+    lock = threading.Lock()
+    running, most = [0], [0]
+
+    def task(shared: int, item: int) -> int:
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.05 * (item % 3))  # finish out of order
+        with lock:
+            running[0] -= 1
+        return shared + item
+
+    assert Executor(2).map(task, iter(range(7)), 10) == list(range(10, 17))
+    assert most[0] == 2
+    most[0] = 0
+    assert Executor().map(task, iter(range(4)), 0) == list(range(4)) and most[0] == 1
+    assert Executor(2).task_threads(2) == 1 and Executor().task_threads(2) == 2
+
+
+def test_the_budget_ranks_layers_the_same_in_lanes(tiny_onnx, tiny_images):
+    """The ranking's network suffixes, run two at a time on one thread each, score every layer as
+    one at a time on two callers does, bit for bit."""
+    from passes.executor import Executor
+
+    config = QuantizeInt8Config(min_sqnr_db=300.0, max_float_layers=1, weight_type="int8", reduce_range=True)
+    rankings = []
+    for lanes in (1, 2):
+        measured: dict = {}  # what the pass measures, unrounded, as the engine would keep it
+        ctx = PassContext(
+            calibration=[tiny_images[:4]],
+            search=batches(tiny_images[4:], 1),
+            executor=Executor(lanes),
+            reused_results=lambda name, depends_on, produce, kept=measured: kept.setdefault(name, produce()),
+        )
+        QuantizeInt8Pass(config).run(tiny_onnx, ctx)
+        rankings.append(measured["ranking"])
+    assert rankings[0] == rankings[1] and len(rankings[0]) > 2

@@ -63,10 +63,11 @@ class Run:
 
     @cached_property
     def executor(self) -> Executor:
-        """Where evaluations and the searches' measurements run (``executor:``); started on first use."""
+        """Where evaluations and the searches' measurements run (``executor:``); started on first use.
+        In process, a search's tasks run as many at a time as the benchmark has threads, one each."""
         from onnxvit.distributed import make_executor
 
-        return make_executor(self.config.executor, self.reporter.log)
+        return make_executor(self.config.executor, self.reporter.log, self.config.benchmark.threads)
 
     def executor_record(self) -> dict[str, Any]:
         """Where the run's measurements ran, for the report (an executor never started says so)."""
