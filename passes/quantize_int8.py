@@ -378,62 +378,50 @@ class QuantizeInt8Pass(Pass):
         if cfg.schemes == "fixed" and not tuned_bridges:
             return {}
         ctx.require_calibration("quantize_int8 (schemes / reconstruct_bridges)")
-        measured = ctx.reuse(
-            "weight-schemes",
-            depends,
-            lambda: self._measure_schemes(model, layers, tuned_bridges, reduce_range, calibration, ctx),
-        )
+
+        def measure() -> dict[str, Any]:
+            """The schemes per layer as JSON, and the notes on what each layer got."""
+            notes: dict[str, Any] = {}
+
+            # each layer's inputs at the deploy batch: a dynamic layer's activation range is the batch's
+            deployed = batches(np.concatenate(calibration), ctx.batch_size)
+            values = FloatValues(model, deployed, ctx.input_name, ctx.threads, ctx.executor)
+
+            def quantize_piece(
+                piece: onnx.ModelProto, nodes: list[str], overrides: Overrides, feeds: list[dict[str, np.ndarray]]
+            ) -> onnx.ModelProto:
+                builder = self._builder(piece, nodes, reduce_range, overrides)
+                if builder is not None:
+                    return builder.build(nodes)
+                return self.quantize_layers(piece, nodes, reduce_range, feeds, overrides)
+
+            exact = exact_product if cfg.mode == "dynamic" else None
+            work = len(layers) * (cfg.schemes == "search") + len(tuned_bridges)
+            with ctx.progress("int8: weight schemes", work) as advance:
+                tuner = WeightTuner(
+                    model,
+                    layers,
+                    quantize_piece,
+                    values,
+                    self._qtype,
+                    reduce_range,
+                    ctx.threads,
+                    advance,
+                    ctx.executor,
+                    exact,
+                )
+                default = WeightScheme(per_channel=cfg.per_channel)
+                schemes = {layer: default for layer in tuner.layers}
+                if cfg.schemes == "search":
+                    schemes, notes["schemes"] = tuner.choose_schemes(default)
+                if tuned_bridges:
+                    schemes, notes["bridge_reconstruction"] = tuner.reconstruct(tuned_bridges, schemes)
+            return {"schemes": {layer: dataclasses.asdict(scheme) for layer, scheme in schemes.items()}, "notes": notes}
+
+        measured = ctx.reuse("weight-schemes", depends, measure)
         ctx.notes.update(measured["notes"])
         schemes = {layer: WeightScheme(**scheme) for layer, scheme in measured["schemes"].items()}
         return scheme_overrides(GraphIndex(model), schemes, self._qtype, reduce_range)
-
-    def _measure_schemes(
-        self,
-        model: onnx.ModelProto,
-        layers: list[str],
-        tuned_bridges: list[dict[str, Any]],
-        reduce_range: bool,
-        calibration: list[np.ndarray],
-        ctx: PassContext,
-    ) -> dict[str, Any]:
-        """The schemes ``_tune_weights`` measures, per layer as JSON, and its notes."""
-        cfg = self.config
-        notes: dict[str, Any] = {}
-
-        # each layer's inputs at the deploy batch: a dynamic layer's activation range is the batch's
-        deployed = batches(np.concatenate(calibration), ctx.batch_size)
-        values = FloatValues(model, deployed, ctx.input_name, ctx.threads, ctx.executor)
-
-        def quantize_piece(
-            piece: onnx.ModelProto, nodes: list[str], overrides: Overrides, feeds: list[dict[str, np.ndarray]]
-        ) -> onnx.ModelProto:
-            builder = self._builder(piece, nodes, reduce_range, overrides)
-            if builder is not None:
-                return builder.build(nodes)
-            return self.quantize_layers(piece, nodes, reduce_range, feeds, overrides)
-
-        exact = exact_product if cfg.mode == "dynamic" else None
-        work = len(layers) * (cfg.schemes == "search") + len(tuned_bridges)
-        with ctx.progress("int8: weight schemes", work) as advance:
-            tuner = WeightTuner(
-                model,
-                layers,
-                quantize_piece,
-                values,
-                self._qtype,
-                reduce_range,
-                ctx.threads,
-                advance,
-                ctx.executor,
-                exact,
-            )
-            default = WeightScheme(per_channel=cfg.per_channel)
-            schemes = {layer: default for layer in tuner.layers}
-            if cfg.schemes == "search":
-                schemes, notes["schemes"] = tuner.choose_schemes(default)
-            if tuned_bridges:
-                schemes, notes["bridge_reconstruction"] = tuner.reconstruct(tuned_bridges, schemes)
-        return {"schemes": {layer: dataclasses.asdict(scheme) for layer, scheme in schemes.items()}, "notes": notes}
 
     def _builder(
         self, model: onnx.ModelProto, layers: list[str], reduce_range: bool, overrides: Overrides
