@@ -127,6 +127,10 @@ class Cache:
         self._wrote(path)
         return memo
 
+    def has(self, name: str, key: str, suffix: str = ".json") -> bool:
+        """Whether ``name`` at ``key`` would come from the cache: for work that makes several entries at once."""
+        return self._usable(self._path(name, key, suffix))
+
     def json(self, name: str, key: str, produce: Callable[[], Any]) -> Any:
         path = self._path(name, key, ".json")
         if self._usable(path):

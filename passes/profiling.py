@@ -137,6 +137,14 @@ class Profile:
     def slowest(self, count: int = 10) -> list[NodeTime]:
         return sorted(self.nodes, key=lambda n: -n.ms)[:count]
 
+    def to_record(self) -> dict:
+        """Every node, as ``from_record`` reads it back: what a cache keeps of a raw profile."""
+        return {"nodes": [asdict(n) for n in self.nodes], "runs": self.runs, "run_ms": self.run_ms}
+
+    @classmethod
+    def from_record(cls, record: dict) -> Profile:
+        return cls([NodeTime(**n) for n in record["nodes"]], record["runs"], record["run_ms"])
+
     def to_json(self) -> dict:
         return {
             "runs": self.runs,
@@ -247,6 +255,27 @@ def profile_models(
     if unprofiled_ms is None:
         runners = {name: onnx_runner(model, shape, threads, batch_size) for name, model in models.items()}
         unprofiled_ms = {name: t["median"] for name, t in measure_latency(runners, warmup, runs, rounds).items()}
+    raw = raw_profiles(models, shape, threads, batch_size, warmup, runs, rounds)
+    return {name: less_profiler_cost(profile, unprofiled_ms[name]) for name, profile in raw.items()}
+
+
+def less_profiler_cost(raw: Profile, unprofiled_ms: float) -> Profile:
+    """``raw`` less the profiler's own cost: what its nodes' sum exceeds a whole unprofiled run
+    (``unprofiled_ms``) by, spread evenly over the nodes."""
+    return raw.less_cost(max(raw.total_ms - unprofiled_ms, 0.0) / max(len(raw.nodes), 1))
+
+
+def raw_profiles(
+    models: dict[str, onnx.ModelProto | Path],
+    shape: tuple[int, ...],
+    threads: int,
+    batch_size: int,
+    warmup: int,
+    runs: int,
+    rounds: int = 5,
+) -> dict[str, Profile]:
+    """Each model's profile as the profiler saw it (its own cost included), the models profiled in
+    interleaved rounds as ``profile_models`` says."""
     with tempfile.TemporaryDirectory(prefix="onnxvit-profile-") as tmp:
         profiled, feeds = {}, {}
         for index, (name, model) in enumerate(models.items()):
@@ -268,8 +297,5 @@ def profile_models(
             events = read_trace(Path(profiled[name].end_profiling()))
             graph = onnx.load(Path(tmp) / f"optimized-{index}.onnx", load_external_data=False).graph
             original = model if isinstance(model, onnx.ModelProto) else onnx.load(model, load_external_data=False)
-            raw = parse_profile(events, graph, warmup, original.graph)
-            # what the nodes' raw sum exceeds a whole unprofiled run by can only be the profiler's
-            cost = max(raw.total_ms - unprofiled_ms[name], 0.0) / max(len(raw.nodes), 1)
-            result[name] = raw.less_cost(cost)
+            result[name] = parse_profile(events, graph, warmup, original.graph)
         return result

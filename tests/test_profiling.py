@@ -232,6 +232,36 @@ def test_compress_reports_the_profile_and_the_limit(tmp_path, image_folder):
     assert json.loads((out / "report.json").read_text())["profile"] == report["profile"]
 
 
+def test_a_run_that_changes_one_variant_profiles_only_that_one(tmp_path, image_folder, monkeypatch):
+    """Raw profiles are kept by model: a new int8 model is profiled, the unchanged models' profiles
+    are reused (their profiler's cost taken off against this run's timing)."""
+    from onnxvit.compress import compress
+    from onnxvit.stages import profile as stage
+    from tests.conftest import write_config
+
+    profiled: list[set[str]] = []
+    original = stage.raw_profiles
+    monkeypatch.setattr(
+        stage, "raw_profiles", lambda models, *args: profiled.append(set(models)) or original(models, *args)
+    )
+    bench = {"warmup": 1, "runs": 4, "rounds": 2, "torch": False}
+
+    def run(int8_options):
+        passes = [{"pass": "quantize_int8", "name": "int8", "options": int8_options}, {"pass": "fp16", "name": "fp16"}]
+        for step in passes:
+            step["input"] = "fp32"
+        return compress(write_config(tmp_path, image_folder, passes=passes, benchmark=bench), quiet=True)
+
+    first = run({})
+    second = run({"per_channel": False})  # another int8 model; fp32 and fp16 are the same
+    assert profiled == [{"fp32", "int8", "fp16"}, {"int8"}]
+    assert set(second["profile"]["profiles"]) == {"fp32", "int8", "fp16"}
+    assert second["profile"]["profiles"]["int8"] != first["profile"]["profiles"]["int8"]
+    for name in ("fp32", "fp16"):  # the same nodes, as first profiled
+        nodes = [n["node"] for n in second["profile"]["profiles"][name]["slowest"]]
+        assert nodes == [n["node"] for n in first["profile"]["profiles"][name]["slowest"]]
+
+
 def test_quantize_int8_names_its_layers_by_module(tiny_onnx, tiny_images):
     ctx = PassContext(calibration=[tiny_images[:4]])
     QuantizeInt8Pass(QuantizeInt8Config()).run(tiny_onnx, ctx)

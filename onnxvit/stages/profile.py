@@ -3,6 +3,7 @@ int8 can give this model on this CPU, measured in the same quiet process as the 
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import onnx
@@ -12,7 +13,7 @@ from onnxvit.stages.benchmark import machine_info
 from onnxvit.stages.load import Run
 from onnxvit.variant import Variant
 from passes.int8_limit import gemm_speedup, int8_bound, linear_shapes, machine_summary
-from passes.profiling import CATEGORY_OPS, profile_models
+from passes.profiling import CATEGORY_OPS, Profile, less_profiler_cost, raw_profiles
 from passes.quantize_int8 import u8s8_saturates
 from passes.timing import TIMING_METHOD
 
@@ -64,41 +65,52 @@ def profile(
     machine = machine_info(bench.threads)
     warmup = min(bench.warmup, PROFILE_WARMUP)
 
-    def measure_profiles() -> dict[str, Any]:
-        with run.reporter.task(f"profiling {len(onnx_variants)} variants", 1, live=False) as advance:
-            profiles = profile_models(
-                {v.name: v.source() for v in onnx_variants},
+    settings = {"threads": bench.threads, "batch_size": bench.batch_size, "warmup": warmup}
+
+    def raw_key(variant: Variant) -> str:
+        # method 7: interleaved rounds, per-node medians, as the profiler saw them (its cost is taken
+        # off against this run's timed median); a float layer's bias Add counted in its linear time
+        return cache_key(
+            model=variant.identity,
+            settings=settings,
+            runs=bench.profile_runs,
+            method=7,
+            machine=machine,
+            shape=run.input_shape,
+            timing=TIMING_METHOD,
+        )
+
+    # each model's raw profile is kept by what the model is: a run that changed one variant
+    # profiles that one (in rounds with any other new ones), and reuses the others'
+    missing = [v for v in onnx_variants if not run.cache.has(f"profile-{v.name}", raw_key(v))]
+    measured: dict[str, Profile] = {}
+    if missing:
+        with run.reporter.task(f"profiling {len(missing)} variants", 1, live=False) as advance:
+            measured = raw_profiles(
+                {v.name: v.source() for v in missing},
                 run.input_shape,
                 bench.threads,
                 bench.batch_size,
                 warmup,
                 bench.profile_runs,
                 max(1, min(bench.rounds, bench.profile_runs // 5)),  # a round's first run is slower: 5 or more
-                {v.name: latency[v.name]["median"] for v in onnx_variants},
             )
             advance(1)
-            return {name: p.to_json() for name, p in profiles.items()}
+
+    def record(name: str) -> dict[str, Any]:
+        return measured[name].to_record()
+
+    raw = {
+        v.name: Profile.from_record(run.cache.json(f"profile-{v.name}", raw_key(v), partial(record, v.name)))
+        for v in onnx_variants
+    }
+    profiles = {name: less_profiler_cost(p, latency[name]["median"]).to_json() for name, p in raw.items()}
 
     def measure_limit() -> dict[str, Any]:
         assert reference.proto is not None
         shapes = linear_shapes(reference.proto, run.input_shape, bench.batch_size)
         return gemm_speedup(shapes, bench.threads, u8s8_saturates())
 
-    settings = {"threads": bench.threads, "batch_size": bench.batch_size, "warmup": warmup}
-    profiles = run.cache.json(
-        "profile",
-        cache_key(
-            models={v.name: v.identity for v in onnx_variants},
-            settings=settings,
-            runs=bench.profile_runs,
-            method=6,  # interleaved rounds, per-node medians, less the profiler's cost over the timed median;
-            # a float layer's bias Add counted in its linear time
-            machine=machine,
-            shape=run.input_shape,
-            timing=TIMING_METHOD,
-        ),
-        measure_profiles,
-    )
     limit = run.cache.json(
         "gemm-ratio",
         # method 2: several layers per timed call (passes.int8_limit.GEMM_COPIES)
