@@ -244,6 +244,7 @@ def profile_models(
     runs: int,
     rounds: int = 5,
     unprofiled_ms: Mapping[str, float] | None = None,
+    raw: bool = False,
 ) -> dict[str, Profile]:
     """Each model profiled on the benchmark input: ``warmup`` runs, then ``runs`` counted, split
     over ``rounds`` interleaved as the timing loop does (a slow spell of the machine falls on every
@@ -251,31 +252,12 @@ def profile_models(
     each event's arguments inside the node's timed span, so a model of many small nodes can sum to
     more than its unprofiled run; that excess, spread evenly over the nodes, is taken off every
     node's time. The unprofiled run is ``unprofiled_ms[name]`` where the caller timed the model
-    already (the benchmark stage, in the same process); otherwise the timing loop times it first."""
-    if unprofiled_ms is None:
+    already (the benchmark stage, in the same process); otherwise the timing loop times it first.
+    ``raw``: the profiles as the profiler saw them, for a caller that takes its cost off later
+    (``less_profiler_cost``, against its own timing)."""
+    if not raw and unprofiled_ms is None:
         runners = {name: onnx_runner(model, shape, threads, batch_size) for name, model in models.items()}
         unprofiled_ms = {name: t["median"] for name, t in measure_latency(runners, warmup, runs, rounds).items()}
-    raw = raw_profiles(models, shape, threads, batch_size, warmup, runs, rounds)
-    return {name: less_profiler_cost(profile, unprofiled_ms[name]) for name, profile in raw.items()}
-
-
-def less_profiler_cost(raw: Profile, unprofiled_ms: float) -> Profile:
-    """``raw`` less the profiler's own cost: what its nodes' sum exceeds a whole unprofiled run
-    (``unprofiled_ms``) by, spread evenly over the nodes."""
-    return raw.less_cost(max(raw.total_ms - unprofiled_ms, 0.0) / max(len(raw.nodes), 1))
-
-
-def raw_profiles(
-    models: dict[str, onnx.ModelProto | Path],
-    shape: tuple[int, ...],
-    threads: int,
-    batch_size: int,
-    warmup: int,
-    runs: int,
-    rounds: int = 5,
-) -> dict[str, Profile]:
-    """Each model's profile as the profiler saw it (its own cost included), the models profiled in
-    interleaved rounds as ``profile_models`` says."""
     with tempfile.TemporaryDirectory(prefix="onnxvit-profile-") as tmp:
         profiled, feeds = {}, {}
         for index, (name, model) in enumerate(models.items()):
@@ -297,5 +279,12 @@ def raw_profiles(
             events = read_trace(Path(profiled[name].end_profiling()))
             graph = onnx.load(Path(tmp) / f"optimized-{index}.onnx", load_external_data=False).graph
             original = model if isinstance(model, onnx.ModelProto) else onnx.load(model, load_external_data=False)
-            result[name] = parse_profile(events, graph, warmup, original.graph)
+            profile = parse_profile(events, graph, warmup, original.graph)
+            result[name] = profile if raw or unprofiled_ms is None else less_profiler_cost(profile, unprofiled_ms[name])
         return result
+
+
+def less_profiler_cost(raw: Profile, unprofiled_ms: float) -> Profile:
+    """``raw`` less the profiler's own cost: what its nodes' sum exceeds a whole unprofiled run
+    (``unprofiled_ms``) by, spread evenly over the nodes."""
+    return raw.less_cost(max(raw.total_ms - unprofiled_ms, 0.0) / max(len(raw.nodes), 1))

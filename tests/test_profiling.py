@@ -240,10 +240,13 @@ def test_a_run_that_changes_one_variant_profiles_only_that_one(tmp_path, image_f
     from tests.conftest import write_config
 
     profiled: list[set[str]] = []
-    original = stage.raw_profiles
-    monkeypatch.setattr(
-        stage, "raw_profiles", lambda models, *args: profiled.append(set(models)) or original(models, *args)
-    )
+    original = stage.profile_models
+
+    def counted(models, *args, **kwargs):
+        profiled.append(set(models))
+        return original(models, *args, **kwargs)
+
+    monkeypatch.setattr(stage, "profile_models", counted)
     bench = {"warmup": 1, "runs": 4, "rounds": 2, "torch": False}
 
     def run(int8_options):

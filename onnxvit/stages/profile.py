@@ -13,7 +13,7 @@ from onnxvit.stages.benchmark import machine_info
 from onnxvit.stages.load import Run
 from onnxvit.variant import Variant
 from passes.int8_limit import gemm_speedup, int8_bound, linear_shapes, machine_summary
-from passes.profiling import CATEGORY_OPS, Profile, less_profiler_cost, raw_profiles
+from passes.profiling import CATEGORY_OPS, Profile, less_profiler_cost, profile_models
 from passes.quantize_int8 import u8s8_saturates
 from passes.timing import TIMING_METHOD
 
@@ -86,7 +86,7 @@ def profile(
     measured: dict[str, Profile] = {}
     if missing:
         with run.reporter.task(f"profiling {len(missing)} variants", 1, live=False) as advance:
-            measured = raw_profiles(
+            measured = profile_models(
                 {v.name: v.source() for v in missing},
                 run.input_shape,
                 bench.threads,
@@ -94,6 +94,7 @@ def profile(
                 warmup,
                 bench.profile_runs,
                 max(1, min(bench.rounds, bench.profile_runs // 5)),  # a round's first run is slower: 5 or more
+                raw=True,
             )
             advance(1)
 
