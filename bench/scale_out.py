@@ -101,7 +101,7 @@ def main() -> None:
     source = step.input or (run.config.passes[index - 1].output if index else EXPORT_VARIANT)
     search_notes = {}
     for label, make in [
-        ("local", lambda: (Executor(), 0.0)),
+        ("local", lambda: (Executor(threads), 0.0)),  # as a run's search runs in process: in lanes
         ("ray 1x1", lambda: ray_executor(1, 1)),
         ("ray 2x1", lambda: ray_executor(2, 1)),
     ]:
