@@ -22,7 +22,7 @@ import onnx
 
 from passes.module_names import node_modules
 from passes.runtime import make_session, session_options
-from passes.timing import benchmark_input, measure_latency, onnx_runner
+from passes.timing import benchmark_input, measure_latency, onnx_runner, runs_per_round
 
 # Categories in the order a report shows them; an op type not listed is "elementwise".
 CATEGORY_OPS: dict[str, frozenset[str]] = {
@@ -269,8 +269,7 @@ def profile_models(
             feeds[name] = {profiled[name].get_inputs()[0].name: benchmark_input(shape, batch_size)}
             for _ in range(warmup):
                 profiled[name].run(None, feeds[name])
-        per_round = [runs // rounds + (r < runs % rounds) for r in range(rounds)]
-        for count in per_round:
+        for count in runs_per_round(runs, rounds):
             for name in models:
                 for _ in range(count):
                     profiled[name].run(None, feeds[name])

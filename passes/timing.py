@@ -29,6 +29,11 @@ def summarize(times_ms: np.ndarray) -> dict[str, float]:
     return {"median": round(float(median), 4), "p90": round(float(p90), 4), "iqr": round(float(q75 - q25), 4)}
 
 
+def runs_per_round(runs: int, rounds: int) -> list[int]:
+    """``runs`` split over ``rounds`` as evenly as can be, the larger shares first."""
+    return [runs // rounds + (index < runs % rounds) for index in range(rounds)]
+
+
 def timed_rounds(
     runners: dict[str, Runner], warmup: int, runs: int, rounds: int = 5, after_round: Callable[[], None] = lambda: None
 ) -> dict[str, list[list[float]]]:
@@ -40,8 +45,7 @@ def timed_rounds(
         for _ in range(warmup):
             run()
     times: dict[str, list[list[float]]] = {name: [] for name in runners}
-    per_round = [runs // rounds + (1 if i < runs % rounds else 0) for i in range(rounds)]
-    for count in per_round:
+    for count in runs_per_round(runs, rounds):
         for name, run in runners.items():
             run()
             calls = []
