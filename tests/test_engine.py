@@ -33,7 +33,7 @@ def _run(tmp_path, tiny_onnx, tiny_images, steps, force=False, fingerprint="cali
         steps,
         configs,
         Cache(tmp_path / "cache", force),
-        lambda: PassContext(calibration=[tiny_images[:4]]),
+        lambda: PassContext(calibration=[tiny_images[:4]], search=[tiny_images[4:8], tiny_images[8:]]),
         {"calibrate": fingerprint, "search": "s", "threads": threads},
         lambda a, b: {"checked": 1.0},
     )
@@ -109,17 +109,7 @@ def test_a_new_budget_reuses_the_weight_schemes_and_the_ranking(tmp_path, tiny_o
         options = {"schemes": "search", "min_sqnr_db": budget, "max_float_layers": 2, "weight_type": "int8"}
         options["reduce_range"] = True
         steps = [StepConfig(**{"pass": "quantize_int8", "name": "int8", "options": options})]
-        start = StepRecord(name="fp32", kind="export", input=None, config={}, key="k", sha256=model_sha256(tiny_onnx))
-        return run_passes(
-            tiny_onnx,
-            start,
-            steps,
-            [get_pass("quantize_int8").Config.model_validate(options)],
-            Cache(folder, False),
-            lambda: PassContext(calibration=[tiny_images[:4]], search=[tiny_images[4:8], tiny_images[8:]]),
-            {"calibrate": "c", "search": "s", "threads": 2},
-            lambda a, b: {},
-        )[1][1]
+        return _run(folder, tiny_onnx, tiny_images, steps)[1][1]
 
     run(tmp_path / "one", 300.0)  # no model meets it: every layer is ranked
     assert calls == {"choose_schemes": 1, "rank": 1}
