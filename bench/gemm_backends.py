@@ -1,0 +1,131 @@
+"""PyTorch's and ONNX Runtime's float GEMM at a ViT's linear-layer shapes, one thread each.
+
+Why a PyTorch eager evaluation can cost far more than ONNX Runtime's on the same CPU: eager PyTorch
+runs its linear layers through its BLAS (MKL in the x86 wheels), ONNX Runtime through its own MLAS
+kernels, and the two need not pick the same instruction set. Prints, per shape, each backend's
+best time and GFLOP/s and their ratio, and the BLAS's own account of the code path it dispatched
+(MKL_VERBOSE); with --json PATH writes them with a `headline` (`torch_over_onnxruntime`: the
+FLOP-weighted time ratio over the model's linear layers).
+
+    python bench/gemm_backends.py [--model deit_tiny_patch16_224] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+from typing import Any, Callable
+
+import numpy as np
+
+import onnxvit._compat  # noqa: F401  (before timm)
+
+from _common import arguments, print_table, write_json
+
+CALLS, REPEATS = 300, 5
+
+
+def linear_shapes(model_name: str) -> Counter[tuple[int, int, int]]:
+    """(tokens, in, out) of each linear layer of the timm model (random init), with its count."""
+    import timm
+
+    model = timm.create_model(model_name, pretrained=False)
+    tokens = model.patch_embed.num_patches + getattr(model, "num_prefix_tokens", 1)
+    shapes: Counter[tuple[int, int, int]] = Counter()
+    for name, module in model.named_modules():
+        if type(module).__name__ == "Linear":
+            rows = 1 if name.startswith("head") else tokens  # the classifier reads one pooled token
+            shapes[(rows, module.in_features, module.out_features)] += 1
+    return shapes
+
+
+def best_seconds(call: Callable[[], Any]) -> float:
+    """The fastest mean over ``REPEATS`` rounds of ``CALLS`` calls, after a warm-up."""
+    for _ in range(CALLS // 5):
+        call()
+    rounds = []
+    for _ in range(REPEATS):
+        start = time.perf_counter()
+        for _ in range(CALLS):
+            call()
+        rounds.append((time.perf_counter() - start) / CALLS)
+    return min(rounds)
+
+
+def onnx_matmul(a: np.ndarray, w: np.ndarray) -> Callable[[], Any]:
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["a", "w"], ["y"])],
+        "gemm",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, list(a.shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [a.shape[0], w.shape[1]])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return lambda: session.run(None, {"a": a})
+
+
+def blas_dispatch() -> str | None:
+    """MKL's first verbose line (its build and the code path it picked), from a child process."""
+    code = "import torch; torch.nn.functional.linear(torch.ones(8, 8), torch.ones(8, 8))"
+    env = {**os.environ, "MKL_VERBOSE": "1"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("MKL_VERBOSE") and "SGEMM" not in line]
+    return lines[0] if lines else None
+
+
+def main() -> None:
+    args = arguments(__doc__, "bench-gemm", model=dict(default="deit_tiny_patch16_224")).parse_args()
+    import torch
+
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    rows, torch_total, ort_total = [], 0.0, 0.0
+    for (m, k, n), count in sorted(linear_shapes(args.model).items()):
+        a, w = rng.random((m, k), np.float32), rng.random((k, n), np.float32)
+        ta, tw = torch.from_numpy(a), torch.from_numpy(np.ascontiguousarray(w.T))
+        with torch.inference_mode():
+            torch_s = best_seconds(lambda: torch.nn.functional.linear(ta, tw))  # noqa: B023
+        ort_s = best_seconds(onnx_matmul(a, w))
+        flops = 2 * m * k * n
+        rows.append(
+            {
+                "rows": m,
+                "k": k,
+                "n": n,
+                "count": count,
+                "torch_us": round(torch_s * 1e6, 1),
+                "onnxruntime_us": round(ort_s * 1e6, 1),
+                "torch_gflops": round(flops / torch_s / 1e9, 1),
+                "onnxruntime_gflops": round(flops / ort_s / 1e9, 1),
+                "torch_over_onnxruntime": round(torch_s / ort_s, 3),
+            }
+        )
+        torch_total, ort_total = torch_total + count * torch_s, ort_total + count * ort_s
+    print_table(rows, list(rows[0]))
+    config = torch.__config__.show()
+    headline = {
+        "model": args.model,
+        "threads": 1,
+        "torch_over_onnxruntime": round(torch_total / ort_total, 3),
+        "torch_linear_ms": round(torch_total * 1e3, 3),
+        "onnxruntime_linear_ms": round(ort_total * 1e3, 3),
+        "torch_cpu_capability": next(
+            (line.split(":", 1)[1].strip() for line in config.splitlines() if "CPU capability" in line), None
+        ),
+        "blas_dispatch": blas_dispatch(),
+    }
+    print(headline)
+    write_json(args.json, table=rows, headline=headline)
+
+
+if __name__ == "__main__":
+    main()
