@@ -177,7 +177,7 @@ class QuantizeInt8Pass(Pass):
     # 6: those kernels timed as several layers per call, no other session's threads spinning
     Config = QuantizeInt8Config
     config: QuantizeInt8Config
-    tabled_notes = frozenset({"schemes", "bridge_reconstruction", "modules"})
+    tabled_notes = frozenset({"schemes", "bridge_reconstruction", "modules", "sensitivity"})
     _excluded: list[str] | None = None  # exclude_nodes and, with bridges: float, the bridge layers
     _weight_type: QuantTypeName = "int8"  # weight_type as resolved for this machine
 
@@ -536,6 +536,7 @@ class QuantizeInt8Pass(Pass):
                 + ", ".join(named(layer) for layer in notes["kept_float"])
                 + ".",
             ]
+        lines += _ranking_section(step)
         if notes.get("u8u8"):
             lines += [
                 "",
@@ -575,3 +576,43 @@ class QuantizeInt8Pass(Pass):
                 for layer, e in bridges.items()
             ]
         return lines
+
+
+RANKED_SHOWN = 10  # the report's ranking table: the most harmful layers, the full list in report.json
+
+
+def _ranking_section(step: dict[str, Any]) -> list[str]:
+    """The accuracy budget's layer ranking, most harmful first: what each layer alone in int8 does to
+    the model on the search split, and which the budget kept in float."""
+    notes, config = step.get("notes", {}), step.get("config", {})
+    ranked = notes.get("sensitivity")
+    if not ranked:
+        return []
+    kept, fidelity = set(notes.get("kept_float", [])), notes.get("search_fidelity", {})
+    wanted = [
+        f"{config[k]}{unit}"
+        for k, unit in (("min_sqnr_db", " dB"), ("min_agreement", "% agreement"))
+        if config.get(k) is not None
+    ]
+    images = f"{notes['ranking_images']} of the search images" if notes.get("ranking_images") else "the search split"
+    outcome = "held" if notes.get("budget_met") else "was not met"
+    lines = [
+        "",
+        f"## Accuracy budget: `{step['name']}`",
+        "",
+        f"With every layer in int8 the model missed the budget ({', '.join(wanted)} on the search split), so each "
+        f"layer was measured alone in int8, on {images}, and the most harmful kept in float until the budget "
+        f"held or `max_float_layers` was reached. The budget {outcome}: {fidelity.get('sqnr_db')} dB, "
+        f"{fidelity.get('agreement')}% agreement with float on the search split.",
+        "",
+        "| rank | layer | SQNR dB (this layer alone in int8) | agreement % | kept float |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {rank} | {entry.get('module', entry['layer'])} (`{entry['layer']}`) | {entry['sqnr_db']:.2f} | "
+        f"{entry['agreement']:.1f} | {'yes' if entry['layer'] in kept else ''} |"
+        for rank, entry in enumerate(ranked[:RANKED_SHOWN], start=1)
+    ]
+    if len(ranked) > RANKED_SHOWN:
+        lines += ["", f"{len(ranked) - RANKED_SHOWN} more layers ranked: report.json, this step's `sensitivity`."]
+    return lines

@@ -136,6 +136,13 @@ def test_accuracy_budget_keeps_the_most_harmful_layers_in_float(tiny_onnx, tiny_
     assert kept == [entry["layer"] for entry in notes["sensitivity"][: len(kept)]]
     assert notes["search_fidelity"]["sqnr_db"] >= all_int8 + 3
     assert len(_int8_weights(strict)) == len(_int8_weights(loose)) - len(kept)
+    # the report shows the ranking as a table, most harmful first, the kept layers marked
+    step = {"name": "int8", "config": {"min_sqnr_db": all_int8 + 3}, "notes": notes}
+    rows = [line for line in QuantizeInt8Pass.report_section(step) if line.startswith("| ") and "rank" not in line]
+    assert [row.split(" | ")[0] for row in rows] == [f"| {rank}" for rank in range(1, 10)]
+    assert [row.split("`")[1] for row in rows] == [entry["layer"] for entry in notes["sensitivity"]]
+    assert [row.split("`")[1] for row in rows if row.endswith("| yes |")] == kept
+    assert "sensitivity" in QuantizeInt8Pass.tabled_notes  # not repeated in the notes' JSON
     QuantizeInt8Pass(QuantizeInt8Config(min_sqnr_db=300.0, max_float_layers=2)).run(tiny_onnx, ctx)
     assert not ctx.notes["budget_met"] and len(ctx.notes["kept_float"]) <= 2
 
