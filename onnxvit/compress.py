@@ -6,7 +6,10 @@ images are decoded only when something that needs them has to run.
 
 from __future__ import annotations
 
+import gc
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -72,16 +75,43 @@ def compress(
         config.executor = ExecutorConfig()
     run = Run(config, pass_configs, Reporter(quiet), Cache(config.output.dir / CACHE_DIR, force))
     try:
-        return _pipeline(run)
+        with long_lived_heap() as loaded:
+            return _pipeline(run, loaded)
     finally:
         run.close()
 
 
-def _pipeline(run: Run) -> dict[str, Any]:
+@contextmanager
+def long_lived_heap() -> Iterator[Callable[[], None]]:
+    """Garbage collection paused while a run loads what it keeps to its end (torch's, timm's and
+    ONNX Runtime's modules, the model): none of it is garbage, yet every full collection would walk
+    it. Yields the call that ends the loading: what exists then is left out of later collections
+    (``gc.freeze``) until the run ends. A caller that froze objects of its own keeps its policy."""
+    enabled, ours = gc.isenabled(), gc.get_freeze_count() == 0
+    if ours:
+        gc.disable()
+
+    def loaded() -> None:
+        if ours:
+            gc.freeze()
+            if enabled:
+                gc.enable()
+
+    try:
+        yield loaded
+    finally:
+        if ours:
+            gc.unfreeze()
+            if enabled:
+                gc.enable()
+
+
+def _pipeline(run: Run, loaded: Callable[[], None] = lambda: None) -> dict[str, Any]:
     config, folder = run.config, run.config.output.dir
     started = time.perf_counter()
     with run.timed("load"):
         check_inputs(run)
+    loaded()
     prepare_output(folder)
 
     variants: list[Variant] = []

@@ -10,10 +10,11 @@ the node's outputs downstream, since fusions rename nodes but keep the tensors a
 from __future__ import annotations
 
 import bisect
+import contextlib
 import gc
 import json
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -214,14 +215,15 @@ def parse_profile(
     return profile.less_cost(node_cost_ms) if node_cost_ms else profile
 
 
-def read_trace(path: Path) -> list[dict]:
-    """ONNX Runtime's trace events from ``path``. The collector is paused while the parse builds its
-    many small objects: its full passes over a pipeline's large heap would cost more than the parse."""
-    text = path.read_text()
+@contextlib.contextmanager
+def paused_gc() -> Iterator[None]:
+    """The collector paused while ONNX Runtime's trace is parsed and read: its many small objects
+    would start collections whose passes over a pipeline's large heap cost more than the parse. They
+    hold no cycles: the caller frees them by dropping them before the block ends."""
     enabled = gc.isenabled()
     gc.disable()
     try:
-        return json.loads(text)
+        yield
     finally:
         if enabled:
             gc.enable()
@@ -275,10 +277,12 @@ def profile_models(
                     profiled[name].run(None, feeds[name])
         result = {}
         for index, (name, model) in enumerate(models.items()):
-            events = read_trace(Path(profiled[name].end_profiling()))
             graph = onnx.load(Path(tmp) / f"optimized-{index}.onnx", load_external_data=False).graph
             original = model if isinstance(model, onnx.ModelProto) else onnx.load(model, load_external_data=False)
-            profile = parse_profile(events, graph, warmup, original.graph)
+            with paused_gc():
+                events = json.loads(Path(profiled[name].end_profiling()).read_text())
+                profile = parse_profile(events, graph, warmup, original.graph)
+                del events
             result[name] = profile if raw or unprofiled_ms is None else less_profiler_cost(profile, unprofiled_ms[name])
         return result
 

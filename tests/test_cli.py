@@ -165,6 +165,30 @@ def test_second_run_comes_from_the_cache(first_run):
     assert {p: p.stat().st_mtime_ns for p in cache} == cache
 
 
+def test_a_run_pauses_collection_while_loading_and_leaves_the_policy_as_it_found_it():
+    import gc
+
+    from onnxvit.compress import long_lived_heap
+
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    with long_lived_heap() as loaded:
+        assert not gc.isenabled()  # loading: nothing is collected
+        kept = [object()]
+        loaded()
+        assert gc.isenabled() and gc.get_freeze_count() >= len(kept)  # what loading made is left out
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    gc.freeze()  # a caller's own frozen heap: the run neither pauses nor thaws it
+    try:
+        frozen = gc.get_freeze_count()
+        with long_lived_heap() as loaded:
+            assert gc.isenabled()
+            made = [[] for _ in range(1000)]
+            loaded()
+        assert 0 < gc.get_freeze_count() < frozen + len(made)  # not thawed, nothing more frozen
+    finally:
+        gc.unfreeze()
+
+
 def test_force_redoes_everything(first_run):
     config, out, _ = first_run
     assert _invoke("compress", str(config), "--quiet", "--force").exit_code == 0
