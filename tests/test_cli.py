@@ -141,6 +141,26 @@ def test_the_torch_variant_scores_as_one_evaluation_at_its_batch(first_run):
     assert torch_row["sqnr_db"] == pytest.approx(figures["sqnr_db"], abs=0.5) and figures["sqnr_db"] > 60
 
 
+@pytest.mark.parametrize("differs_from", [2, 8, None])
+def test_the_batch_check_runs_the_large_batch_only_where_twice_the_deploy_batch_agrees(first_run, differs_from):
+    from onnxvit.stages.evaluate import scoring_batch
+    from onnxvit.variant import Variant
+
+    run, calls = _run_of(first_run), []
+
+    class Probe(Variant):  # logits that change from batch ``differs_from`` on, as a kernel switch would
+        def logits(self, images, batch_size, threads, advance=lambda n: None, executor=None):
+            calls.append((len(images), batch_size))
+            shift = differs_from is not None and batch_size >= differs_from
+            return np.full((len(images), 3), 1.0 + shift, np.float32)
+
+    large = run.config.data.batch_size
+    batch, head = scoring_batch(run, Probe("probe", "torch", f"probe-{differs_from}-{time.time_ns()}"))
+    assert calls[0] == (large, 1) and len(head) == large  # the deploy batch's logits, reused as the head
+    assert calls[1:] == ([(2, 2)] if differs_from == 2 else [(2, 2), (large, large)])
+    assert batch == (large if differs_from is None else 1)
+
+
 def test_latency_from_another_timing_method_is_timed_again(first_run, monkeypatch):
     from onnxvit.stages import benchmark
 

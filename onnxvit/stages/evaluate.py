@@ -37,7 +37,13 @@ def scoring_batch(run: Run, variant: Variant) -> tuple[int, np.ndarray | None]:
     def check() -> dict[str, int]:
         sample, threads = run.evaluation_images[:large], run.config.benchmark.threads
         measured.append(variant.logits(sample, deploy, threads))
-        same = np.array_equal(measured[0], variant.logits(sample, large, threads))
+        # first at twice the deploy batch, on as few images: a kernel that changes past the deploy
+        # batch (a classifier's matrix-vector product at batch 1) shows there, and the large batch's
+        # run is spared; a batch it would wrongly turn down costs speed, never a figure
+        same = all(
+            np.array_equal(measured[0][:batch], variant.logits(sample[:batch], batch, threads))
+            for batch in dict.fromkeys([min(2 * deploy, large), large])
+        )
         return {"batch_size": large if same else deploy}
 
     key = cache_key(model=variant.identity, evaluate=run.fingerprint("evaluate"), batches=[deploy, large])
