@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import atexit
-import gc
 import sys
 from pathlib import Path
 
@@ -92,10 +90,6 @@ class _Group(click.Group):
 @click.version_option(__version__, prog_name="onnxvit")
 def main() -> None:
     """Prune, quantize and benchmark timm vision transformers for ONNX Runtime."""
-    # registered first, so it runs last: at exit, the heap is left out of the interpreter's final
-    # collections, which would otherwise walk torch's, timm's and ONNX Runtime's objects for a
-    # second before the process ends (the memory goes back with the process either way)
-    atexit.register(gc.freeze)
 
 
 @main.command()
