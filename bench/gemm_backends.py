@@ -12,6 +12,7 @@ FLOP-weighted time ratio over the model's linear layers).
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -28,18 +29,20 @@ from _common import arguments, print_table, write_json
 CALLS, REPEATS = 300, 5
 
 
-def linear_shapes(model_name: str) -> Counter[tuple[int, int, int]]:
-    """(tokens, in, out) of each linear layer of the timm model (random init), with its count."""
+def model_shapes(model_name: str) -> Counter[tuple[int, int, int]]:
+    """(rows, in, out) of each linear layer of the timm model (random init) as it runs at batch 1,
+    with its count: the exported model's layers, found as the profile stage finds them."""
     import timm
+    import torch
 
-    model = timm.create_model(model_name, pretrained=False)
-    tokens = model.patch_embed.num_patches + getattr(model, "num_prefix_tokens", 1)
-    shapes: Counter[tuple[int, int, int]] = Counter()
-    for name, module in model.named_modules():
-        if type(module).__name__ == "Linear":
-            rows = 1 if name.startswith("head") else tokens  # the classifier reads one pooled token
-            shapes[(rows, module.in_features, module.out_features)] += 1
-    return shapes
+    from onnxvit.config import ExportConfig
+    from onnxvit.export import export_onnx
+    from passes.int8_limit import linear_shapes
+
+    model = timm.create_model(model_name, pretrained=False).eval()
+    shape = tuple(model.pretrained_cfg["input_size"])
+    proto = export_onnx(model, torch.zeros(1, *shape).numpy(), ExportConfig())
+    return Counter((math.prod(s.rows), s.k, s.n) for s in linear_shapes(proto, shape, 1))
 
 
 def best_seconds(call: Callable[[], Any]) -> float:
@@ -89,7 +92,7 @@ def main() -> None:
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
     rows, torch_total, ort_total = [], 0.0, 0.0
-    for (m, k, n), count in sorted(linear_shapes(args.model).items()):
+    for (m, k, n), count in sorted(model_shapes(args.model).items()):
         a, w = rng.random((m, k), np.float32), rng.random((k, n), np.float32)
         ta, tw = torch.from_numpy(a), torch.from_numpy(np.ascontiguousarray(w.T))
         with torch.inference_mode():
