@@ -516,7 +516,7 @@ class QuantizeInt8Pass(Pass):
         modules = notes.get("modules", {})
 
         def named(layer: str) -> str:
-            return f"{modules[layer]} (`{layer}`)" if layer in modules else layer
+            return _named(layer, modules)
 
         lines = []
         if notes.get("u8u8_time_ratio") is not None:  # weight_type auto, on a CPU where u8s8 saturates
@@ -581,6 +581,11 @@ class QuantizeInt8Pass(Pass):
 RANKED_SHOWN = 10  # the report's ranking table: the most harmful layers, the full list in report.json
 
 
+def _named(layer: str, modules: dict[str, str]) -> str:
+    """A layer as the report names it: its module path, then its node name (``modules``: the notes')."""
+    return f"{modules[layer]} (`{layer}`)" if layer in modules else layer
+
+
 def _ranking_section(step: dict[str, Any]) -> list[str]:
     """The accuracy budget's layer ranking, most harmful first: what each layer alone in int8 does to
     the model on the search split, and which the budget kept in float."""
@@ -589,6 +594,7 @@ def _ranking_section(step: dict[str, Any]) -> list[str]:
     if not ranked:
         return []
     kept, fidelity = set(notes.get("kept_float", [])), notes.get("search_fidelity", {})
+    modules = notes.get("modules", {})
     wanted = [
         f"{config[k]}{unit}"
         for k, unit in (("min_sqnr_db", " dB"), ("min_agreement", "% agreement"))
@@ -609,7 +615,7 @@ def _ranking_section(step: dict[str, Any]) -> list[str]:
         "|---|---|---|---|---|",
     ]
     lines += [
-        f"| {rank} | {entry.get('module', entry['layer'])} (`{entry['layer']}`) | {entry['sqnr_db']:.2f} | "
+        f"| {rank} | {_named(entry['layer'], modules)} | {entry['sqnr_db']:.2f} | "
         f"{entry['agreement']:.1f} | {'yes' if entry['layer'] in kept else ''} |"
         for rank, entry in enumerate(ranked[:RANKED_SHOWN], start=1)
     ]
