@@ -21,13 +21,9 @@ import onnx
 
 from onnxvit import __version__
 from onnxvit.errors import UserError
-from onnxvit.fileio import atomic_write_bytes, atomic_write_json, sha256_bytes, sha256_json
+from onnxvit.fileio import atomic_write_bytes, atomic_write_json, sha256_json
 from passes import PassContext, PassError, get_pass
-from passes.graph import model_problem
-
-
-def model_sha256(model: onnx.ModelProto) -> str:
-    return sha256_bytes(model.SerializeToString(deterministic=True))
+from passes.graph import model_problem, model_sha256
 
 
 def cache_key(**parts: Any) -> str:

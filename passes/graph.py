@@ -68,6 +68,11 @@ def topological_sort(model: onnx.ModelProto) -> int:
     return moved
 
 
+def model_sha256(model: onnx.ModelProto) -> str:
+    """The digest of the model's deterministic serialization: what caches key a model by."""
+    return hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()
+
+
 def same_computation(first: onnx.ModelProto, second: onnx.ModelProto) -> bool:
     """Whether two models compute the same outputs from the same inputs by the same ops on the same
     constants, whatever their node and tensor names or node order: each tensor is identified by a

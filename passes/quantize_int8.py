@@ -34,14 +34,14 @@ from pydantic import Field, model_validator
 from passes import register_pass
 from passes.accuracy_budget import AloneProbe, Budget, FidelityProbe, fit_budget
 from passes.base import Pass, PassConfig, PassContext, PassError, Requirement, count_ops
-from passes.graph import GraphIndex, copy_model, find_bridges, gemms_as_matmul, same_computation
+from passes.graph import GraphIndex, copy_model, find_bridges, gemms_as_matmul, model_sha256, same_computation
 from passes.int8_layers import DynamicInt8Builder
 from passes.int8_limit import cpu_model, linear_shapes, u8u8_speed
 from passes.module_names import node_modules
 from passes.ort_quant import CalibrationReader, FloatValues, ensure_node_names, run_ort_quantizer, weighted_nodes
 from passes.qattention import QAttentionPass
 from passes.runtime import batches
-from passes.timing import TIMING_METHOD
+from passes.timing import TIMING_METHOD, time_ratio
 from passes.weight_schemes import Overrides, QuantizedWeight, WeightScheme, WeightTuner, scheme_overrides
 
 QuantTypeName = Literal["int8", "uint8"]
@@ -122,11 +122,13 @@ class QuantizeInt8Config(PassConfig):
         "each layer moved only where the model still meets the budget on the search split.",
     )
 
-    qattention: bool = Field(
+    qattention: bool | Literal["auto"] = Field(
         False,
         description="dynamic: each attention block's int8 qkv projection and its MultiHeadAttention (from "
         "fuse_vit) as one ONNX Runtime QAttention (the qattention pass), without the Split and the transposes "
-        "of q, k and v; with a budget, only where the whole model still meets it.",
+        "of q, k and v; with a budget, only where the whole model still meets it. auto: also only where it "
+        "runs faster on this CPU, timed against the plain int8 model at the benchmark's threads and batch: "
+        "faster in every timing round.",
     )
 
     @model_validator(mode="after")
@@ -184,9 +186,12 @@ class QuantizeInt8Pass(Pass):
     @classmethod
     def machine_key(cls, config: PassConfig) -> dict[str, Any]:
         assert isinstance(config, QuantizeInt8Config)
-        if config.reduce_range != "auto" and config.weight_type != "auto":
-            return {}
-        return {"u8s8_saturates": u8s8_saturates(), "cpu": cpu_model()}
+        key: dict[str, Any] = {}
+        if config.reduce_range == "auto" or config.weight_type == "auto":
+            key.update(u8s8_saturates=u8s8_saturates(), cpu=cpu_model())
+        if config.qattention == "auto":  # timed here
+            key.update(cpu=cpu_model(), timing=TIMING_METHOD)
+        return key
 
     @classmethod
     def requirements(cls, config: PassConfig) -> frozenset[Requirement]:
@@ -301,14 +306,36 @@ class QuantizeInt8Pass(Pass):
         ctx.notes["qattention"] = 0
         if not found["fused"]:
             return model
+        fidelity = None
         if probe is not None:
             fidelity = probe(rewritten)
             if not budget.met(fidelity):
                 ctx.log(f"int8: with QAttention the model measures {fidelity.rounded()}, below the budget; not used")
                 return model
+        if self.config.qattention == "auto" and not self._qattention_faster(model, rewritten, ctx):
+            return model
+        if fidelity is not None:
             ctx.notes["search_fidelity"] = fidelity.rounded()
         ctx.notes["qattention"] = found["fused"]
         return rewritten
+
+    def _qattention_faster(self, model: onnx.ModelProto, rewritten: onnx.ModelProto, ctx: PassContext) -> bool:
+        """Whether ``rewritten`` (with QAttention) runs faster than ``model`` in every timing round here;
+        timed once per pair of models and machine (a new budget that ships the same model reuses it)."""
+        dims = tuple(d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:])
+        if not dims or not all(dims):
+            ctx.log("int8: the input's shape is not fixed, so QAttention cannot be timed; not used")
+            return False
+        measured = ctx.reuse(
+            "qattention-speed",
+            {"models": [model_sha256(model), model_sha256(rewritten)], "timing": TIMING_METHOD},
+            lambda: time_ratio(model, rewritten, dims, ctx.threads, ctx.batch_size),
+        )
+        ratio, rounds = measured["time_ratio"], measured["round_ratios"]
+        ctx.notes.update(qattention_time_ratio=ratio, qattention_round_ratios=rounds)
+        faster = bool(rounds) and max(rounds) < 1.0
+        ctx.log(f"int8: with QAttention {ratio}x the time here: {'used' if faster else 'not used'}")
+        return faster
 
     def _resolve_weight_type(self, model: onnx.ModelProto, ctx: PassContext) -> QuantTypeName:
         """``weight_type``, with ``auto`` measured on this CPU (see the module's docstring)."""

@@ -67,6 +67,32 @@ def measure_latency(
     return {name: summarize(np.concatenate(per_round)) for name, per_round in times.items()}
 
 
+def time_ratio(
+    baseline: Path | onnx.ModelProto,
+    candidate: Path | onnx.ModelProto,
+    shape: tuple[int, ...],
+    threads: int,
+    batch_size: int = 1,
+    warmup: int = 5,
+    runs: int = 60,
+    rounds: int = 6,
+) -> dict[str, object]:
+    """``candidate``'s time over ``baseline``'s, the two timed interleaved in ``rounds`` rounds: each
+    round's ratio of medians (``round_ratios``) and their median (``time_ratio``). A choice between two
+    models that compute the same thing reads the rounds: a gain within the machine's noise moves them
+    both ways."""
+    runners = {
+        "baseline": onnx_runner(baseline, shape, threads, batch_size),
+        "candidate": onnx_runner(candidate, shape, threads, batch_size),
+    }
+    times = timed_rounds(runners, warmup, runs, rounds)
+    ratios = [
+        float(np.median(candidate_ms) / np.median(baseline_ms))
+        for baseline_ms, candidate_ms in zip(times["baseline"], times["candidate"])
+    ]
+    return {"time_ratio": round(float(np.median(ratios)), 4), "round_ratios": [round(r, 4) for r in ratios]}
+
+
 def benchmark_input(shape: tuple[int, ...], batch_size: int) -> np.ndarray:
     """A fixed input: latency of these models does not depend on pixel values."""
     return np.random.default_rng(0).standard_normal((batch_size, *shape)).astype(np.float32)

@@ -93,6 +93,51 @@ def test_quantize_int8_ships_qattention_only_within_its_budget(fused, tiny_image
     assert _count(shipped, "QAttention") == 0 and _count(shipped, "MultiHeadAttention") == 2
 
 
-def test_qattention_with_static_int8_is_a_config_error():
+class Slowed(QAttentionPass):
+    """The rewrite plus work that changes no output: eight chained 256 x 256 products of the image."""
+
+    def run(self, model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:
+        from onnx import helper, numpy_helper
+
+        rewritten = super().run(model, ctx)
+        graph = rewritten.graph
+        weight = numpy_helper.from_array(np.full((256, 256), 1e-3, np.float32), "slow/w")
+        graph.initializer.extend([weight, numpy_helper.from_array(np.array([-1, 256], np.int64), "slow/shape")])
+        graph.initializer.append(numpy_helper.from_array(np.array(0.0, np.float32), "slow/zero"))
+        nodes = [helper.make_node("Reshape", [graph.input[0].name, "slow/shape"], ["slow/0"])]
+        for step in range(8):
+            nodes.append(helper.make_node("MatMul", [f"slow/{step}", "slow/w"], [f"slow/{step + 1}"]))
+        nodes.append(helper.make_node("ReduceSum", ["slow/8"], ["slow/sum"], keepdims=0))
+        nodes.append(helper.make_node("Mul", ["slow/sum", "slow/zero"], ["slow/nothing"]))
+        logits = graph.output[0].name
+        last = next(n for n in graph.node if logits in n.output)
+        last.output[list(last.output).index(logits)] = "slow/logits"
+        nodes.append(helper.make_node("Add", ["slow/logits", "slow/nothing"], [logits]))
+        graph.node.extend(nodes)
+        return rewritten
+
+
+def test_qattention_auto_ships_it_only_where_every_timing_round_finds_it_faster(fused, tiny_images, monkeypatch):
+    from passes import quantize_int8
+
+    config = QuantizeInt8Config(reduce_range=False, qattention="auto")
+    assert QuantizeInt8Pass.machine_key(config)["timing"]  # a cache from another CPU is not this one's
+    assert "timing" not in QuantizeInt8Pass.machine_key(QuantizeInt8Config(reduce_range=False))
+    ctx = PassContext(calibration=[tiny_images[:8]])
+    shipped = QuantizeInt8Pass(config).run(fused, ctx)
+    rounds = ctx.notes["qattention_round_ratios"]
+    assert len(rounds) == 6 and ctx.notes["qattention_time_ratio"] == pytest.approx(np.median(rounds), abs=1e-4)
+    used = max(rounds) < 1.0
+    assert ctx.notes["qattention"] == 2 * used and _count(shipped, "QAttention") == 2 * used
+
+    monkeypatch.setattr(quantize_int8, "QAttentionPass", Slowed)  # the same logits, several times the time
+    ctx = PassContext(calibration=[tiny_images[:8]])
+    shipped = QuantizeInt8Pass(config).run(fused, ctx)
+    assert min(ctx.notes["qattention_round_ratios"]) > 1.5
+    assert ctx.notes["qattention"] == 0 and _count(shipped, "QAttention") == 0 and _count(shipped, "MatMul") == 0
+
+
+@pytest.mark.parametrize("qattention", [True, "auto"])
+def test_qattention_with_static_int8_is_a_config_error(qattention):
     with pytest.raises(ValueError, match="qattention: only with mode: dynamic"):
-        QuantizeInt8Config(mode="static", qattention=True)
+        QuantizeInt8Config(mode="static", qattention=qattention)
