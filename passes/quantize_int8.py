@@ -22,6 +22,7 @@ without VNNI):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import platform
 from functools import lru_cache
 from pathlib import Path
@@ -406,49 +407,67 @@ class QuantizeInt8Pass(Pass):
             return {}
         ctx.require_calibration("quantize_int8 (schemes / reconstruct_bridges)")
 
-        def measure() -> dict[str, Any]:
-            """The schemes per layer as JSON, and the notes on what each layer got."""
-            notes: dict[str, Any] = {}
-
-            # each layer's inputs at the deploy batch: a dynamic layer's activation range is the batch's
-            deployed = batches(np.concatenate(calibration), ctx.batch_size)
-            values = FloatValues(model, deployed, ctx.input_name, ctx.threads, ctx.executor)
-
-            def quantize_piece(
-                piece: onnx.ModelProto, nodes: list[str], overrides: Overrides, feeds: list[dict[str, np.ndarray]]
-            ) -> onnx.ModelProto:
-                builder = self._builder(piece, nodes, reduce_range, overrides)
-                if builder is not None:
-                    return builder.build(nodes)
-                return self.quantize_layers(piece, nodes, reduce_range, feeds, overrides)
-
-            exact = exact_product if cfg.mode == "dynamic" else None
-            work = len(layers) * (cfg.schemes == "search") + len(tuned_bridges)
-            with ctx.progress("int8: weight schemes", work) as advance:
-                tuner = WeightTuner(
-                    model,
-                    layers,
-                    quantize_piece,
-                    values,
-                    self._qtype,
-                    reduce_range,
-                    ctx.threads,
-                    advance,
-                    ctx.executor,
-                    exact,
-                )
-                default = WeightScheme(per_channel=cfg.per_channel)
-                schemes = {layer: default for layer in tuner.layers}
-                if cfg.schemes == "search":
-                    schemes, notes["schemes"] = tuner.choose_schemes(default)
-                if tuned_bridges:
-                    schemes, notes["bridge_reconstruction"] = tuner.reconstruct(tuned_bridges, schemes)
-            return {"schemes": {layer: dataclasses.asdict(scheme) for layer, scheme in schemes.items()}, "notes": notes}
-
-        measured = ctx.reuse("weight-schemes", depends, measure)
+        measured = ctx.reuse(
+            "weight-schemes",
+            depends,
+            lambda: self._measure_schemes(model, layers, tuned_bridges, reduce_range, calibration, ctx),
+        )
         ctx.notes.update(measured["notes"])
         schemes = {layer: WeightScheme(**scheme) for layer, scheme in measured["schemes"].items()}
         return scheme_overrides(GraphIndex(model), schemes, self._qtype, reduce_range)
+
+    def _measure_schemes(
+        self,
+        model: onnx.ModelProto,
+        layers: list[str],
+        bridges: list[dict[str, Any]],
+        reduce_range: bool,
+        calibration: list[np.ndarray],
+        ctx: PassContext,
+    ) -> dict[str, Any]:
+        """The schemes per layer as JSON, and the notes on what each layer (and each of ``bridges``) got."""
+        cfg = self.config
+        notes: dict[str, Any] = {}
+        # each layer's inputs at the deploy batch: a dynamic layer's activation range is the batch's
+        deployed = batches(np.concatenate(calibration), ctx.batch_size)
+        values = FloatValues(model, deployed, ctx.input_name, ctx.threads, ctx.executor)
+        exact = exact_product if cfg.mode == "dynamic" else None
+        work = len(layers) * (cfg.schemes == "search") + len(bridges)
+        with ctx.progress("int8: weight schemes", work) as advance:
+            tuner = WeightTuner(
+                model,
+                layers,
+                functools.partial(self._quantize_piece, reduce_range),
+                values,
+                self._qtype,
+                reduce_range,
+                ctx.threads,
+                advance,
+                ctx.executor,
+                exact,
+            )
+            default = WeightScheme(per_channel=cfg.per_channel)
+            schemes = {layer: default for layer in tuner.layers}
+            if cfg.schemes == "search":
+                schemes, notes["schemes"] = tuner.choose_schemes(default)
+            if bridges:
+                schemes, notes["bridge_reconstruction"] = tuner.reconstruct(bridges, schemes)
+        return {"schemes": {layer: dataclasses.asdict(scheme) for layer, scheme in schemes.items()}, "notes": notes}
+
+    def _quantize_piece(
+        self,
+        reduce_range: bool,
+        piece: onnx.ModelProto,
+        nodes: list[str],
+        overrides: Overrides,
+        feeds: list[dict[str, np.ndarray]],
+    ) -> onnx.ModelProto:
+        """A piece of the model with ``nodes`` quantized, for the weight tuner: by the direct builder
+        where it applies, else by ONNX Runtime's quantizer on ``feeds``."""
+        builder = self._builder(piece, nodes, reduce_range, overrides)
+        if builder is not None:
+            return builder.build(nodes)
+        return self.quantize_layers(piece, nodes, reduce_range, feeds, overrides)
 
     def _builder(
         self, model: onnx.ModelProto, layers: list[str], reduce_range: bool, overrides: Overrides
