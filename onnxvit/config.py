@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -388,8 +389,35 @@ def describe_error(error: dict[str, Any], root: type[BaseModel], prefix: tuple[A
     return f"{path}: {message}{got}" if path else f"{message}{got}"
 
 
+_UNION_MEMBER = re.compile(r"^(bool|int|float|str|none|literal\[.*\])$")
+_MEMBER_WORDS = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string", "none": "null"}
+
+
+def merge_union_errors(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A value that fits no member of a union (``bool | Literal['auto']``) gets one error per member,
+    each at the field's path plus the member's name; they become one: what the field takes."""
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for error in errors:
+        loc = tuple(error["loc"])
+        if loc and isinstance(loc[-1], str) and _UNION_MEMBER.match(loc[-1]):
+            groups.setdefault(loc[:-1], []).append(error)
+    merged, done = [], set()
+    for error in errors:
+        field = tuple(error["loc"])[:-1]
+        members = groups.get(field, [])
+        if len(members) < 2 or error not in members:
+            merged.append(error)
+        elif field not in done:
+            done.add(field)
+            words = [_MEMBER_WORDS.get(m["loc"][-1], m["loc"][-1].removeprefix("literal[")[:-1]) for m in members]
+            message = "expected " + ", or ".join(w.replace(", ", " or ") for w in words)
+            merged.append({"type": "union", "loc": field, "msg": message, "input": error.get("input")})
+    return merged
+
+
 def _raise_for(exc: ValidationError, source: Path, root: type[BaseModel], prefix: tuple[Any, ...] = ()) -> None:
-    lines = [describe_error(dict(e), root, prefix) for e in exc.errors()]
+    errors = merge_union_errors([dict(e) for e in exc.errors()])
+    lines = [describe_error(e, root, prefix) for e in errors]
     raise UserError(f"{source}: {'; '.join(lines)}") from None
 
 

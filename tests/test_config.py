@@ -59,6 +59,10 @@ def test_relative_paths_follow_the_yaml_folder(tmp_path, image_folder):
             "passes[0].options.calibrate_method:",
         ),
         (lambda d: d["passes"][0].update(options={"schemes": "auto"}), "passes[0].options.schemes:"),
+        (  # a value no member of a union takes: one line saying what the field takes
+            lambda d: d["passes"][0].update(options={"qattention": "maybe"}),
+            "passes[0].options.qattention: expected true or false, or 'auto' (got 'maybe')",
+        ),
         (
             lambda d: d["passes"][0].update(options={"reconstruct_bridges": True, "bridges": "float"}),
             "reconstruct_bridges: the bridge layers are kept float",
