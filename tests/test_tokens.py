@@ -281,3 +281,7 @@ def test_a_new_budget_re_picks_from_the_measured_candidates(tmp_path, image_fold
     allowed = [row for row in chosen["rows"][1:] if row["sqnr_db"] >= 0.0]
     assert all(row["within_budget"] == (row in allowed) for row in chosen["rows"][1:]) and allowed
     assert chosen["chosen"] == min(allowed, key=lambda row: row["latency_ms"])["candidate"]
+    # timed on this CPU: a cache made on another is measured again, not read
+    monkeypatch.setattr(stage, "cpu_model", lambda: "another CPU")
+    stage.search_schedule(run, run.dense_model, run.weights_id, loose)
+    assert measured == [1, 1]

@@ -16,6 +16,7 @@ from onnxvit.config import TokensConfig
 from onnxvit.engine import cache_key
 from onnxvit.errors import UserError
 from onnxvit.stages.load import Run
+from passes.int8_limit import cpu_model
 from passes.timing import TIMING_METHOD
 
 VERSION = 2  # of the merge as onnxvit/tokens.py builds it: part of every merged model's cache key;
@@ -82,6 +83,7 @@ def search_schedule(run: Run, model: Any, model_id: str, cfg: TokensConfig) -> d
         version=VERSION,
         search_version=SEARCH_VERSION,
         timing=TIMING_METHOD,
+        cpu=cpu_model(),  # timed here: a cache from another CPU is not this one's
     )
     measured = run.cache.json("token-search", key, lambda: _measure(run, model, cfg))
     return _choose(measured, cfg.search.min_sqnr_db, cfg.search.min_agreement)
