@@ -162,6 +162,13 @@ def u8s8_saturates() -> bool:
     return not any(flag in flags for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
 
 
+def fixed_input_shape(model: onnx.ModelProto) -> tuple[int, ...] | None:
+    """The image input's shape past the batch, where every dimension is fixed: what a timing of the
+    model (or of its layers' shapes) feeds; None where one is symbolic."""
+    dims = tuple(d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:])
+    return dims if dims and all(dims) else None
+
+
 def exact_product(weight: QuantizedWeight) -> bool:
     """Whether ONNX Runtime's dynamic kernel multiplies ``weight``'s integers exactly on this CPU: always
     for uint8 weights (u8u8) and where uint8 x int8 does not saturate; there, only while every
@@ -323,8 +330,8 @@ class QuantizeInt8Pass(Pass):
     def _qattention_faster(self, model: onnx.ModelProto, rewritten: onnx.ModelProto, ctx: PassContext) -> bool:
         """Whether ``rewritten`` (with QAttention) runs faster than ``model`` in every timing round here;
         timed once per pair of models and machine (a new budget that ships the same model reuses it)."""
-        dims = tuple(d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:])
-        if not dims or not all(dims):
+        dims = fixed_input_shape(model)
+        if dims is None:
             ctx.log("int8: the input's shape is not fixed, so QAttention cannot be timed; not used")
             return False
         measured = ctx.reuse(
@@ -345,10 +352,10 @@ class QuantizeInt8Pass(Pass):
             return cfg.weight_type
         if cfg.mode != "dynamic" or cfg.reduce_range != "auto" or not u8s8_saturates():
             return "int8"
-        dims = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:]]
-        if not dims or not all(dims):
+        dims = fixed_input_shape(model)
+        if dims is None:
             return "int8"
-        shapes = linear_shapes(model, tuple(dims), ctx.batch_size)
+        shapes = linear_shapes(model, dims, ctx.batch_size)
         # timed once per model and machine: a new budget keeps the kernel the first run chose
         measured = ctx.reuse(
             "u8u8-speed",
