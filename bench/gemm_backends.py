@@ -2,10 +2,11 @@
 
 Why a PyTorch eager evaluation can cost far more than ONNX Runtime's on the same CPU: eager PyTorch
 runs its linear layers through its BLAS (MKL in the x86 wheels), ONNX Runtime through its own MLAS
-kernels, and the two need not pick the same instruction set. Prints, per shape, each backend's
-best time and GFLOP/s and their ratio, and the BLAS's own account of the code path it dispatched
-(MKL_VERBOSE); with --json PATH writes them with a `headline` (`torch_over_onnxruntime`: the
-FLOP-weighted time ratio over the model's linear layers).
+kernels, and the two need not pick the same instruction set. PyTorch's oneDNN linear operator (what
+onnxvit scores a PyTorch variant with, `onnxvit/eager.py`) is timed beside them. Prints, per shape,
+each backend's best time and GFLOP/s and the ratios, and the BLAS's own account of the code path it
+dispatched (MKL_VERBOSE); with --json PATH writes them with a `headline` (`torch_over_onnxruntime`,
+`onednn_over_onnxruntime`: the FLOP-weighted time ratios over the model's linear layers).
 
     python bench/gemm_backends.py [--model deit_tiny_patch16_224] [--json PATH]
 """
@@ -91,12 +92,20 @@ def main() -> None:
 
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
-    rows, torch_total, ort_total = [], 0.0, 0.0
+    from onnxvit.eager import onednn_available
+
+    onednn = onednn_available()
+    rows, torch_total, ort_total, onednn_total = [], 0.0, 0.0, 0.0
     for (m, k, n), count in sorted(model_shapes(args.model).items()):
         a, w = rng.random((m, k), np.float32), rng.random((k, n), np.float32)
         ta, tw = torch.from_numpy(a), torch.from_numpy(np.ascontiguousarray(w.T))
         with torch.inference_mode():
             torch_s = best_seconds(lambda: torch.nn.functional.linear(ta, tw))  # noqa: B023
+            onednn_s = (
+                best_seconds(lambda: torch.ops.mkldnn._linear_pointwise(ta, tw, None, "none", [], ""))  # noqa: B023
+                if onednn
+                else math.nan
+            )
         ort_s = best_seconds(onnx_matmul(a, w))
         flops = 2 * m * k * n
         rows.append(
@@ -109,17 +118,22 @@ def main() -> None:
                 "onnxruntime_us": round(ort_s * 1e6, 1),
                 "torch_gflops": round(flops / torch_s / 1e9, 1),
                 "onnxruntime_gflops": round(flops / ort_s / 1e9, 1),
+                "onednn_us": round(onednn_s * 1e6, 1),
                 "torch_over_onnxruntime": round(torch_s / ort_s, 3),
+                "onednn_over_onnxruntime": round(onednn_s / ort_s, 3),
             }
         )
         torch_total, ort_total = torch_total + count * torch_s, ort_total + count * ort_s
+        onednn_total += count * onednn_s
     print_table(rows, list(rows[0]))
     config = torch.__config__.show()
     headline = {
         "model": args.model,
         "threads": 1,
         "torch_over_onnxruntime": round(torch_total / ort_total, 3),
+        "onednn_over_onnxruntime": round(onednn_total / ort_total, 3),
         "torch_linear_ms": round(torch_total * 1e3, 3),
+        "onednn_linear_ms": round(onednn_total * 1e3, 3),
         "onnxruntime_linear_ms": round(ort_total * 1e3, 3),
         "torch_cpu_capability": next(
             (line.split(":", 1)[1].strip() for line in config.splitlines() if "CPU capability" in line), None

@@ -153,6 +153,9 @@ def _scoring_batches(report: dict[str, Any]) -> str:
     line = f"Every figure is measured at batch {deploy}, as the model runs in the app"
     if other:
         line += "; " + ", ".join(f"`{n}` at batch {b}" for n, b in other.items()) + " (its logits are identical there)"
+    onednn = [v["name"] for v in report["variants"] if v.get("scoring_kernel", "default") != "default"]
+    if onednn:  # the same float32 products, faster on CPUs where MKL's GEMM takes a generic path
+        line += ". " + ", ".join(f"`{n}`" for n in onednn) + " scored with linear layers on oneDNN, timed as is"
     return line + "."
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Literal
 
@@ -26,8 +27,9 @@ class Variant:
     """A report variant: its name, runtime, the model, the file a user ships, and what it came from.
 
     ``identity`` is what its logits and latency depend on (a model hash, or the weights and build of a
-    PyTorch model): the evaluation and latency caches are keyed by it. ``counts`` holds its parameters
-    and MACs as counted on the PyTorch model it came from.
+    PyTorch model): the evaluation and latency caches are keyed by it, the evaluation's also by
+    ``scoring_kernel``. ``counts`` holds its parameters and MACs as counted on the PyTorch model it
+    came from.
     """
 
     name: str
@@ -51,8 +53,21 @@ class Variant:
         run by ``executor`` (default: here)."""
         if self.runtime == "onnxruntime":
             return (executor or Executor()).logits(self.source(), batches(images, batch_size), threads, advance)
-        callers = threads if self.runtime == "torch" else 1  # the Lite interpreter: one call at a time
-        return _torch_logits(self.module, images, batch_size, threads, callers, advance)
+        if self.runtime == "torch":
+            return _torch_logits(self._scored_module[0], images, batch_size, threads, threads, advance)
+        return _torch_logits(self.module, images, batch_size, threads, 1, advance)  # Lite: one call at a time
+
+    @property
+    def scoring_kernel(self) -> str:
+        """How ``logits`` computes linear layers: ``onnxvit.eager.LINEAR_KERNEL`` for a PyTorch eager
+        model scored on oneDNN, else ``"default"`` (the runtime's own, as the latency is timed)."""
+        return self._scored_module[1] if self.runtime == "torch" else "default"
+
+    @cached_property
+    def _scored_module(self) -> tuple[Any, str]:
+        from onnxvit.eager import onednn_linears
+
+        return onednn_linears(self.module)
 
     def runner(self, shape: tuple[int, ...], threads: int, batch_size: int) -> Runner:
         """One call on the benchmark input, for the timing loop."""

@@ -121,7 +121,7 @@ def test_the_torch_variant_scores_as_one_evaluation_at_its_batch(first_run):
     """Its batch check's logits, reused for the first images, change no figure: the report's equal a
     plain evaluation of every image at the batch the report names."""
     from onnxvit.stages.evaluate import score
-    from onnxvit.variant import Variant
+    from onnxvit.variant import Variant, _torch_logits
     from passes.runtime import model_logits
 
     _, out, _ = first_run
@@ -139,6 +139,20 @@ def test_the_torch_variant_scores_as_one_evaluation_at_its_batch(first_run):
         k: figures[k] for k in ("top1", "top5", "agree_top1")
     }
     assert torch_row["sqnr_db"] == pytest.approx(figures["sqnr_db"], abs=0.5) and figures["sqnr_db"] > 60
+    # scored on oneDNN's linear layers, the figures are those of the model as a user runs it (MKL's GEMM)
+    assert torch_row["scoring_kernel"] == torch_variant.scoring_kernel
+    plain = _torch_logits(
+        run.dense_model,
+        images,
+        torch_row["eval_batch_size"],
+        config.benchmark.threads,
+        config.benchmark.threads,
+        lambda n: None,
+    )
+    as_run = score(plain, labels, model_logits(out / "model.fp32.onnx", [image[None] for image in images]))
+    assert {k: torch_row[k] for k in ("top1", "top5", "agree_top1")} == {
+        k: as_run[k] for k in ("top1", "top5", "agree_top1")
+    }
 
 
 @pytest.mark.parametrize("differs_from", [2, 8, None])

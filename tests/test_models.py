@@ -77,6 +77,41 @@ def test_random_weights_are_the_same_in_every_run():
     assert torch.equal(torch.get_rng_state(), state)  # the caller's random stream is left as it was
 
 
+def test_the_pytorch_variant_is_scored_on_onednn_linears_with_the_same_products(tiny_model, tiny_images):
+    """Every float32 nn.Linear of a copy runs on oneDNN: the logits are plain eager's to float
+    rounding, with the same classes; the model the user runs (and latency times) is left as it was."""
+    from onnxvit.eager import LINEAR_KERNEL, OneDNNLinear, onednn_available, onednn_linears
+    from onnxvit.variant import Variant
+
+    if not onednn_available():
+        pytest.skip("this PyTorch build has no oneDNN linear operator")
+    model = tiny_model.eval()
+    linears = [name for name, m in model.named_modules() if type(m) is torch.nn.Linear]
+    scored, kernel = onednn_linears(model)
+    assert kernel == LINEAR_KERNEL and scored is not model
+    assert [name for name, m in scored.named_modules() if isinstance(m, OneDNNLinear)] == linears
+    assert all(type(m) is torch.nn.Linear for name, m in model.named_modules() if name in linears)
+    x = torch.from_numpy(tiny_images)
+    with torch.inference_mode():
+        plain, onednn = model(x).numpy(), scored(x).numpy()
+    np.testing.assert_allclose(onednn, plain, rtol=1e-4, atol=1e-5)
+    assert np.array_equal(onednn.argmax(1), plain.argmax(1))
+
+    variant = Variant("torch-fp32", "torch", "tiny", module=model)
+    assert variant.scoring_kernel == LINEAR_KERNEL
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the variant's one caller runs
+    try:
+        with torch.inference_mode():
+            one_by_one = np.concatenate([scored(x[i : i + 1]).numpy() for i in range(len(x))])
+    finally:
+        torch.set_num_threads(threads)
+    assert np.array_equal(variant.logits(tiny_images, 1, 1), one_by_one)
+    no_linear = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3))
+    assert onednn_linears(no_linear) == (no_linear, "default")
+    assert Variant("lite", "torch-lite", "x", module=model).scoring_kernel == "default"
+
+
 def test_a_pytorch_variants_logits_come_in_order_from_parallel_callers(tiny_model, tiny_images):
     """PyTorch logits computed by two callers at batch 1 are every image's, in order, as one call over
     the whole batch computes them; the caller's thread setting is left as it was."""

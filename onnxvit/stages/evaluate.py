@@ -3,6 +3,8 @@ scored against the labels and against the reference variant's logits."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from onnxvit.engine import cache_key
@@ -46,7 +48,12 @@ def scoring_batch(run: Run, variant: Variant) -> tuple[int, np.ndarray | None]:
         )
         return {"batch_size": large if same else deploy}
 
-    key = cache_key(model=variant.identity, evaluate=run.fingerprint("evaluate"), batches=[deploy, large])
+    key = cache_key(
+        model=variant.identity,
+        evaluate=run.fingerprint("evaluate"),
+        batches=[deploy, large],
+        kernel=variant.scoring_kernel,
+    )
     batch = int(run.cache.json(f"scoring-batch-{variant.name}", key, check)["batch_size"])
     return batch, (measured[0] if measured else None)
 
@@ -73,19 +80,25 @@ def logits(run: Run, variant: Variant) -> tuple[np.ndarray, int]:
             rest = variant.logits(images[done:], batch, run.config.benchmark.threads, advance, run.executor)
             return rest if head is None else np.concatenate([head, rest])
 
-    key = cache_key(model=variant.identity, evaluate=run.fingerprint("evaluate"), batch_size=batch)
+    key = cache_key(
+        model=variant.identity, evaluate=run.fingerprint("evaluate"), batch_size=batch, kernel=variant.scoring_kernel
+    )
     return run.cache.array(f"logits-{variant.name}", key, produce), batch
 
 
 def evaluate(
     run: Run, variants: list[Variant], reference: Variant
-) -> tuple[dict[str, dict[str, float]], dict[str, np.ndarray]]:
+) -> tuple[dict[str, dict[str, Any]], dict[str, np.ndarray]]:
     """Each variant's scores (by name) against the labels and ``reference``, and its logits."""
     scored = {v.name: logits(run, v) for v in [reference, *variants]}
     outputs = {name: value for name, (value, _) in scored.items()}
     labels = run.dataset.labels("evaluate")
     scores = {
-        v.name: {**score(outputs[v.name], labels, outputs[reference.name]), "eval_batch_size": scored[v.name][1]}
+        v.name: {
+            **score(outputs[v.name], labels, outputs[reference.name]),
+            "eval_batch_size": scored[v.name][1],
+            "scoring_kernel": v.scoring_kernel,
+        }
         for v in variants
     }
     return scores, outputs

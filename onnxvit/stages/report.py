@@ -13,7 +13,7 @@ from passes.graph import compute_op_census
 
 
 def variant_entry(
-    variant: Variant, latency: dict[str, float], scores: dict[str, float], int8: dict[str, float] | None = None
+    variant: Variant, latency: dict[str, float], scores: dict[str, Any], int8: dict[str, float] | None = None
 ) -> dict[str, Any]:
     """One element of report.json's ``variants`` (``int8``: its bound speed-up and efficiency, if profiled)."""
     entry: dict[str, Any] = {
@@ -36,7 +36,7 @@ def document(
     variants: list[Variant],
     reference: str,
     latency: dict[str, dict[str, float]],
-    scores: dict[str, dict[str, float]],
+    scores: dict[str, dict[str, Any]],
     sections: dict[str, Any],
 ) -> dict[str, Any]:
     """report.json's content (less ``schema_version``, which the writer adds). ``sections`` holds the

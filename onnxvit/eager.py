@@ -1,0 +1,50 @@
+"""PyTorch eager's float32 linear layers on oneDNN, for scoring the PyTorch variant.
+
+PyTorch runs an ``nn.Linear`` through MKL's GEMM, and MKL chooses its code path by CPU vendor: on
+AMD CPUs it leaves AVX-512 and AVX2 unused (``MKL_VERBOSE`` names no vector extension there). The
+oneDNN library PyTorch also ships chooses its kernels by instruction set alone. Scoring runs the
+same float32 products through oneDNN: the logits differ in their last bits, as another thread count
+makes them, and a PyTorch variant's latency stays that of the model as a user runs it.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+# what the scoring caches record of how a PyTorch variant's logits were computed
+LINEAR_KERNEL = "onednn-1"
+
+
+def onednn_available() -> bool:
+    """Whether this PyTorch build has oneDNN's linear operator (CPU builds for x86 and Arm do)."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+class OneDNNLinear(torch.nn.Module):
+    """An ``nn.Linear``'s float32 weights run by oneDNN's linear operator, with no fused activation."""
+
+    def __init__(self, linear: torch.nn.Linear) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(linear.weight.detach().contiguous(), requires_grad=False)
+        self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+
+
+def onednn_linears(model: torch.nn.Module) -> tuple[torch.nn.Module, str]:
+    """A copy of ``model`` whose float32 ``nn.Linear`` layers run on oneDNN, and the kernel name the
+    scoring caches record; ``model`` itself and ``"default"`` where oneDNN is missing or no layer
+    qualifies. ``model`` is left as it is."""
+    if not isinstance(model, torch.nn.Module) or not onednn_available():
+        return model, "default"
+    copied = copy.deepcopy(model)
+    swapped = 0
+    for parent in copied.modules():
+        for name, child in parent.named_children():
+            if type(child) is torch.nn.Linear and child.weight.dtype == torch.float32:
+                setattr(parent, name, OneDNNLinear(child))
+                swapped += 1
+    return (copied, LINEAR_KERNEL) if swapped else (model, "default")
