@@ -112,6 +112,27 @@ def test_the_pytorch_variant_is_scored_on_onednn_linears_with_the_same_products(
     assert Variant("lite", "torch-lite", "x", module=model).scoring_kernel == "default"
 
 
+@pytest.mark.parametrize("name", ["levit_128s", "mobilevit_xxs"])
+def test_onednn_linears_keep_a_hybrids_logits(name):
+    """Hybrids feed their linear layers other shapes (LeViT's Linear -> BatchNorm1d on flattened
+    tokens, MobileViT's unfolded patches): every layer still runs on oneDNN, to float rounding."""
+    import timm
+
+    from onnxvit.eager import OneDNNLinear, onednn_available, onednn_linears
+
+    if not onednn_available():
+        pytest.skip("this PyTorch build has no oneDNN linear operator")
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False).eval()
+    scored, _ = onednn_linears(model)
+    linears = sum(type(m) is torch.nn.Linear for m in model.modules())
+    assert linears and sum(isinstance(m, OneDNNLinear) for m in scored.modules()) == linears
+    x = torch.randn(2, *model.pretrained_cfg["input_size"])
+    with torch.inference_mode():
+        plain, onednn = model(x), scored(x)
+    assert torch.allclose(onednn, plain, rtol=1e-4, atol=1e-5 * float(plain.abs().max()))
+
+
 def test_a_pytorch_variants_logits_come_in_order_from_parallel_callers(tiny_model, tiny_images):
     """PyTorch logits computed by two callers at batch 1 are every image's, in order, as one call over
     the whole batch computes them; the caller's thread setting is left as it was."""
