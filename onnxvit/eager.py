@@ -2,9 +2,10 @@
 
 PyTorch runs an ``nn.Linear`` through MKL's GEMM, and MKL chooses its code path by CPU vendor: on
 AMD CPUs it leaves AVX-512 and AVX2 unused (``MKL_VERBOSE`` names no vector extension there). The
-oneDNN library PyTorch also ships chooses its kernels by instruction set alone. Scoring runs the
-same float32 products through oneDNN: the logits differ in their last bits, as another thread count
-makes them, and a PyTorch variant's latency stays that of the model as a user runs it.
+oneDNN library PyTorch also ships chooses its kernels by instruction set alone. Where the BLAS is
+MKL (the x86 builds), scoring runs the same float32 products through oneDNN: the logits differ in
+their last bits, as another thread count makes them, and a PyTorch variant's latency stays that of
+the model as a user runs it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,13 @@ def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+def onednn_scoring() -> bool:
+    """Whether the PyTorch variant is scored on oneDNN: where its BLAS is MKL (the x86 builds), whose
+    GEMM is what vendor dispatch slows. Elsewhere the BLAS (Apple's Accelerate, OpenBLAS) chooses by
+    the CPU itself and is kept."""
+    return onednn_available() and torch.backends.mkl.is_available()
+
+
 class OneDNNLinear(torch.nn.Module):
     """An ``nn.Linear``'s float32 weights run by oneDNN's linear operator, with no fused activation."""
 
@@ -37,8 +45,8 @@ class OneDNNLinear(torch.nn.Module):
 def onednn_linears(model: torch.nn.Module) -> tuple[torch.nn.Module, str]:
     """A copy of ``model`` whose float32 ``nn.Linear`` layers run on oneDNN, and the kernel name the
     scoring caches record; ``model`` itself and ``"default"`` where oneDNN is missing or no layer
-    qualifies. ``model`` is left as it is."""
-    if not isinstance(model, torch.nn.Module) or not onednn_available():
+    qualifies, or where ``onednn_scoring`` says no. ``model`` is left as it is."""
+    if not isinstance(model, torch.nn.Module) or not onednn_scoring():
         return model, "default"
     copied = copy.deepcopy(model)
     swapped = 0

@@ -80,11 +80,11 @@ def test_random_weights_are_the_same_in_every_run():
 def test_the_pytorch_variant_is_scored_on_onednn_linears_with_the_same_products(tiny_model, tiny_images):
     """Every float32 nn.Linear of a copy runs on oneDNN: the logits are plain eager's to float
     rounding, with the same classes; the model the user runs (and latency times) is left as it was."""
-    from onnxvit.eager import LINEAR_KERNEL, OneDNNLinear, onednn_available, onednn_linears
+    from onnxvit.eager import LINEAR_KERNEL, OneDNNLinear, onednn_linears, onednn_scoring
     from onnxvit.variant import Variant
 
-    if not onednn_available():
-        pytest.skip("this PyTorch build has no oneDNN linear operator")
+    if not onednn_scoring():
+        pytest.skip("this PyTorch build has no oneDNN linear operator or no MKL")
     model = tiny_model.eval()
     linears = [name for name, m in model.named_modules() if type(m) is torch.nn.Linear]
     scored, kernel = onednn_linears(model)
@@ -109,6 +109,10 @@ def test_the_pytorch_variant_is_scored_on_onednn_linears_with_the_same_products(
     assert np.array_equal(variant.logits(tiny_images, 1, 1), one_by_one)
     no_linear = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3))
     assert onednn_linears(no_linear) == (no_linear, "default")
+    with pytest.MonkeyPatch.context() as patch:  # a build whose BLAS is not MKL keeps it
+        patch.setattr(torch.backends.mkl, "is_available", lambda: False)
+        assert onednn_linears(model) == (model, "default")
+        assert Variant("torch-fp32", "torch", "tiny", module=model).scoring_kernel == "default"
     assert Variant("lite", "torch-lite", "x", module=model).scoring_kernel == "default"
 
 
@@ -118,10 +122,10 @@ def test_onednn_linears_keep_a_hybrids_logits(name):
     tokens, MobileViT's unfolded patches): every layer still runs on oneDNN, to float rounding."""
     import timm
 
-    from onnxvit.eager import OneDNNLinear, onednn_available, onednn_linears
+    from onnxvit.eager import OneDNNLinear, onednn_linears, onednn_scoring
 
-    if not onednn_available():
-        pytest.skip("this PyTorch build has no oneDNN linear operator")
+    if not onednn_scoring():
+        pytest.skip("this PyTorch build has no oneDNN linear operator or no MKL")
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False).eval()
     scored, _ = onednn_linears(model)
