@@ -155,7 +155,11 @@ def _scoring_batches(report: dict[str, Any]) -> str:
         line += "; " + ", ".join(f"`{n}` at batch {b}" for n, b in other.items()) + " (its logits are identical there)"
     onednn = [v["name"] for v in report["variants"] if v.get("scoring_kernel", "default") != "default"]
     if onednn:  # the same float32 products, faster on CPUs where MKL's GEMM takes a generic path
-        line += ". " + ", ".join(f"`{n}`" for n in onednn) + " scored with linear layers on oneDNN, timed as is"
+        names = ", ".join(f"`{n}`" for n in onednn)
+        line += (
+            f". {names}: figures computed with its linear layers on oneDNN (the same float32 products, "
+            "faster than MKL's GEMM on some CPUs), latency timed as PyTorch runs it"
+        )
     return line + "."
 
 

@@ -141,6 +141,8 @@ def test_the_torch_variant_scores_as_one_evaluation_at_its_batch(first_run):
     assert torch_row["sqnr_db"] == pytest.approx(figures["sqnr_db"], abs=0.5) and figures["sqnr_db"] > 60
     # scored on oneDNN's linear layers, the figures are those of the model as a user runs it (MKL's GEMM)
     assert torch_row["scoring_kernel"] == torch_variant.scoring_kernel
+    said = "`torch-fp32`: figures computed with its linear layers on oneDNN" in (out / "report.md").read_text()
+    assert said == (torch_row["scoring_kernel"] != "default")
     plain = _torch_logits(
         run.dense_model,
         images,
