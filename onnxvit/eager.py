@@ -11,6 +11,7 @@ the model as a user runs it.
 from __future__ import annotations
 
 import copy
+import itertools
 
 import torch
 
@@ -48,7 +49,9 @@ def onednn_linears(model: torch.nn.Module) -> tuple[torch.nn.Module, str]:
     qualifies, or where ``onednn_scoring`` says no. ``model`` is left as it is."""
     if not isinstance(model, torch.nn.Module) or not onednn_scoring():
         return model, "default"
-    copied = copy.deepcopy(model)
+    # the copy's modules are new, its tensors the model's own: no second copy of the weights
+    shared = {id(tensor): tensor for tensor in itertools.chain(model.parameters(), model.buffers())}
+    copied = copy.deepcopy(model, shared)
     swapped = 0
     for parent in copied.modules():
         for name, child in parent.named_children():

@@ -91,6 +91,8 @@ def test_the_pytorch_variant_is_scored_on_onednn_linears_with_the_same_products(
     assert kernel == LINEAR_KERNEL and scored is not model
     assert [name for name, m in scored.named_modules() if isinstance(m, OneDNNLinear)] == linears
     assert all(type(m) is torch.nn.Linear for name, m in model.named_modules() if name in linears)
+    first = linears[0]  # the copy holds the model's weights, not a second copy of them
+    assert scored.get_submodule(first).weight.data_ptr() == model.get_submodule(first).weight.data_ptr()
     x = torch.from_numpy(tiny_images)
     with torch.inference_mode():
         plain, onednn = model(x).numpy(), scored(x).numpy()
