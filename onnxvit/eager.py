@@ -1,8 +1,9 @@
 """PyTorch eager's float32 linear layers on oneDNN, for scoring the PyTorch variant.
 
 PyTorch runs an ``nn.Linear`` through MKL's GEMM, and MKL chooses its code path by CPU vendor: on
-AMD CPUs it leaves AVX-512 and AVX2 unused (``MKL_VERBOSE`` names no vector extension there). The
-oneDNN library PyTorch also ships chooses its kernels by instruction set alone. Where the BLAS is
+AMD CPUs it takes a path that leaves AVX-512 unused (``MKL_VERBOSE`` names a generic "Intel(R)
+Architecture processors" path there, where an Intel CPU's names its vector extensions). The oneDNN
+library PyTorch also ships chooses its kernels by instruction set alone. Where the BLAS is
 MKL (the x86 builds), scoring runs the same float32 products through oneDNN: the logits differ in
 their last bits, as another thread count makes them, and a PyTorch variant's latency stays that of
 the model as a user runs it.
