@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+from typing import Any, TypeGuard
 
 import torch
 
@@ -44,19 +45,30 @@ class OneDNNLinear(torch.nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 
 
+def _swappable(module: torch.nn.Module) -> TypeGuard[torch.nn.Linear]:
+    return type(module) is torch.nn.Linear and module.weight.dtype == torch.float32
+
+
+def linear_kernel(model: Any) -> str:
+    """The kernel name the scoring caches record for ``model``: ``LINEAR_KERNEL`` where
+    ``onednn_linears`` swaps its layers (``onednn_scoring`` says yes and a float32 ``nn.Linear`` is
+    there), else ``"default"``; read without building the copy, as a cached run needs only this."""
+    if isinstance(model, torch.nn.Module) and onednn_scoring() and any(map(_swappable, model.modules())):
+        return LINEAR_KERNEL
+    return "default"
+
+
 def onednn_linears(model: torch.nn.Module) -> tuple[torch.nn.Module, str]:
-    """A copy of ``model`` whose float32 ``nn.Linear`` layers run on oneDNN, and the kernel name the
-    scoring caches record; ``model`` itself and ``"default"`` where oneDNN is missing or no layer
-    qualifies, or where ``onednn_scoring`` says no. ``model`` is left as it is."""
-    if not isinstance(model, torch.nn.Module) or not onednn_scoring():
-        return model, "default"
+    """A copy of ``model`` whose float32 ``nn.Linear`` layers run on oneDNN, and its ``linear_kernel``;
+    ``model`` itself and ``"default"`` where that kernel is the default. ``model`` is left as it is."""
+    kernel = linear_kernel(model)
+    if kernel == "default":
+        return model, kernel
     # the copy's modules are new, its tensors the model's own: no second copy of the weights
     shared = {id(tensor): tensor for tensor in itertools.chain(model.parameters(), model.buffers())}
     copied = copy.deepcopy(model, shared)
-    swapped = 0
     for parent in copied.modules():
         for name, child in parent.named_children():
-            if type(child) is torch.nn.Linear and child.weight.dtype == torch.float32:
+            if _swappable(child):
                 setattr(parent, name, OneDNNLinear(child))
-                swapped += 1
-    return (copied, LINEAR_KERNEL) if swapped else (model, "default")
+    return copied, kernel
