@@ -40,6 +40,10 @@ class Variant:
     path: Path | None = None
     size_bytes: int = 0
     counts: dict[str, int] = field(default_factory=dict)
+    # a PyTorch variant's scoring model per batch size, once decided (see _scoring_model)
+    _scoring_models: dict[int, Callable[[Any], Any]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def logits(
         self,
@@ -54,7 +58,7 @@ class Variant:
         if self.runtime == "onnxruntime":
             return (executor or Executor()).logits(self.source(), batches(images, batch_size), threads, advance)
         if self.runtime == "torch":
-            return _torch_logits(self._scored_module, images, batch_size, threads, threads, advance)
+            return _torch_logits(self._scoring_model(images, batch_size), images, batch_size, threads, threads, advance)
         return _torch_logits(self.module, images, batch_size, threads, 1, advance)  # Lite: one call at a time
 
     @property
@@ -73,6 +77,18 @@ class Variant:
         from onnxvit.eager import onednn_linears
 
         return onednn_linears(self.module)[0]
+
+    def _scoring_model(self, images: np.ndarray, batch_size: int) -> Callable[[Any], Any]:
+        """The scoring copy as ``onnxvit.eager.scoring_model`` runs it at ``batch_size``, decided once
+        per batch size (on the first call with images enough to decide)."""
+        from onnxvit.eager import scoring_model
+
+        if batch_size not in self._scoring_models:
+            model, final = scoring_model(self._scored_module, images, batch_size)
+            if not final:
+                return model
+            self._scoring_models[batch_size] = model
+        return self._scoring_models[batch_size]
 
     def runner(self, shape: tuple[int, ...], threads: int, batch_size: int) -> Runner:
         """One call on the benchmark input, for the timing loop."""

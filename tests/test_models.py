@@ -118,13 +118,74 @@ def test_the_pytorch_variant_is_scored_on_onednn_linears_with_the_same_products(
     assert Variant("lite", "torch-lite", "x", module=model).scoring_kernel == "default"
 
 
+def test_the_pytorch_variant_is_scored_by_a_trace_with_eagers_exact_logits(tiny_model, tiny_images):
+    """With batches enough, the scoring copy runs as a trace whose logits are eager's bit for bit,
+    a last smaller batch included (run eagerly); with too few, eager runs and nothing is decided."""
+    from onnxvit.eager import TRACE_MIN_BATCHES, TracedModel, onednn_linears, scoring_model
+    from onnxvit.variant import Variant
+
+    scored, _ = onednn_linears(tiny_model.eval())
+    x = torch.from_numpy(tiny_images)
+    assert len(x) >= TRACE_MIN_BATCHES and len(x) % 5
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for batch in (1, 5):  # at 5 the last batch is smaller than the traced shape
+            model, final = scoring_model(scored, tiny_images, batch)
+            expected_type = TracedModel if len(x) >= TRACE_MIN_BATCHES * batch else type(scored)
+            assert isinstance(model, expected_type) and final == (expected_type is TracedModel)
+            with torch.inference_mode():
+                eager = torch.cat([scored(x[i : i + batch]) for i in range(0, len(x), batch)])
+                assert torch.equal(torch.cat([model(x[i : i + batch]) for i in range(0, len(x), batch)]), eager)
+    finally:
+        torch.set_num_threads(threads)
+
+    variant = Variant("torch-fp32", "torch", "tiny", module=tiny_model)
+    few = variant.logits(tiny_images[: TRACE_MIN_BATCHES - 1], 1, 1)
+    assert variant._scoring_models == {}  # too few images to decide: scored eagerly, decided later
+    all_images = variant.logits(tiny_images, 1, 2)
+    assert isinstance(variant._scoring_models[1], TracedModel)
+    assert np.array_equal(all_images[: len(few)], few)
+
+
+class _ValueBranch(torch.nn.Module):
+    """A model whose output depends on a branch on its input's values: a trace keeps one branch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.linear(x)
+        return y * 2 if bool(x.mean() > 0) else y * 3
+
+
+def test_a_model_whose_trace_would_differ_or_fails_is_scored_eagerly():
+    from onnxvit.eager import scoring_model, traced
+
+    torch.manual_seed(0)
+    model = _ValueBranch().eval()
+    positive, negative = torch.rand(1, 4) + 1, -torch.rand(1, 4) - 1
+    assert traced(model, [positive, positive + 1]) is not None  # one branch taken: the trace holds there
+    assert traced(model, [positive, negative]) is None  # the second batch takes the other branch
+    images = np.concatenate([np.ones((1, 4)), -np.ones((9, 4))]).astype(np.float32)
+    assert scoring_model(model, images, 1) == (model, True)
+
+    class NotTraceable(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> str:
+            return "no tensor out"
+
+    assert traced(NotTraceable(), [positive, positive]) is None
+
+
 @pytest.mark.parametrize("name", ["levit_128s", "mobilevit_xxs"])
 def test_onednn_linears_keep_a_hybrids_logits(name):
     """Hybrids feed their linear layers other shapes (LeViT's Linear -> BatchNorm1d on flattened
-    tokens, MobileViT's unfolded patches): every layer still runs on oneDNN, to float rounding."""
+    tokens, MobileViT's unfolded patches): every layer still runs on oneDNN, to float rounding, and
+    the scoring copy's trace gives its logits exactly."""
     import timm
 
-    from onnxvit.eager import OneDNNLinear, onednn_linears, onednn_scoring
+    from onnxvit.eager import OneDNNLinear, onednn_linears, onednn_scoring, traced
 
     if not onednn_scoring():
         pytest.skip("this PyTorch build has no oneDNN linear operator or no MKL")
@@ -137,6 +198,10 @@ def test_onednn_linears_keep_a_hybrids_logits(name):
     with torch.inference_mode():
         plain, onednn = model(x), scored(x)
     assert torch.allclose(onednn, plain, rtol=1e-4, atol=1e-5 * float(plain.abs().max()))
+    trace = traced(scored, [x[:1], x[1:]])  # and its trace gives eager's logits bit for bit
+    assert trace is not None
+    with torch.inference_mode():
+        assert torch.equal(torch.cat([trace(x[:1]), trace(x[1:])]), torch.cat([scored(x[:1]), scored(x[1:])]))
 
 
 def test_a_pytorch_variants_logits_come_in_order_from_parallel_callers(tiny_model, tiny_images):
