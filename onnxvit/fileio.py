@@ -36,7 +36,17 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    """``obj`` as JSON; a numpy scalar that reached it (``numpy.bool_`` is no ``bool``) is written as the
+    Python value it holds, so a long run's report is never lost at its last step for a scalar's type."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_numpy_scalar) + "\n")
+
+
+def _numpy_scalar(value: Any) -> Any:
+    import numpy as np
+
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
 def sha256_bytes(data: bytes) -> str:

@@ -15,7 +15,7 @@ def sqnr_db(reference: np.ndarray, test: np.ndarray) -> float:
     noise, signal = float(error @ error), float(reference @ reference)
     if noise == 0.0:
         return float("inf")
-    return 10.0 * np.log10(max(signal, 1e-30) / noise)
+    return float(10.0 * np.log10(max(signal, 1e-30) / noise))
 
 
 class SqnrAgainst:
@@ -30,7 +30,7 @@ class SqnrAgainst:
 
     def __call__(self, test: np.ndarray) -> float:
         noise = _sum_of_squares(self.reference - np.asarray(test, np.float32).ravel())
-        return float("inf") if noise == 0.0 else 10.0 * np.log10(max(self.signal, 1e-30) / noise)
+        return float("inf") if noise == 0.0 else float(10.0 * np.log10(max(self.signal, 1e-30) / noise))
 
 
 def _sum_of_squares(values: np.ndarray) -> float:
