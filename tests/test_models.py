@@ -121,20 +121,22 @@ def test_the_pytorch_variant_is_scored_on_onednn_linears_with_the_same_products(
 def test_the_pytorch_variant_is_scored_by_a_trace_with_eagers_exact_logits(tiny_model, tiny_images):
     """With batches enough, the scoring copy runs as a trace whose logits are eager's bit for bit,
     a last smaller batch included (run eagerly); with too few, eager runs and nothing is decided."""
-    from onnxvit.eager import TRACE_MIN_BATCHES, TracedModel, onednn_linears, scoring_model
+    from onnxvit.eager import TRACE_MIN_BATCHES, TracedModel, onednn_linears, scoring_model, traced
     from onnxvit.variant import Variant
 
     scored, _ = onednn_linears(tiny_model.eval())
     x = torch.from_numpy(tiny_images)
-    assert len(x) >= TRACE_MIN_BATCHES and len(x) % 5
+    assert TRACE_MIN_BATCHES <= len(x) < TRACE_MIN_BATCHES * 5 and len(x) % 5
+    one, final = scoring_model(scored, tiny_images, 1)
+    assert isinstance(one, TracedModel) and final
+    assert scoring_model(scored, tiny_images, 5) == (scored, False)  # too few batches of 5 to decide
+    five = traced(scored, [x[:5], x[5:10]])  # traced at 5: the last batch, of 2, runs eagerly
+    assert isinstance(five, TracedModel)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for batch in (1, 5):  # at 5 the last batch is smaller than the traced shape
-            model, final = scoring_model(scored, tiny_images, batch)
-            expected_type = TracedModel if len(x) >= TRACE_MIN_BATCHES * batch else type(scored)
-            assert isinstance(model, expected_type) and final == (expected_type is TracedModel)
-            with torch.inference_mode():
+        with torch.inference_mode():
+            for batch, model in ((1, one), (5, five)):
                 eager = torch.cat([scored(x[i : i + batch]) for i in range(0, len(x), batch)])
                 assert torch.equal(torch.cat([model(x[i : i + batch]) for i in range(0, len(x), batch)]), eager)
     finally:
