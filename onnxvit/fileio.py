@@ -38,10 +38,11 @@ def atomic_write_text(path: Path, text: str) -> None:
 def atomic_write_json(path: Path, obj: Any) -> None:
     """``obj`` as JSON; a numpy scalar that reached it (``numpy.bool_`` is no ``bool``) is written as the
     Python value it holds, so a long run's report is never lost at its last step for a scalar's type."""
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_numpy_scalar) + "\n")
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=numpy_scalar) + "\n")
 
 
-def _numpy_scalar(value: Any) -> Any:
+def numpy_scalar(value: Any) -> Any:
+    """``json.dumps``'s ``default`` for what onnxvit writes: a numpy scalar as the Python value it holds."""
     import numpy as np
 
     if isinstance(value, np.generic):

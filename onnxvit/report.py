@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from onnxvit.errors import UserError
-from onnxvit.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
+from onnxvit.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text, numpy_scalar
 from passes import PASS_MODULES, Pass, get_pass
 
 SCHEMA_VERSION = 1
@@ -129,7 +129,11 @@ def render_markdown(report: dict[str, Any]) -> str:
         )
     for step in report.get("steps", []):
         parts += _pass_of(step).report_section(step)
-    notes = [f"- `{s['name']}`: {json.dumps(_untabled(s))}" for s in report.get("steps", []) if s.get("notes")]
+    notes = [
+        f"- `{s['name']}`: {json.dumps(_untabled(s), default=numpy_scalar)}"
+        for s in report.get("steps", [])
+        if s.get("notes")
+    ]
     if notes:
         parts += ["", "## What each step did", "", *notes]
     parts += ["", f"![top-1 against latency]({PLOT_PNG})", ""]

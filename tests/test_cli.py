@@ -354,3 +354,29 @@ def test_clean_removes_only_what_the_last_run_did_not_use(tmp_path, image_folder
     assert len(after) < len(before)
     assert _invoke("compress", str(changed), "--quiet").exit_code == 0  # and nothing it needs is gone
     assert all(step["cached"] for step in json.loads((out / "report.json").read_text())["steps"])
+
+
+def test_numpy_scalars_in_a_report_are_written_as_their_values(tmp_path):
+    """A numpy scalar that reaches report.json or a step's notes in report.md (``numpy.bool_`` is no
+    ``bool``) is written as the value it holds; anything else JSON cannot hold still fails, and
+    leaves no file."""
+    import numpy as np
+
+    from onnxvit.fileio import atomic_write_json
+    from onnxvit.report import render_markdown
+
+    atomic_write_json(tmp_path / "x.json", {"flag": np.bool_(False), "value": np.float32(0.5), "n": np.int64(3)})
+    assert json.loads((tmp_path / "x.json").read_text()) == {"flag": False, "value": 0.5, "n": 3}
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        atomic_write_json(tmp_path / "y.json", {"bad": object()})
+    assert not (tmp_path / "y.json").exists()
+    step = {"name": "fp32", "kind": "export", "input": None, "cached": False, "seconds": 1.0, "check": {}}
+    report = {
+        "model": "m",
+        "onnxvit_version": "0",
+        "variants": [],
+        "parity": [],
+        "machine": {"cpu": "c", "threads": 2, "onnxruntime": "o", "torch": "t"},
+        "steps": [{**step, "notes": {"simplified": np.bool_(True), "nodes": np.int64(7)}}],
+    }
+    assert '- `fp32`: {"simplified": true, "nodes": 7}' in render_markdown(report)
