@@ -89,3 +89,16 @@ def tiny_onnx(tiny_model, tiny_images):
 
     exported = export_onnx(tiny_model, tiny_images, ExportConfig())
     return SimplifyPass().run(exported, PassContext(calibration=[tiny_images[:4]]))
+
+
+def minimal_report(**sections):
+    """The fewest report.json fields ``render_markdown`` reads, with ``sections`` added: for tests of
+    one section's rendering."""
+    return {
+        "model": "m",
+        "onnxvit_version": "0",
+        "variants": [],
+        "parity": [],
+        "machine": {"cpu": "c", "threads": 2, "onnxruntime": "o", "torch": "t"},
+        **sections,
+    }

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from onnxvit.cli import main
 from onnxvit.config import load_config
-from tests.conftest import TINY_MODEL, write_config
+from tests.conftest import TINY_MODEL, minimal_report, write_config
 
 REPORT_KEYS = {"model", "onnxvit_version", "config_sha256", "machine", "variants"}
 VARIANT_KEYS = {"name", "runtime", "path", "size_bytes", "latency_ms", "top1", "top5", "agree_top1", "sqnr_db"}
@@ -371,12 +371,5 @@ def test_numpy_scalars_in_a_report_are_written_as_their_values(tmp_path):
         atomic_write_json(tmp_path / "y.json", {"bad": object()})
     assert not (tmp_path / "y.json").exists()
     step = {"name": "fp32", "kind": "export", "input": None, "cached": False, "seconds": 1.0, "check": {}}
-    report = {
-        "model": "m",
-        "onnxvit_version": "0",
-        "variants": [],
-        "parity": [],
-        "machine": {"cpu": "c", "threads": 2, "onnxruntime": "o", "torch": "t"},
-        "steps": [{**step, "notes": {"simplified": np.bool_(True), "nodes": np.int64(7)}}],
-    }
+    report = minimal_report(steps=[{**step, "notes": {"simplified": np.bool_(True), "nodes": np.int64(7)}}])
     assert '- `fp32`: {"simplified": true, "nodes": 7}' in render_markdown(report)

@@ -16,7 +16,7 @@ from onnxvit.config import LiteConfig, MobileConfig
 from onnxvit.lite import build_lite_variants, load_lite, parity_table, quantized_engine, save_lite, static_int8
 from onnxvit.mobile import OPERATORS_CONFIG, build_artifacts
 from passes.runtime import model_logits
-from tests.conftest import write_config
+from tests.conftest import minimal_report, write_config
 
 
 def test_ort_format_round_trip_and_operator_config(tiny_onnx, tiny_images, tmp_path):
@@ -199,12 +199,5 @@ def test_a_model_that_cannot_be_traced_is_one_line_and_the_rest_goes_on(tiny_ima
 def test_report_shows_a_lite_model_that_could_not_be_built():
     from onnxvit.report import render_markdown
 
-    report = {
-        "model": "m",
-        "onnxvit_version": "0",
-        "variants": [],
-        "parity": [],
-        "machine": {"cpu": "c", "threads": 2, "onnxruntime": "o", "torch": "t"},
-        "lite": {"lite-fp32": {"error": "cannot build a Lite model: RuntimeError: dict output"}},
-    }
+    report = minimal_report(lite={"lite-fp32": {"error": "cannot build a Lite model: RuntimeError: dict output"}})
     assert "`lite-fp32`: cannot build a Lite model: RuntimeError: dict output" in render_markdown(report)
