@@ -92,7 +92,7 @@ def main() -> None:
 
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
-    from onnxvit.eager import onednn_available
+    from onnxvit.eager import onednn_available, onednn_linear
 
     onednn = onednn_available()
     rows, torch_total, ort_total, onednn_total = [], 0.0, 0.0, 0.0
@@ -102,7 +102,7 @@ def main() -> None:
         with torch.inference_mode():
             torch_s = best_seconds(lambda: torch.nn.functional.linear(ta, tw))  # noqa: B023
             onednn_s = (
-                best_seconds(lambda: torch.ops.mkldnn._linear_pointwise(ta, tw, None, "none", [], ""))  # noqa: B023
+                best_seconds(lambda: onednn_linear(ta, tw, None))  # noqa: B023
                 if onednn
                 else math.nan
             )

@@ -58,7 +58,8 @@ class OneDNNLinear(torch.nn.Module):
         return _scripted_linear()(x, self.weight, self.bias)
 
 
-def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ weight.T + bias`` by oneDNN's linear operator, with no fused activation."""
     # the empty list typed as the operator's Scalar?[]: untyped, a trace cannot record it
     scalars = torch.jit.annotate(list[int | float | complex | None], [])
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", scalars, "")
@@ -71,9 +72,9 @@ def _scripted_linear() -> Callable[..., torch.Tensor]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
-            return torch.jit.script(_onednn_linear)  # type: ignore[no-any-return]
+            return torch.jit.script(onednn_linear)  # type: ignore[no-any-return]
     except Exception:  # noqa: BLE001 - eager calls still work; a trace of the model then fails and eager scores
-        return _onednn_linear
+        return onednn_linear
 
 
 def _swappable(module: torch.nn.Module) -> TypeGuard[torch.nn.Linear]:
