@@ -15,7 +15,7 @@ from typing import Any
 
 from onnxvit import __version__
 from onnxvit.config import DENSE_VARIANT, EXPORT_VARIANT, TORCH_VARIANT, ExecutorConfig, load_config
-from onnxvit.engine import Cache, model_sha256
+from onnxvit.engine import Cache
 from onnxvit.errors import UserError
 from onnxvit.fileio import atomic_write_bytes, atomic_write_json
 from onnxvit.progress import Reporter
@@ -23,6 +23,7 @@ from onnxvit.report import write_report
 from onnxvit.stages import benchmark, evaluate, export, mobile, passes, profile, prune, report, tokens
 from onnxvit.stages.load import Run
 from onnxvit.variant import Variant
+from passes.graph import model_sha256
 
 RUN_MARKER = ".onnxvit-run"
 CACHE_DIR = "cache"

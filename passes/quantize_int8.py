@@ -22,9 +22,8 @@ without VNNI):
 from __future__ import annotations
 
 import dataclasses
-import functools
 import platform
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -444,7 +443,7 @@ class QuantizeInt8Pass(Pass):
             tuner = WeightTuner(
                 model,
                 layers,
-                functools.partial(self._quantize_piece, reduce_range),
+                partial(self._quantize_piece, reduce_range),
                 values,
                 self._qtype,
                 reduce_range,

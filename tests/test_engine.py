@@ -3,9 +3,10 @@ from collections import Counter
 import pytest
 
 from onnxvit.config import StepConfig
-from onnxvit.engine import Cache, StepRecord, model_sha256, run_passes
+from onnxvit.engine import Cache, StepRecord, run_passes
 from passes import get_pass
 from passes.base import PassContext
+from passes.graph import model_sha256
 
 
 @pytest.fixture()

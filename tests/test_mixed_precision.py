@@ -110,7 +110,8 @@ def test_a_new_selection_rule_picks_from_the_measured_front(tiny_onnx, tiny_imag
     rule picks from the points the first run measured. (A run from scratch would time the
     candidates again, and with them its front.)"""
     from onnxvit.config import StepConfig
-    from onnxvit.engine import Cache, StepRecord, model_sha256, run_passes
+    from onnxvit.engine import Cache, StepRecord, run_passes
+    from passes.graph import model_sha256
 
     builds = []
     original = MixedPrecisionPass.build

@@ -8,10 +8,11 @@ from typing import Any
 import onnx
 
 from onnxvit.config import StepConfig
-from onnxvit.engine import StepRecord, model_sha256, run_passes
+from onnxvit.engine import StepRecord, run_passes
 from onnxvit.fileio import atomic_write_bytes
 from onnxvit.stages.load import Run
 from onnxvit.variant import Variant
+from passes.graph import model_sha256
 
 
 def apply(
