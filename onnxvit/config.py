@@ -245,7 +245,13 @@ class MobileConfig(StrictModel):
     optimization: Literal["basic", "extended", "all"] = Field("all", description="Graph optimizations saved in .ort.")
     type_reduction: bool = Field(True, description="Operator config lists the types each op needs, too.")
     fp32_atol: float = Field(
-        1e-5, gt=0, description="Largest .ort vs .onnx logit difference for float32 models (float16: same top-1)."
+        1e-5, gt=0, description="Largest .ort vs .onnx logit difference for float32 models (float16: same top-1)..."
+    )
+    fp32_rtol: float = Field(
+        1e-5,
+        ge=0,
+        description="...plus this fraction of the largest |logit| (the .ort's kernels round apart from the "
+        ".onnx's x86 ones, by more as the logits grow).",
     )
     bake_preprocessing: bool = Field(
         False,

@@ -60,6 +60,20 @@ def write_config(folder: Path, image_root: Path, **overrides) -> Path:
     return path
 
 
+def run_state(config_path: Path, out: Path):
+    """The pipeline's shared state for a finished run of ``config_path`` into ``out``, as a later
+    stage sees it: its config, decoded images and cache."""
+    from onnxvit.compress import CACHE_DIR
+    from onnxvit.config import load_config
+    from onnxvit.engine import Cache
+    from onnxvit.progress import Reporter
+    from onnxvit.stages.load import Run
+
+    config, pass_configs = load_config(config_path)
+    config.output.dir = out
+    return Run(config, pass_configs, Reporter(True), Cache(out / CACHE_DIR))
+
+
 @pytest.fixture(scope="session")
 def tiny_model():
     import torch

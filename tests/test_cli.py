@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from onnxvit.cli import main
 from onnxvit.config import load_config
-from tests.conftest import TINY_MODEL, minimal_report, write_config
+from tests.conftest import TINY_MODEL, minimal_report, run_state, write_config
 
 REPORT_KEYS = {"model", "onnxvit_version", "config_sha256", "machine", "variants"}
 VARIANT_KEYS = {"name", "runtime", "path", "size_bytes", "latency_ms", "top1", "top5", "agree_top1", "sqnr_db"}
@@ -81,18 +81,6 @@ def test_compress_writes_models_report_and_plot(first_run):
     assert written and {p.name: model_problem(onnx.load(p)) for p in written} == {p.name: None for p in written}
 
 
-def _run_of(first_run):
-    """The pipeline's shared state for the first run's config and cache, as a later stage sees it."""
-    from onnxvit.compress import CACHE_DIR
-    from onnxvit.engine import Cache
-    from onnxvit.progress import Reporter
-    from onnxvit.stages.load import Run
-
-    config_path, out, _ = first_run
-    config, pass_configs = load_config(config_path)
-    return Run(config, pass_configs, Reporter(True), Cache(out / CACHE_DIR))
-
-
 def test_reported_figures_are_those_of_the_written_files_at_the_deploy_batch(first_run):
     """Re-scored by hand (a plain ONNX Runtime session, one image per call, as an app runs it), the
     written int8 and fp32 files give the report's top-1, agreement and SQNR."""
@@ -100,7 +88,7 @@ def test_reported_figures_are_those_of_the_written_files_at_the_deploy_batch(fir
     from passes.runtime import make_session
 
     _, out, _ = first_run
-    run = _run_of(first_run)
+    run = run_state(*first_run[:2])
     images, labels = run.evaluation_images, run.dataset.labels("evaluate")
 
     def batch_one(path: Path) -> np.ndarray:
@@ -125,7 +113,7 @@ def test_the_torch_variant_scores_as_one_evaluation_at_its_batch(first_run):
     from passes.runtime import model_logits
 
     _, out, _ = first_run
-    run = _run_of(first_run)
+    run = run_state(*first_run[:2])
     config, images, labels = run.config, run.evaluation_images, run.dataset.labels("evaluate")
     report = json.loads((out / "report.json").read_text())
     torch_row = next(v for v in report["variants"] if v["name"] == "torch-fp32")
@@ -162,7 +150,7 @@ def test_the_batch_check_runs_the_large_batch_only_where_twice_the_deploy_batch_
     from onnxvit.stages.evaluate import scoring_batch
     from onnxvit.variant import Variant
 
-    run, calls = _run_of(first_run), []
+    run, calls = run_state(*first_run[:2]), []
 
     class Probe(Variant):  # logits that change from batch ``differs_from`` on, as a kernel switch would
         def logits(self, images, batch_size, threads, advance=lambda n: None, executor=None):
