@@ -65,3 +65,12 @@ def sha256_file(path: Path) -> str:
 def sha256_json(obj: Any) -> str:
     """Hash of a JSON-able object, independent of key order."""
     return sha256_bytes(json.dumps(obj, sort_keys=True, default=str).encode("utf-8"))
+
+
+def path_from(folder: Path, path: Path) -> str:
+    """``path`` as a report in ``folder`` names it: relative where the two share a folder below the
+    filesystem's root (the report moved with what it names keeps its meaning), else absolute."""
+    folder, path = Path(os.path.abspath(folder)), Path(os.path.abspath(path))
+    if Path(os.path.commonpath([folder, path])) == Path(path.anchor):
+        return str(path)
+    return os.path.relpath(path, folder)

@@ -361,3 +361,12 @@ def test_numpy_scalars_in_a_report_are_written_as_their_values(tmp_path):
     step = {"name": "fp32", "kind": "export", "input": None, "cached": False, "seconds": 1.0, "check": {}}
     report = minimal_report(steps=[{**step, "notes": {"simplified": np.bool_(True), "nodes": np.int64(7)}}])
     assert '- `fp32`: {"simplified": true, "nodes": 7}' in render_markdown(report)
+
+
+def test_a_report_names_data_beside_it_relatively_and_data_elsewhere_absolutely(tmp_path):
+    from onnxvit.fileio import path_from
+
+    out, data = tmp_path / "runs" / "out", tmp_path / "data" / "images"
+    assert path_from(out, data) == "../../data/images" and (out / path_from(out, data)).resolve() == data
+    # sharing only the filesystem's root: a relative path climbing to it says nothing a move keeps
+    assert path_from(out, Path("/") / "elsewhere" / "images") == "/elsewhere/images"

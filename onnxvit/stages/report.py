@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from onnxvit import __version__
+from onnxvit.fileio import path_from
 from onnxvit.stages.benchmark import machine_info
 from onnxvit.stages.load import Run
 from onnxvit.variant import Variant
@@ -55,10 +55,9 @@ def document(
         if config.model.checkpoint
         else ("pretrained" if config.model.pretrained else "random_init"),
         "batch_size": bench.batch_size,
-        # Paths relative to the report's folder: a report moved with its models keeps its meaning.
         "data": {
-            "root": os.path.relpath(config.data.root, folder),
-            "manifest": os.path.relpath(config.data.manifest, folder) if config.data.manifest else None,
+            "root": path_from(folder, config.data.root),
+            "manifest": path_from(folder, config.data.manifest) if config.data.manifest else None,
             **{f"{s}_images": len(f) for s, f in run.dataset.splits.items()},
         },
         "reference": reference,
