@@ -107,7 +107,10 @@ class MixedPrecisionConfig(PassConfig):
 @register_pass
 class MixedPrecisionPass(Pass):
     name = "mixed_precision"
-    version = 2  # 2: candidates timed as passes.timing.TIMING_METHOD 2 times them
+    # 2: candidates timed as passes.timing.TIMING_METHOD 2 times them; 3: candidates' int8 layers written
+    # by DynamicInt8Builder (a candidate's size is its file's, without the tensor shapes and metadata
+    # ONNX Runtime's quantizer adds)
+    version = 3
     Config = MixedPrecisionConfig
     config: MixedPrecisionConfig
 
@@ -141,8 +144,12 @@ class MixedPrecisionPass(Pass):
         layers = weighted_nodes(prepared, ["MatMul"])
         return prepared, find_blocks(prepared, layers, min_layers=self.config.min_block_layers)
 
-    def build(self, prepared: onnx.ModelProto, blocks: dict[str, list[str]], assignment: Assignment) -> onnx.ModelProto:
-        """The model with each block's linear layers as ``assignment`` says (``rest`` from the config)."""
+    def build(
+        self, prepared: onnx.ModelProto, blocks: dict[str, list[str]], assignment: Assignment, direct: bool = True
+    ) -> onnx.ModelProto:
+        """The model with each block's linear layers as ``assignment`` says (``rest`` from the config).
+        ``direct``: int8 layers written by ``DynamicInt8Builder`` (a search builds hundreds of
+        candidates); else by ONNX Runtime's quantizer, as the shipped model is."""
         cfg = self.config
         choice_of = {
             layer: assignment.get(block, cfg.rest) if block != REST else cfg.rest
@@ -159,20 +166,20 @@ class MixedPrecisionPass(Pass):
                 model = self._nbits(model, chosen, bits)
         int8 = [layer for layer, c in choice_of.items() if c == "int8"]
         if int8:
-            model = self._int8(model, int8)
+            model = self._int8(model, int8, direct)
         return model
 
     def apply(
         self, model: onnx.ModelProto, assignment: Assignment, calibration: list[np.ndarray] | None = None
     ) -> onnx.ModelProto:
         """``model`` (the pass's input) with ``assignment`` (block -> choice, as a report's front point
-        gives it), built as the search built it (a16w8 needs the same ``calibration`` batches)."""
+        gives it), built as the pass ships it (a16w8 needs the same ``calibration`` batches)."""
         self.calibration = calibration or self.calibration
         prepared, blocks = self.prepare(model)
         unknown = set(assignment) - set(blocks)
         if unknown:
             raise ValueError(f"mixed_precision: blocks {sorted(unknown)} are not in this model ({sorted(blocks)})")
-        return self.build(prepared, blocks, assignment)
+        return self.build(prepared, blocks, assignment, direct=False)
 
     def _nbits(self, model: onnx.ModelProto, layers: list[str], bits: int) -> onnx.ModelProto:
         import logging
@@ -222,11 +229,13 @@ class MixedPrecisionPass(Pass):
             ),
         )
 
-    def _int8(self, model: onnx.ModelProto, layers: list[str]) -> onnx.ModelProto:
+    def _int8(self, model: onnx.ModelProto, layers: list[str], direct: bool) -> onnx.ModelProto:
         reduce_range = u8s8_saturates() if self.config.reduce_range == "auto" else self.config.reduce_range
-        return QuantizeInt8Pass(QuantizeInt8Config(op_types=["MatMul"])).quantize_layers(
-            model, layers, reduce_range, [], {}
-        )
+        int8 = QuantizeInt8Pass(QuantizeInt8Config(op_types=["MatMul"]))
+        builder = int8.direct_builder(model, layers, reduce_range, {}) if direct else None
+        if builder is not None:
+            return builder.build(layers)
+        return int8.quantize_layers(model, layers, reduce_range, [], {})
 
     # ---- the pass ------------------------------------------------------------------------------
     def run(self, model: onnx.ModelProto, ctx: PassContext) -> onnx.ModelProto:

@@ -14,6 +14,7 @@ import onnx
 
 from passes.base import PassContext, PassError
 from passes.blocks import REST, Assignment, Choice, assignment_code
+from passes.graph import same_computation
 from passes.metrics import SQNR_CEILING_DB, top1_agreement, topk_accuracy
 from passes.pareto import nsga2, pareto_front, spread_pick
 from passes.timing import measure_latency, onnx_runner
@@ -100,9 +101,14 @@ class Search:
         points = found["points"]
         front_points = [p for p in points if p["on_front"]]
         chosen, reason = self._select([p for p in front_points if not p["violates"]] or front_points)
-        output = self.owner.build(self.prepared, self.layers, chosen["assignment"])
+        output = self.owner.build(self.prepared, self.layers, chosen["assignment"], direct=False)
+        # what ships is the quantizer's model; the search measured the direct builder's
+        same = same_computation(output, self.owner.build(self.prepared, self.layers, chosen["assignment"]))
+        if not same:
+            self.ctx.log("mixed precision: the quantizer's model is not the one the search measured")
         notes = {
             **found["notes"],
+            "search_model_equals_quantizer_output": same,
             "float_reference": {"top1": self.reference_top1},
             "points": points,
             "chosen": chosen["name"],

@@ -253,7 +253,7 @@ class QuantizeInt8Pass(Pass):
         probe: FidelityProbe | None = None
         if budget.active:
             probe = FidelityProbe(model, ctx.search, ctx.threads, ctx.executor)
-            builder = self._builder(prepared, layers, reduce_range, overrides)
+            builder = self.direct_builder(prepared, layers, reduce_range, overrides)
             candidate = quantize if builder is None else builder.build
             alone = None
             if builder is not None:
@@ -470,12 +470,12 @@ class QuantizeInt8Pass(Pass):
     ) -> onnx.ModelProto:
         """A piece of the model with ``nodes`` quantized, for the weight tuner: by the direct builder
         where it applies, else by ONNX Runtime's quantizer on ``feeds``."""
-        builder = self._builder(piece, nodes, reduce_range, overrides)
+        builder = self.direct_builder(piece, nodes, reduce_range, overrides)
         if builder is not None:
             return builder.build(nodes)
         return self.quantize_layers(piece, nodes, reduce_range, feeds, overrides)
 
-    def _builder(
+    def direct_builder(
         self, model: onnx.ModelProto, layers: list[str], reduce_range: bool, overrides: Overrides
     ) -> DynamicInt8Builder | None:
         """The direct writer of this pass's dynamic int8 layers for searches, where it applies."""

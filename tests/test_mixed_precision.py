@@ -67,6 +67,28 @@ def test_build_puts_each_choice_where_the_assignment_says(tiny_onnx):
         mp.apply(tiny_onnx, {"blocks.7": "int8"})
 
 
+def test_search_candidates_are_the_quantizers_models_written_directly(tiny_onnx, monkeypatch):
+    """The search builds its int8 layers with ``DynamicInt8Builder``, without ONNX Runtime's
+    quantizer: the same computation as the quantizer writes, beside w4 and float blocks, and with
+    ``reduce_range`` as well."""
+    from passes.graph import same_computation
+    from passes.quantize_int8 import QuantizeInt8Pass
+
+    quantizer_calls = []
+    original = QuantizeInt8Pass.quantize_layers
+    monkeypatch.setattr(QuantizeInt8Pass, "quantize_layers", lambda *args: quantizer_calls.append(1) or original(*args))
+    for reduce_range in (False, True):
+        mp = MixedPrecisionPass(MixedPrecisionConfig(reduce_range=reduce_range))
+        prepared, blocks = mp.prepare(tiny_onnx)
+        for assignment in ({"blocks.0": "int8", "blocks.1": "w4"}, {"blocks.0": "float", "blocks.1": "int8"}):
+            direct = mp.build(prepared, blocks, assignment)
+            assert not quantizer_calls
+            quantizer = mp.build(prepared, blocks, assignment, direct=False)
+            assert quantizer_calls and _ops(direct) == _ops(quantizer)
+            assert same_computation(direct, quantizer), assignment
+            quantizer_calls.clear()
+
+
 def test_every_candidate_meets_the_constraints(tiny_onnx, search_ctx):
     config = MixedPrecisionConfig(max_size_vs_int8=1.0, **FAST)
     out = MixedPrecisionPass(config).run(tiny_onnx, search_ctx)
@@ -82,6 +104,7 @@ def test_every_candidate_meets_the_constraints(tiny_onnx, search_ctx):
     assert {"uniform-float", "uniform-int8", "uniform-w4"} <= {p["name"] for p in notes["points"]}
     chosen = next(p for p in notes["points"] if p["name"] == notes["chosen"])
     assert chosen["violates"] == [] and chosen["on_front"]
+    assert notes["search_model_equals_quantizer_output"] is True
     # the output is the chosen assignment
     again = MixedPrecisionPass(config).apply(tiny_onnx, chosen["assignment"])
     np.testing.assert_allclose(model_logits(out, search_ctx.search), model_logits(again, search_ctx.search), atol=1e-5)
@@ -90,7 +113,9 @@ def test_every_candidate_meets_the_constraints(tiny_onnx, search_ctx):
 def test_the_search_resumes_from_its_memo(tiny_onnx, tiny_images, tmp_path, monkeypatch):
     builds = []
     original = MixedPrecisionPass.build
-    monkeypatch.setattr(MixedPrecisionPass, "build", lambda self, *args: builds.append(1) or original(self, *args))
+    monkeypatch.setattr(
+        MixedPrecisionPass, "build", lambda self, *args, **kwargs: builds.append(1) or original(self, *args, **kwargs)
+    )
     config = MixedPrecisionConfig(**FAST)
     path = tmp_path / "step.memo.json"
     first = PassContext(search=[tiny_images[:6]], memo=JsonMemo(path))
@@ -99,8 +124,9 @@ def test_the_search_resumes_from_its_memo(tiny_onnx, tiny_images, tmp_path, monk
     builds.clear()
     second = PassContext(search=[tiny_images[:6]], memo=JsonMemo(path))  # read back from the file
     MixedPrecisionPass(config).run(tiny_onnx, second)
-    # only the final timing (one build per point) and the output are rebuilt
-    assert len(builds) == len(second.notes["points"]) + 1 < first_builds
+    # only the final timing (one build per point) and the output (the quantizer's, and the search's
+    # builder's to compare) are rebuilt
+    assert len(builds) == len(second.notes["points"]) + 2 < first_builds
     assert [p["sqnr_db"] for p in first.notes["points"]] == [p["sqnr_db"] for p in second.notes["points"]]
     assert first.notes["uniform_latency_ms"] == second.notes["uniform_latency_ms"]
 
@@ -115,7 +141,9 @@ def test_a_new_selection_rule_picks_from_the_measured_front(tiny_onnx, tiny_imag
 
     builds = []
     original = MixedPrecisionPass.build
-    monkeypatch.setattr(MixedPrecisionPass, "build", lambda self, *args: builds.append(1) or original(self, *args))
+    monkeypatch.setattr(
+        MixedPrecisionPass, "build", lambda self, *args, **kwargs: builds.append(1) or original(self, *args, **kwargs)
+    )
 
     def run(folder, minimize):
         options = {**FAST, "select": {"min_agreement": None, "minimize": minimize}}
@@ -136,7 +164,8 @@ def test_a_new_selection_rule_picks_from_the_measured_front(tiny_onnx, tiny_imag
     by_latency = run(tmp_path, "latency")
     builds.clear()
     by_size = run(tmp_path, "size")
-    assert not by_size.cached and len(builds) == 1  # the chosen point, built; nothing measured
+    # the chosen point, built (the quantizer's, and the builder's to compare); nothing measured
+    assert not by_size.cached and len(builds) == 2
     assert by_size.notes["points"] == by_latency.notes["points"]
     allowed = [p for p in by_size.notes["points"] if p["on_front"] and not p["violates"]]
     smallest = min(allowed, key=lambda p: p["size_bytes"])
