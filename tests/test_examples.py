@@ -55,9 +55,12 @@ def test_example_runs_cold_and_writes_what_its_report_names(config, runs_folder)
     # every model written, reported or cached, is valid ONNX (the full checker where the ops are standard)
     written = sorted(out.glob("*.onnx")) + sorted((out / "cache").glob("*.onnx"))
     assert {p.name: model_problem(onnx.load(p)) for p in written} == {p.name: None for p in written}
-    for artifact in (report.get("mobile") or {}).get("artifacts", []):
+    mobile = report.get("mobile") or {}
+    for artifact in mobile.get("artifacts", []):
         assert artifact.get("ok"), artifact  # each .ort gives its .onnx twin's answers
         assert (out / artifact["path"]).stat().st_size == artifact["size_bytes"]
+        if isinstance(mobile["web"], dict):  # onnxruntime-web ran it (Node.js and examples/web present)
+            assert artifact["web"]["loaded"] and artifact["web"]["top1_equal"], artifact
 
 
 def test_the_example_holds_the_readme_figures_at_the_deploy_batch(runs_folder):
