@@ -17,7 +17,7 @@ from onnxvit.config import ExportConfig
 from onnxvit.errors import UserError
 from onnxvit.tokens import TokenMergedViT, choice_tensors, forcing
 from passes.graph import copy_model
-from passes.metrics import max_abs_diff
+from passes.metrics import max_abs_diff, rounding_limit
 from passes.runtime import make_session, model_logits
 
 INPUT_NAME = "input"
@@ -86,7 +86,7 @@ def check_export(
     else:
         reference, actual = torch_logits(model, batches), model_logits(proto, batches, threads)
     diff = max_abs_diff(reference, actual)
-    limit = atol + rtol * float(np.max(np.abs(reference)))
+    limit = rounding_limit(reference, atol, rtol)
     if not diff <= limit:
         raise UserError(
             f"export: ONNX logits differ from PyTorch by {diff:.3g} (> {limit:.3g}: export.atol {atol:g} + "

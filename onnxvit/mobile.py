@@ -20,7 +20,7 @@ import onnxruntime as ort
 from onnxvit.config import MobileConfig
 from onnxvit.fileio import atomic_write_text, atomic_write_via
 from passes.graph import QUANTIZED_OPS
-from passes.metrics import CHOICE_OPS, max_abs_diff, top1_agreement
+from passes.metrics import CHOICE_OPS, max_abs_diff, rounding_limit, top1_agreement
 from passes.runtime import make_session, run_logits
 
 OPERATORS_CONFIG = "required_operators.config"
@@ -108,7 +108,7 @@ def makes_choices(graph: onnx.GraphProto) -> bool:
 def within_float_rounding(check: dict[str, Any], config: MobileConfig) -> bool:
     """Whether a float32 `.ort` differs from its `.onnx` twin (``check_ort_twin``'s result) by no
     more than float32 rounding: ``fp32_atol`` plus ``fp32_rtol`` of the largest |logit|."""
-    return check["max_abs_vs_onnx"] <= config.fp32_atol + config.fp32_rtol * check["largest_logit"]
+    return check["max_abs_vs_onnx"] <= rounding_limit(check["largest_logit"], config.fp32_atol, config.fp32_rtol)
 
 
 def build_artifacts(

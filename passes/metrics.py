@@ -54,6 +54,13 @@ def max_abs_diff(reference: np.ndarray, test: np.ndarray) -> float:
     return float(np.max(np.abs(reference.astype(np.float64) - test.astype(np.float64))))
 
 
+def rounding_limit(reference: np.ndarray | float, atol: float, rtol: float) -> float:
+    """The largest logit difference float32 rounding accounts for: ``atol`` plus ``rtol`` times the
+    largest |logit| of ``reference`` (or that largest |logit| itself), since rounding grows with
+    the values it rounds."""
+    return atol + rtol * float(np.max(np.abs(reference)))
+
+
 def topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
     """Percent of rows whose label is among the ``k`` highest logits."""
     topk = np.argsort(-logits, axis=1)[:, :k]

@@ -5,13 +5,12 @@ logits on the calibration images match the input graph's."""
 
 from __future__ import annotations
 
-import numpy as np
 import onnx
 from pydantic import Field
 
 from passes import register_pass
 from passes.base import Pass, PassConfig, PassContext
-from passes.metrics import rewrite_change
+from passes.metrics import rewrite_change, rounding_limit
 
 
 class SimplifyConfig(PassConfig):
@@ -38,7 +37,7 @@ class SimplifyPass(Pass):
         if ctx.calibration:
             reference, test = ctx.check_logits(model), ctx.check_logits(simplified)
             diff = rewrite_change(model, reference, test)
-            limit = self.config.atol + self.config.rtol * float(np.max(np.abs(reference)))
+            limit = rounding_limit(reference, self.config.atol, self.config.rtol)
             if not diff <= limit:
                 return self._fall_back(model, ctx, f"simplified logits differ by {diff:.3g} > {limit:.3g}")
         ctx.notes["simplified"] = True
