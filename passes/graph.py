@@ -408,3 +408,36 @@ def suffix_inputs(model: onnx.ModelProto, start: int) -> list[str]:
             if name and name not in produced and name not in initializers
         )
     )
+
+
+def region_inputs(graph: onnx.GraphProto, start: str, end: str) -> list[str]:
+    """What the nodes between tensors ``start`` and ``end`` (those on a path from one to the other)
+    read from outside them, ``start`` first, initializers left out: fed these, the nodes compute
+    ``end`` without the model before them (a residual branch's other input, say)."""
+    consumers: dict[str, list[int]] = {}
+    for index, node in enumerate(graph.node):
+        for name in node.input:
+            consumers.setdefault(name, []).append(index)
+    after: set[int] = set()
+    stack = [start]
+    while stack:
+        for index in consumers.get(stack.pop(), []):
+            if index not in after:
+                after.add(index)
+                stack.extend(graph.node[index].output)
+    producer = {out: index for index, node in enumerate(graph.node) for out in node.output if out}
+    before: set[int] = set()
+    stack = [end]
+    while stack:
+        name = stack.pop()
+        source = producer.get(name)
+        if name == start or source is None or source in before:
+            continue
+        before.add(source)
+        stack.extend(graph.node[source].input)
+    region = sorted(after & before)
+    # what needs no feed: initializers, and Constant nodes' outputs (a piece takes those nodes along)
+    known = {out for index in region for out in graph.node[index].output} | {i.name for i in graph.initializer}
+    known |= {out for node in graph.node if node.op_type == "Constant" for out in node.output}
+    read = (name for index in region for name in graph.node[index].input)
+    return list(dict.fromkeys([start, *(name for name in read if name and name not in known)]))

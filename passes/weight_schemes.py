@@ -32,7 +32,7 @@ from onnx import helper
 from onnxruntime.quantization.quant_utils import get_qmin_qmax_for_qType
 
 from passes.executor import Executor
-from passes.graph import GraphIndex, weight_channel_axis
+from passes.graph import GraphIndex, region_inputs, weight_channel_axis
 from passes.linear_error import DynamicLinearError
 from passes.metrics import SqnrAgainst
 from passes.ort_quant import FloatValues
@@ -181,6 +181,10 @@ def _typed(model: onnx.ModelProto) -> onnx.ModelProto:
     return typed
 
 
+def _elem_type(value: onnx.ValueInfoProto | None) -> int | None:
+    return value.type.tensor_type.elem_type if value is not None else None
+
+
 class _NotExact(Exception):
     """A candidate's integers that the kernel would not multiply exactly (it saturates)."""
 
@@ -198,12 +202,18 @@ class BlockProbe:
         self.key = uuid.uuid4().hex  # names the float piece in every process that scores its trials
 
     @staticmethod
-    def cut(extractor: onnx.utils.Extractor, inputs: list[str], outputs: list[str], image: str) -> onnx.ModelProto:
-        """The nodes between ``inputs`` and ``outputs``; the image input joins ``inputs`` when shapes
-        computed from it are read inside (a dynamic batch size)."""
+    def cut(extractor: onnx.utils.Extractor, first: str, last: str, image: str) -> onnx.ModelProto:
+        """The nodes between tensors ``first`` and ``last``, fed every float tensor they read from
+        outside (not the model before them); the image input joins the inputs when shapes computed
+        from it are read inside (a dynamic batch size)."""
+        inputs = [
+            name
+            for name in region_inputs(extractor.graph, first, last)
+            if name != image and _elem_type(extractor.value_infos.get(name)) == onnx.TensorProto.FLOAT
+        ]
         for names in (inputs, [*inputs, image]):
             try:
-                piece = extractor.extract_model(names, outputs)
+                piece = extractor.extract_model(names, [last])
             except ValueError as error:  # a tensor onnx cannot type
                 raise NotSeparable(str(error)) from error
             known = (
@@ -310,6 +320,8 @@ class WeightTuner:
         self.qtype, self.reduce_range, self.threads, self.advance = qtype, reduce_range, threads, advance
         self.executor = executor or Executor()
         self.exact = exact
+        # every layer's scores from ``choose_schemes``: each the layer's own output SQNR on float inputs
+        self.own_scores: dict[str, dict[WeightScheme, float]] = {}
 
     def overrides(self, schemes: dict[str, WeightScheme]) -> Overrides:
         return scheme_overrides(self.index, schemes, self.qtype, self.reduce_range)
@@ -321,7 +333,7 @@ class WeightTuner:
             pieces: list[onnx.ModelProto | NotSeparable] = []
             for first, last in ends[start : start + chunk]:
                 try:
-                    pieces.append(BlockProbe.cut(self.extractor, [first], [last], self.image))
+                    pieces.append(BlockProbe.cut(self.extractor, first, last, self.image))
                 except NotSeparable as error:
                     pieces.append(error)
             names = sorted(
@@ -368,6 +380,7 @@ class WeightTuner:
         exact = self._exact_scores([layer for layer in self.layers if self._scored_exactly(layer)], candidates, clips)
         scores: dict[str, dict[WeightScheme, float] | NotSeparable] = dict(exact)
         scores.update(self._run_scores([layer for layer in self.layers if layer not in exact], candidates, clips))
+        self.own_scores = {layer: found for layer, found in scores.items() if not isinstance(found, NotSeparable)}
         chosen, table = {}, {}
         for layer in self.layers:
             layer_scores = scores[layer]
@@ -468,7 +481,10 @@ class WeightTuner:
         self, bridges: list[dict[str, Any]], schemes: dict[str, WeightScheme], grid: Iterable[float] = CLIP_GRID
     ) -> tuple[dict[str, WeightScheme], dict[str, dict[str, Any]]]:
         """For each bridge block (conv <-> token reshape <-> linear), the clip of each of its quantized
-        layers, one at a time, that gives the block's output the highest SQNR."""
+        layers, one at a time, that gives the block's output the highest SQNR. Where a block's one
+        quantized layer is its last (a dynamic int8 linear after a float conv), the block's output is
+        that layer's: its clips are read from ``choose_schemes``'s scores where it measured them all,
+        not run again on the block."""
         schemes = dict(schemes)
         table: dict[str, dict[str, Any]] = {}
         blocks = []  # (bridge, its quantized layers not tuned by an earlier bridge)
@@ -482,17 +498,47 @@ class WeightTuner:
                 blocks.append((bridge, tuned))
         self.advance(len(bridges) - len(blocks))
 
+        def layers(bridge: dict[str, Any]) -> tuple[str, str]:
+            kind = bridge["kind"]
+            return (bridge["conv"], bridge["linear"]) if kind == "to_tokens" else (bridge["linear"], bridge["conv"])
+
         def ends(bridge: dict[str, Any]) -> tuple[str, str]:
-            first, last = (
-                (bridge["conv"], bridge["linear"])
-                if bridge["kind"] == "to_tokens"
-                else (bridge["linear"], bridge["conv"])
-            )
+            first, last = layers(bridge)
             return self._node(first).input[0], self._node(last).output[0]
 
-        probes = [probe for chunk in self._probes([ends(bridge) for bridge, _ in blocks]) for probe in chunk]
-        for (bridge, tuned), probe in zip(blocks, probes):
+        def own_trials(bridge: dict[str, Any], tuned: list[str]) -> dict[WeightScheme, float] | None:
+            # the block's output SQNR under each clip of its one quantized layer, where that layer
+            # ends the block and its own scores hold every clip
+            if tuned != [layers(bridge)[1]]:
+                return None
+            own = self.own_scores.get(tuned[0], {})
+            trials = [schemes[tuned[0]], *(dataclasses.replace(schemes[tuned[0]], clip=clip) for clip in grid)]
+            return {trial: own[trial] for trial in trials} if all(trial in own for trial in trials) else None
+
+        known = [own_trials(bridge, tuned) for bridge, tuned in blocks]
+        run = [index for index, scores in enumerate(known) if scores is None]
+        found = [probe for chunk in self._probes([ends(blocks[index][0]) for index in run]) for probe in chunk]
+        probes = dict(zip(run, found))
+        for index, (bridge, tuned) in enumerate(blocks):
             self.advance(1)
+            scores = known[index]
+            if scores is not None:
+                (name,) = tuned
+                best = max(
+                    (dataclasses.replace(schemes[name], clip=clip) for clip in grid),
+                    key=scores.__getitem__,
+                )
+                before = scores[schemes[name]]
+                if scores[best] > before:
+                    schemes[name] = best
+                table[name] = {
+                    "bridge": bridge["at"],
+                    "clip": schemes[name].clip,
+                    "block_sqnr_db": {"before": before, "after": max(before, scores[best])},
+                    "measured": "the layer's own output (the block's only quantized layer, and its last)",
+                }
+                continue
+            probe = probes[index]
             if isinstance(probe, NotSeparable):
                 table.update({name: {"bridge": bridge["at"], "why": f"not tuned: {probe}"} for name in tuned})
                 continue

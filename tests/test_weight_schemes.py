@@ -140,6 +140,100 @@ def test_bridge_reconstruction_tunes_the_block_and_the_model_keeps_it():
     assert sqnr[True] > sqnr[False] + 1, sqnr  # on inputs the tuning never saw
 
 
+def _two_bridge_model(rng: np.random.Generator) -> onnx.ModelProto:
+    """A stem conv, then conv -> tokens -> linear (a bridge to tokens), then attention's output
+    projection with a residual back onto a feature map -> conv (a bridge to a feature map)."""
+    initializers = [
+        numpy_helper.from_array(rng.standard_normal((8, 8, 1, 1)).astype(np.float32), "stem/w"),
+        numpy_helper.from_array(rng.standard_normal((64, 8, 1, 1)).astype(np.float32), "conv/w"),
+        numpy_helper.from_array(np.array([0, 64, 16], np.int64), "tokens/shape"),
+        numpy_helper.from_array(rng.laplace(0, 1, (64, 32)).astype(np.float32), "linear/w"),
+        numpy_helper.from_array(rng.laplace(0, 1, (32, 32)).astype(np.float32), "proj/w"),
+        numpy_helper.from_array(np.array([0, 32, 4, 4], np.int64), "map/shape"),
+        numpy_helper.from_array(rng.standard_normal((8, 32, 1, 1)).astype(np.float32), "conv2/w"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "stem/w"], ["s"], name="stem"),
+        helper.make_node("Conv", ["s", "conv/w"], ["map"], name="conv"),
+        helper.make_node("Reshape", ["map", "tokens/shape"], ["flat"], name="tokens"),
+        helper.make_node("Transpose", ["flat"], ["seq"], perm=[0, 2, 1], name="to_seq"),
+        helper.make_node("MatMul", ["seq", "linear/w"], ["y"], name="linear"),
+        helper.make_node("Relu", ["y"], ["a"], name="act"),
+        helper.make_node("MatMul", ["a", "proj/w"], ["p"], name="proj"),
+        helper.make_node("Add", ["p", "y"], ["r"], name="residual"),
+        helper.make_node("Transpose", ["r"], ["rt"], perm=[0, 2, 1], name="to_map"),
+        helper.make_node("Reshape", ["rt", "map/shape"], ["m2"], name="map2"),
+        helper.make_node("Conv", ["m2", "conv2/w"], ["out"], name="conv2"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "bridges",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 8, 4, 4])],
+        [helper.make_tensor_value_info("out", onnx.TensorProto.FLOAT, None)],
+        initializers,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+
+
+def test_region_inputs_are_what_the_nodes_between_read_from_outside():
+    from passes.graph import region_inputs
+
+    graph = _two_bridge_model(np.random.default_rng(0)).graph
+    assert region_inputs(graph, "a", "out") == ["a", "y"]  # the residual's other input, not the stem
+    assert region_inputs(graph, "map", "y") == ["map"]  # shapes and weights are initializers
+    assert region_inputs(graph, "x", "out") == ["x"]
+
+
+def _reconstructed(model, calibration, monkeypatch, own_scores: bool):
+    """The int8 pass's notes with schemes searched and bridges reconstructed, and the float pieces
+    each reconstruction trial ran (node names); ``own_scores`` False: every block is run."""
+    from passes.weight_schemes import WeightTuner
+
+    pieces: list[set[str]] = []
+    measure, reconstruct = WeightTuner._measure, WeightTuner.reconstruct
+
+    def measured(self, jobs):
+        pieces.extend({n.name for n in onnx.load_from_string(probe.data).graph.node} for probe, _ in jobs)
+        return measure(self, jobs)
+
+    def reconstructing(self, *args, **kwargs):
+        if not own_scores:
+            self.own_scores = {}
+        monkeypatch.setattr(WeightTuner, "_measure", measured)
+        return reconstruct(self, *args, **kwargs)
+
+    monkeypatch.setattr(WeightTuner, "reconstruct", reconstructing)
+    ctx = PassContext(calibration=calibration, input_name="x")
+    config = QuantizeInt8Config(schemes="search", reconstruct_bridges=True, reduce_range=True)
+    QuantizeInt8Pass(config).run(model, ctx)
+    monkeypatch.setattr(WeightTuner, "_measure", measure)
+    monkeypatch.setattr(WeightTuner, "reconstruct", reconstruct)
+    return ctx.notes, pieces
+
+
+def test_a_bridge_block_runs_alone_and_a_last_layer_block_reads_the_layers_own_scores(monkeypatch):
+    """A block is cut at everything it reads (the residual too), so its trials never rerun the model
+    before it; a block whose one quantized layer is its last (the linear after a float conv) is
+    that layer's own output, so its clips come from the scheme search, with the same result."""
+    rng = np.random.default_rng(4)
+    model = _two_bridge_model(rng)
+    calibration = [rng.standard_normal((8, 8, 4, 4)).astype(np.float32) for _ in range(2)]
+    notes, pieces = _reconstructed(model, calibration, monkeypatch, own_scores=True)
+    table = notes["bridge_reconstruction"]
+    linear, proj = table["linear"], table["proj"]
+    assert "measured" in linear and "measured" not in proj
+    chosen = notes["schemes"]["linear"]["chosen"]
+    assert linear["block_sqnr_db"]["before"] == notes["schemes"]["linear"]["sqnr_db"][chosen]
+    assert pieces and all(piece == {"proj", "residual", "to_map", "map2", "conv2"} for piece in pieces)
+
+    ran, ran_pieces = _reconstructed(model, calibration, monkeypatch, own_scores=False)
+    assert {"conv", "tokens", "to_seq", "linear"} in ran_pieces  # the linear's block, run
+    for name, entry in ran["bridge_reconstruction"].items():
+        assert entry["clip"] == table[name]["clip"]
+        for side in ("before", "after"):
+            assert entry["block_sqnr_db"][side] == pytest.approx(table[name]["block_sqnr_db"][side], abs=0.01)
+
+
 @pytest.mark.parametrize("trans_b", [0, 1])
 def test_static_gemm_weights_take_their_channel_axis(trans_b):
     """QDQ per-channel overrides must name the axis ONNX Runtime uses for a Gemm's weight, or it refuses them."""
