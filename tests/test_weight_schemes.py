@@ -111,11 +111,16 @@ def _bridge_model(rng: np.random.Generator) -> onnx.ModelProto:
         helper.make_node("Transpose", ["flat"], ["seq"], perm=[0, 2, 1], name="to_seq"),
         helper.make_node("MatMul", ["seq", "linear/w"], ["y"], name="linear"),
     ]
+    return _feature_map_model(nodes, initializers, "y")
+
+
+def _feature_map_model(nodes: list, initializers: list, output: str) -> onnx.ModelProto:
+    """``nodes`` as a model reading an 8-channel 4 x 4 feature map ``x`` and giving ``output``."""
     graph = helper.make_graph(
         nodes,
-        "bridge",
+        "bridges",
         [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 8, 4, 4])],
-        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info(output, onnx.TensorProto.FLOAT, None)],
         initializers,
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
@@ -165,14 +170,7 @@ def _two_bridge_model(rng: np.random.Generator) -> onnx.ModelProto:
         helper.make_node("Reshape", ["rt", "map/shape"], ["m2"], name="map2"),
         helper.make_node("Conv", ["m2", "conv2/w"], ["out"], name="conv2"),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "bridges",
-        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", 8, 4, 4])],
-        [helper.make_tensor_value_info("out", onnx.TensorProto.FLOAT, None)],
-        initializers,
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    return _feature_map_model(nodes, initializers, "out")
 
 
 def test_region_inputs_are_what_the_nodes_between_read_from_outside():
