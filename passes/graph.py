@@ -441,3 +441,22 @@ def region_inputs(graph: onnx.GraphProto, start: str, end: str) -> list[str]:
     known |= {out for node in graph.node if node.op_type == "Constant" for out in node.output}
     read = (name for index in region for name in graph.node[index].input)
     return list(dict.fromkeys([start, *(name for name in read if name and name not in known)]))
+
+
+def constants_as_initializers(model: onnx.ModelProto, names: set[str]) -> int:
+    """The Constant nodes (tensor ``value``) that produce ``names``, made initializers: ONNX Runtime's
+    quantizer takes a weight's scales and zero points only for an initializer. Returns how many."""
+    moved = 0
+    for node in list(model.graph.node):
+        if node.op_type != "Constant" or node.output[0] not in names:
+            continue
+        value = next((a.t for a in node.attribute if a.name == "value" and a.type == onnx.AttributeProto.TENSOR), None)
+        if value is None:
+            continue
+        tensor = onnx.TensorProto()
+        tensor.CopyFrom(value)
+        tensor.name = node.output[0]
+        model.graph.initializer.append(tensor)
+        model.graph.node.remove(node)
+        moved += 1
+    return moved

@@ -8,6 +8,7 @@ import contextlib
 import io
 import logging
 import tempfile
+import threading
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -63,12 +64,23 @@ def quiet_onnxruntime_quantizer() -> Iterator[None]:
         root.setLevel(level)
 
 
+# The working directory, stdout and the root logger's level that a quantizer run swaps are the
+# process's: callers on several threads (a search's executor lanes) take turns, or one would restore
+# what the other swapped in (its deleted folder, its captured stdout).
+_QUANTIZER_TURN = threading.Lock()
+
+
 def run_ort_quantizer(model: onnx.ModelProto, quantize: Callable[[Path, Path], None]) -> onnx.ModelProto:
     """Run one of ONNX Runtime's file-to-file quantizers, ``quantize(input_path, output_path)``, on
-    ``model`` in a temporary folder, quietly, and return its output."""
+    ``model`` in a temporary folder, quietly, and return its output; one thread at a time."""
     # Inside the folder: when its symbolic shape inference fails, ONNX Runtime leaves
     # sym_shape_infer_temp.onnx and a .data file in the working directory.
-    with tempfile.TemporaryDirectory(prefix="onnxvit-q-") as tmp, quiet_onnxruntime_quantizer(), contextlib.chdir(tmp):
+    with (
+        _QUANTIZER_TURN,
+        tempfile.TemporaryDirectory(prefix="onnxvit-q-") as tmp,
+        quiet_onnxruntime_quantizer(),
+        contextlib.chdir(tmp),
+    ):
         source, output = Path(tmp) / "input.onnx", Path(tmp) / "quantized.onnx"
         onnx.save(model, source)
         quantize(source, output)

@@ -34,7 +34,15 @@ from pydantic import Field, model_validator
 from passes import register_pass
 from passes.accuracy_budget import AloneProbe, Budget, FidelityProbe, fit_budget
 from passes.base import Pass, PassConfig, PassContext, PassError, Requirement, count_ops
-from passes.graph import GraphIndex, copy_model, find_bridges, gemms_as_matmul, model_sha256, same_computation
+from passes.graph import (
+    GraphIndex,
+    constants_as_initializers,
+    copy_model,
+    find_bridges,
+    gemms_as_matmul,
+    model_sha256,
+    same_computation,
+)
 from passes.int8_layers import DynamicInt8Builder
 from passes.int8_limit import cpu_model, linear_shapes, u8u8_speed
 from passes.module_names import node_modules
@@ -226,6 +234,8 @@ class QuantizeInt8Pass(Pass):
             reduce_range = u8s8_saturates() and self._weight_type == "int8"  # u8u8 does not saturate
         else:
             reduce_range = cfg.reduce_range
+        weights = {name for node in prepared.graph.node if node.op_type in cfg.op_types for name in node.input[1:]}
+        constants_as_initializers(prepared, weights)  # a Conv weight folded by the exporter is a Constant node
         bridges = find_bridges(prepared)
         bridge_layers = {b[side] for b in bridges for side in ("conv", "linear")} if cfg.bridges == "float" else set()
         excluded = set(cfg.exclude_nodes) | bridge_layers

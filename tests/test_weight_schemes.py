@@ -409,3 +409,67 @@ def test_a_scheme_quantizes_as_its_overrides_do(qtype, reduce_range):
         entries = quantize_weight(weight, scheme.overrides(weight, 1, qtype, reduce_range), qtype)
         assert direct.values.dtype == entries.values.dtype and np.array_equal(direct.values, entries.values)
         assert np.array_equal(direct.scale, entries.scale) and np.array_equal(direct.zero_point, entries.zero_point)
+
+
+def test_quantizer_runs_on_parallel_threads_take_turns():
+    """A quantizer run swaps the process's working directory and stdout: two threads' runs must not
+    interleave, or the later one restores the earlier one's deleted folder (a static scheme search
+    on two executor lanes failed so) and its captured stdout."""
+    import os
+    import shutil
+    import sys
+    import threading
+    import time
+
+    from passes.ort_quant import run_ort_quantizer
+
+    model = _bridge_model(np.random.default_rng(0))
+    both_inside = threading.Barrier(2)
+    errors: list[BaseException] = []
+
+    def copy(first: bool):
+        def quantize(source, output):
+            try:
+                both_inside.wait(timeout=0.5)  # only reached together where runs interleave
+            except threading.BrokenBarrierError:
+                pass
+            time.sleep(0 if first else 0.2)  # the first to enter leaves first
+            shutil.copy(source, output)
+
+        return quantize
+
+    def run(first: bool):
+        try:
+            run_ort_quantizer(model, copy(first))
+        except BaseException as error:  # whatever a thread raised, reported below
+            errors.append(error)
+
+    cwd, stdout = os.getcwd(), sys.stdout
+    threads = [threading.Thread(target=run, args=(True,))]
+    threads[0].start()
+    time.sleep(0.05)
+    threads.append(threading.Thread(target=run, args=(False,)))
+    threads[1].start()
+    for thread in threads:
+        thread.join()
+    assert not errors and os.getcwd() == cwd and sys.stdout is stdout, errors
+
+
+def test_static_schemes_are_searched_on_parallel_lanes():
+    """Static int8 of the Conv and the linear layer, schemes searched and the bridge tuned, each
+    trial quantized by ONNX Runtime's quantizer on one of two lanes; the Conv's weight a Constant
+    node, as TinyViT's export leaves some (the quantizer takes overrides only for initializers)."""
+    rng = np.random.default_rng(5)
+    model = _bridge_model(rng)
+    weight = next(init for init in model.graph.initializer if init.name == "conv/w")
+    model.graph.node.insert(0, helper.make_node("Constant", [], ["conv/w"], value=weight))
+    model.graph.initializer.remove(weight)
+    calibration = [rng.standard_normal((16, 8, 4, 4)).astype(np.float32) for _ in range(2)]
+    ctx = PassContext(calibration=calibration, input_name="x", threads=2)
+    config = QuantizeInt8Config(
+        mode="static", op_types=["Conv", "MatMul"], schemes="search", reconstruct_bridges=True, reduce_range=True
+    )
+    QuantizeInt8Pass(config).run(model, ctx)
+    assert set(ctx.notes["schemes"]) == {"conv", "linear"}
+    assert set(ctx.notes["bridge_reconstruction"]) == {"conv", "linear"}
+    assert all("measured" not in entry for entry in ctx.notes["bridge_reconstruction"].values())
