@@ -460,3 +460,17 @@ def constants_as_initializers(model: onnx.ModelProto, names: set[str]) -> int:
         model.graph.node.remove(node)
         moved += 1
     return moved
+
+
+def value_typed(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with a type for every tensor, as onnx's Extractor needs: inferred where ONNX can, float
+    elsewhere (outputs of rewrites and of com.microsoft ops)."""
+    typed = onnx.shape_inference.infer_shapes(model)
+    known = {vi.name for vi in [*typed.graph.value_info, *typed.graph.input, *typed.graph.output]}
+    typed.graph.value_info.extend(
+        helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, None)
+        for node in typed.graph.node
+        for out in node.output
+        if out and out not in known
+    )
+    return typed

@@ -49,6 +49,7 @@ from passes.module_names import node_modules
 from passes.ort_quant import CalibrationReader, FloatValues, ensure_node_names, run_ort_quantizer, weighted_nodes
 from passes.qattention import QAttentionPass
 from passes.runtime import batches
+from passes.static_layers import StaticLayerSplicer, tensor_subset
 from passes.timing import TIMING_METHOD, time_ratio
 from passes.weight_schemes import Overrides, QuantizedWeight, WeightScheme, WeightTuner, scheme_overrides
 
@@ -266,10 +267,23 @@ class QuantizeInt8Pass(Pass):
             builder = self.direct_builder(prepared, layers, reduce_range, overrides)
             candidate = quantize if builder is None else builder.build
             alone = None
+            values = FloatValues(prepared, ctx.search, ctx.input_name, ctx.threads, ctx.executor)
             if builder is not None:
-                values = FloatValues(prepared, ctx.search, ctx.input_name, ctx.threads, ctx.executor)
                 alone = AloneProbe(prepared, builder.build, probe, values)
+            elif cfg.mode == "static":  # each layer alone without a whole-model calibration each
+                splicer = StaticLayerSplicer(
+                    prepared,
+                    layers,
+                    lambda piece, nodes, feeds: self.quantize_layers(
+                        piece, nodes, reduce_range, feeds, tensor_subset(overrides, piece)
+                    ),
+                    FloatValues(prepared, calibration, ctx.input_name, ctx.threads, ctx.executor),
+                    quantize,
+                )
+                alone = AloneProbe(prepared, splicer.build, probe, values)
             ranking = {**depends, "ranking_images": cfg.ranking_images}
+            if alone is not None and builder is None:  # static: each layer spliced in, not a whole-model run
+                ranking["layers_alone"] = "spliced"
             searched, notes = fit_budget(
                 layers,
                 candidate,

@@ -28,11 +28,10 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 import onnx
 import onnx.utils
-from onnx import helper
 from onnxruntime.quantization.quant_utils import get_qmin_qmax_for_qType
 
 from passes.executor import Executor
-from passes.graph import GraphIndex, region_inputs, weight_channel_axis
+from passes.graph import GraphIndex, region_inputs, value_typed, weight_channel_axis
 from passes.linear_error import DynamicLinearError
 from passes.metrics import SqnrAgainst
 from passes.ort_quant import FloatValues
@@ -165,20 +164,6 @@ def quantize_channels(
 
 DEFAULT = WeightScheme()
 SCHEMES = (DEFAULT, WeightScheme(True, False), WeightScheme(False, True), WeightScheme(False, False))
-
-
-def _typed(model: onnx.ModelProto) -> onnx.ModelProto:
-    """``model`` with a type for every tensor, as onnx's Extractor needs: inferred where ONNX can, float
-    elsewhere (outputs of rewrites and of com.microsoft ops)."""
-    typed = onnx.shape_inference.infer_shapes(model)
-    known = {vi.name for vi in [*typed.graph.value_info, *typed.graph.input, *typed.graph.output]}
-    typed.graph.value_info.extend(
-        helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, None)
-        for node in typed.graph.node
-        for out in node.output
-        if out and out not in known
-    )
-    return typed
 
 
 def _elem_type(value: onnx.ValueInfoProto | None) -> int | None:
@@ -314,7 +299,7 @@ class WeightTuner:
         self.index = GraphIndex(model)
         self.nodes = {node.name: node for node in model.graph.node if node.name in set(layers)}
         self.layers = [name for name in layers if name in self.nodes]
-        self.extractor = onnx.utils.Extractor(_typed(model))
+        self.extractor = onnx.utils.Extractor(value_typed(model))
         self.image = model.graph.input[0].name
         self.quantize, self.values = quantize, values
         self.qtype, self.reduce_range, self.threads, self.advance = qtype, reduce_range, threads, advance
