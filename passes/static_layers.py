@@ -21,7 +21,7 @@ from passes.graph import copy_model, value_typed
 from passes.ort_quant import FloatValues
 
 # (a piece of the model, its one layer, the piece's calibration feeds) -> the piece in static int8
-QuantizePiece = Callable[[onnx.ModelProto, list[str], list[dict[str, np.ndarray]]], onnx.ModelProto]
+QuantizeOneLayer = Callable[[onnx.ModelProto, list[str], list[dict[str, np.ndarray]]], onnx.ModelProto]
 
 
 class StaticLayerSplicer:
@@ -33,7 +33,7 @@ class StaticLayerSplicer:
         self,
         model: onnx.ModelProto,
         layers: list[str],
-        quantize: QuantizePiece,
+        quantize: QuantizeOneLayer,
         values: FloatValues,
         whole: Callable[[list[str]], onnx.ModelProto],
     ) -> None:
