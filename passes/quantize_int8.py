@@ -268,6 +268,7 @@ class QuantizeInt8Pass(Pass):
             candidate = quantize if builder is None else builder.build
             alone = None
             values = FloatValues(prepared, ctx.search, ctx.input_name, ctx.threads, ctx.executor)
+            ranking = {**depends, "ranking_images": cfg.ranking_images}
             if builder is not None:
                 alone = AloneProbe(prepared, builder.build, probe, values)
             elif cfg.mode == "static":  # each layer alone without a whole-model calibration each
@@ -281,8 +282,6 @@ class QuantizeInt8Pass(Pass):
                     quantize,
                 )
                 alone = AloneProbe(prepared, splicer.build, probe, values)
-            ranking = {**depends, "ranking_images": cfg.ranking_images}
-            if alone is not None and builder is None:  # static: each layer spliced in, not a whole-model run
                 ranking["layers_alone"] = "spliced"
             searched, notes = fit_budget(
                 layers,

@@ -507,19 +507,13 @@ class WeightTuner:
         for index, (bridge, tuned) in enumerate(blocks):
             self.advance(1)
             scores = known[index]
-            if scores is not None:
+            if scores is not None:  # the layer's own scheme first: a clip must beat it, as in a run
                 (name,) = tuned
-                best = max(
-                    (dataclasses.replace(schemes[name], clip=clip) for clip in grid),
-                    key=scores.__getitem__,
-                )
-                before = scores[schemes[name]]
-                if scores[best] > before:
-                    schemes[name] = best
+                before, schemes[name] = scores[schemes[name]], max(scores, key=scores.__getitem__)
                 table[name] = {
                     "bridge": bridge["at"],
                     "clip": schemes[name].clip,
-                    "block_sqnr_db": {"before": before, "after": max(before, scores[best])},
+                    "block_sqnr_db": {"before": before, "after": scores[schemes[name]]},
                     "measured": "the layer's own output (the block's only quantized layer, and its last)",
                 }
                 continue
